@@ -1,0 +1,81 @@
+"""Atomic file and directory writes, and a fingerprint of base-model weights.
+
+A directory is written under a temporary sibling name, fsynced, then swapped in with
+``os.replace``, so a crash leaves either the previous complete directory or the new one,
+never a half-written mix. The fingerprint samples a fixed set of entries from every base
+weight (rounded to bfloat16, so loading the base in another dtype still matches) and hashes
+them with names and shapes: cheap even for 7B models, and any retrained or different base
+changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+SAMPLES_PER_TENSOR = 2048
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over names, shapes and a strided sample of every parameter's values."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = param.detach().reshape(-1)
+        count = min(SAMPLES_PER_TENSOR, flat.numel())
+        index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).long()
+        sample = flat[index].float().to(torch.bfloat16).float().cpu().numpy().tobytes()
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample)
+    return digest.hexdigest()
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a scratch directory; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir()
+    try:
+        yield scratch
+        _fsync_tree(scratch)
+        if final.exists():
+            retired = final.parent / f".{final.name}.old-{os.getpid()}"
+            if retired.exists():
+                shutil.rmtree(retired)
+            os.replace(final, retired)
+            os.replace(scratch, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(scratch, final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(scratch, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)

@@ -1,0 +1,292 @@
+"""Batched decoding with latent memory, keeping the KV cache across insertions.
+
+A :class:`DecodeSession` is a compact per-row state machine in the spirit of nanochat's
+``engine.py``. Prompts are left-padded and prefilled once (and, with ``num_samples > 1``,
+the prefilled cache is shared by the samples). Each step picks one token per row, feeds it,
+and, for rows whose fed token is a delimiter, asks the insertion policy. Rows that insert
+get K latents appended to the cache at their own next positions; rows that do not get K
+masked pad slots, so the batch stays one tensor. Nothing is ever re-prefilled (the authors'
+code re-encodes the whole sequence after each insertion). Masked pad slots are squeezed out
+by :func:`memgen.reasoner.compact_cache` once ``compact_after`` of them pile up.
+
+A step where the fed token is a delimiter and the row inserts: the reasoner's logits for the
+next token come from the last latent slot, i.e. the next token is conditioned on the memory.
+Finished rows stop decoding (they are fed masked pad slots until the batch ends) and stop
+triggering.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import GenerateConfig
+from .errors import InputError
+from .sampling import select_tokens, token_logprobs
+from .reasoner import compact_cache
+from .weaver import INFERENCE, PROMPT
+
+
+@dataclass
+class Insertion:
+    """One insertion decision: latents sit before completion token ``position`` (0 = prompt end)."""
+
+    position: int
+    probability: float | None
+    inserted: bool
+    latents: torch.Tensor | None = None
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    insertions: list[Insertion]
+    logprobs: list[float] | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def num_insertions(self) -> int:
+        return sum(1 for ins in self.insertions if ins.inserted)
+
+    @property
+    def insertion_positions(self) -> list[int]:
+        """Where latents were woven, in the form :meth:`MemGen.teacher_forced` takes."""
+        return [ins.position for ins in self.insertions if ins.inserted]
+
+
+@dataclass
+class GenerationOutput:
+    completions: list[Completion]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+@dataclass
+class TokenEvent:
+    row: int
+    token_id: int
+    text: str
+    finished: bool
+
+
+class DecodeSession:
+    """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
+
+    def __init__(self, memgen, prompts: list[list[int]], config: GenerateConfig, stream_text: bool = False):
+        self.m = memgen
+        self.cfg = config
+        self.prompts = prompts
+        self.stream_text = stream_text
+        self.output: GenerationOutput | None = None
+        reasoner = memgen.reasoner
+        self.k_prompt = memgen.weaver.num_latents(PROMPT)
+        self.k_infer = memgen.weaver.num_latents(INFERENCE)
+        self.memory_on = config.policy.kind != "off"
+        self.prompt_insert = self.memory_on and config.insert_at_prompt_end
+        context = reasoner.context_length
+        longest = max(len(p) for p in prompts)
+        needed = longest + (self.k_prompt if self.prompt_insert else 0)
+        if context is not None and needed >= context:
+            raise InputError(f"prompt of {longest} tokens" + (f" plus {self.k_prompt} prompt latents" if self.prompt_insert else "")
+                             + f" does not fit the model's context of {context} positions")
+        self.context = context
+        tok = memgen.tokenizer
+        eos = set()
+        for source in (getattr(memgen.reasoner_model.generation_config, "eos_token_id", None), tok.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(source)
+        self.eos_ids = torch.tensor(sorted(eos) if not config.ignore_eos else [], dtype=torch.long,
+                                    device=reasoner.device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(eos)[0] if eos else 0)
+        self.pad_id = pad
+
+    # ------------------------------------------------------------------ helpers
+    def _prefill_batch(self):
+        device = self.m.device
+        width = max(len(p) for p in self.prompts)
+        ids = torch.full((len(self.prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self.prompts), width), dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)
+        return ids.to(device), mask.to(device), positions.to(device)
+
+    def _generators(self):
+        device = self.m.device
+        if self.cfg.seed is None:
+            token_gen = None
+            seed = int(torch.randint(0, 2**62, (1,))) if self._needs_decision_rng() else 0
+        else:
+            token_gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
+            seed = self.cfg.seed + 1_000_003
+        # A separate stream for insertion decisions keeps token sampling identical to memory-off runs.
+        decision_gen = torch.Generator(device=device).manual_seed(seed)
+        return token_gen, decision_gen
+
+    def _needs_decision_rng(self) -> bool:
+        kind = self.cfg.policy.kind
+        return kind == "random" or (kind == "trigger" and self.cfg.sample_trigger)
+
+    def _decide(self, candidates: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator):
+        """Per-row (insert?, P(invoke)) for the candidate rows."""
+        probs = torch.sigmoid(self.m.trigger(hidden))
+        policy = self.cfg.policy
+        if policy.kind == "always":
+            insert = candidates.clone()
+        elif policy.kind == "random":
+            draw = torch.rand(candidates.shape, generator=gen, device=candidates.device)
+            insert = candidates & (draw < policy.p)
+        elif self.cfg.sample_trigger:
+            draw = torch.rand(candidates.shape, generator=gen, device=candidates.device)
+            insert = candidates & (draw < probs)
+        else:
+            insert = candidates & (probs >= self.cfg.trigger_threshold)
+        return insert, probs
+
+    def _hit_stop(self, tokens: list[int]) -> bool:
+        tail = self.m.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
+        return any(s in tail for s in self.cfg.stop)
+
+    # ------------------------------------------------------------------ main loop
+    def __iter__(self):
+        cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
+        started = time.perf_counter()
+        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 2
+        with torch.inference_mode():
+            token_gen, decision_gen = self._generators()
+            ids, mask, positions = self._prefill_batch()
+            cache = reasoner.new_cache()
+            hidden = reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+            logits = reasoner.logits(hidden[:, -1])
+            next_pos = mask.sum(dim=1)
+            logs = [[] for _ in self.prompts]
+            if self.prompt_insert:
+                rows = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
+                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT)
+                logits = reasoner.logits(hidden[:, -1])
+                for i in range(len(self.prompts)):
+                    logs[i].append(Insertion(0, None, True, latents[i].float().cpu() if cfg.return_latents else None))
+            if cfg.num_samples > 1:
+                g = cfg.num_samples
+                cache.batch_repeat_interleave(g)
+                mask, next_pos = mask.repeat_interleave(g, 0), next_pos.repeat_interleave(g, 0)
+                logits = logits.repeat_interleave(g, 0)
+                logs = [list(logs[i // g]) for i in range(len(logs) * g)]
+            batch = mask.shape[0]
+            device = m.device
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            reasons = [""] * batch
+            n_inserted = torch.zeros(batch, dtype=torch.long, device=device)
+            tokens: list[list[int]] = [[] for _ in range(batch)]
+            logprobs: list[list[float]] = [[] for _ in range(batch)]
+            step_logits: list[torch.Tensor] = []
+            offsets = [[0, 0] for _ in range(batch)]
+            pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
+            stats = {"steps": 0, "compactions": 0, "max_cache_slots": int(mask.shape[1]), "max_pad_slots": 0}
+
+            for step in range(cfg.max_new_tokens):
+                chosen = select_tokens(logits, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, token_gen)
+                chosen = torch.where(finished, pad, chosen)
+                if cfg.output_logits:
+                    step_logits.append(logits.float().cpu())
+                lp = token_logprobs(logits, chosen, cfg.temperature).tolist() if cfg.return_logprobs else None
+                was_active = (~finished).tolist()
+                chosen_list = chosen.tolist()
+                is_eos = torch.isin(chosen, self.eos_ids) & ~finished
+                now_done = is_eos.clone()
+                if self.context is not None:
+                    now_done |= next_pos + 1 >= self.context
+                if step == cfg.max_new_tokens - 1:
+                    now_done |= ~finished
+                eos_list = is_eos.tolist()
+                for r in range(batch):
+                    if not was_active[r]:
+                        continue
+                    tokens[r].append(chosen_list[r])
+                    if lp is not None:
+                        logprobs[r].append(lp[r])
+                    if eos_list[r]:
+                        reasons[r] = "eos"
+                    elif cfg.stop and self._hit_stop(tokens[r]):
+                        reasons[r] = "stop"
+                        now_done[r] = True
+                    elif now_done[r]:
+                        reasons[r] = "length"
+                stats["steps"] = step + 1
+                newly_done = now_done & ~finished
+                finished = finished | now_done
+                for r in range(batch):
+                    if was_active[r]:
+                        yield TokenEvent(r, chosen_list[r], self._delta(tokens[r], offsets[r]) if self.stream_text else "",
+                                         bool(newly_done[r]))
+                if bool(finished.all()):
+                    break
+
+                active = ~finished
+                feed = torch.where(active, chosen, pad)
+                mask = torch.cat([mask, active.long()[:, None]], dim=1)
+                hidden = reasoner.hidden(input_ids=feed[:, None], attention_mask=mask,
+                                         position_ids=next_pos[:, None], cache=cache)
+                next_pos = next_pos + active.long()
+                logits = reasoner.logits(hidden[:, -1])
+
+                if self.memory_on and cfg.max_insertions > 0:
+                    candidates = active & m.delimiter_lookup[feed] & (n_inserted < cfg.max_insertions)
+                    if self.context is not None:
+                        candidates &= next_pos + self.k_infer + 1 < self.context
+                    if bool(candidates.any()):
+                        insert, probs = self._decide(candidates, hidden[:, -1], decision_gen)
+                        latents = None
+                        if bool(insert.any()):
+                            latents, lat_hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, INFERENCE)
+                            logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
+                            n_inserted += insert.long()
+                        cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()
+                        for r in range(batch):
+                            if cand_list[r]:
+                                keep = latents[r].float().cpu() if (cfg.return_latents and ins_list[r]) else None
+                                logs[r].append(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep))
+
+                slots = mask.shape[1]
+                pad_slots = slots - int(mask.sum(dim=1).max())
+                stats["max_cache_slots"] = max(stats["max_cache_slots"], slots)
+                stats["max_pad_slots"] = max(stats["max_pad_slots"], pad_slots)
+                if cfg.compact_after and pad_slots >= cfg.compact_after:
+                    mask = compact_cache(cache, mask)
+                    stats["compactions"] += 1
+
+        stats["seconds"] = time.perf_counter() - started
+        stats["new_tokens"] = sum(len(t) for t in tokens)
+        logits_by_row = torch.stack(step_logits, dim=1) if step_logits else None
+        completions = []
+        for r in range(batch):
+            completions.append(Completion(
+                token_ids=tokens[r],
+                text=m.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                finish_reason=reasons[r] or "length",
+                insertions=logs[r],
+                logprobs=logprobs[r] if cfg.return_logprobs else None,
+                logits=logits_by_row[r, : len(tokens[r])] if logits_by_row is not None else None,
+            ))
+        self.output = GenerationOutput(completions, stats)
+
+    def _delta(self, tokens: list[int], offsets: list[int]) -> str:
+        """Incremental detokenisation: hold back text until it decodes cleanly (no partial UTF-8)."""
+        decode = self.m.tokenizer.decode
+        prefix_offset, read_offset = offsets
+        before = decode(tokens[prefix_offset:read_offset], skip_special_tokens=True)
+        now = decode(tokens[prefix_offset:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            offsets[0], offsets[1] = read_offset, len(tokens)
+            return now[len(before):]
+        return ""

@@ -1,0 +1,263 @@
+"""``MemGen``: a frozen Hugging Face causal LM plus a memory weaver and a memory trigger.
+
+One copy of the base weights carries everything: the weaver's LoRA is injected into the
+reasoner's own linear layers and switched on only for the weaver's query slots, and the
+trigger reads hidden states the reasoner computes anyway. Generation lives in
+:mod:`memgen.engine`, the batched teacher-forced forward in :mod:`memgen.teacher_forcing`;
+this module owns construction, parameter groups, the shared "weave and feed" step and
+save/load with base-model checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_directory, weights_fingerprint
+from .config import GenerateConfig, MemGenConfig
+from .delimiters import delimiter_mask, delimiter_token_ids
+from .errors import AdapterError, InputError
+from .reasoner import Reasoner
+from .trigger import TriggerHead
+from .weaver import ADAPTER_NAME, LoraQueryWeaver
+
+CONFIG_FILE = "memgen_config.json"
+MODULES_FILE = "memgen_modules.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _base_signature(model) -> dict:
+    config = model.config.get_text_config(decoder=True)
+    return {
+        "model_type": getattr(model.config, "model_type", None),
+        "architectures": list(getattr(model.config, "architectures", None) or [type(model).__name__]),
+        "hidden_size": int(config.hidden_size),
+        "vocab_size": int(config.vocab_size),
+        "num_hidden_layers": int(getattr(config, "num_hidden_layers", 0)),
+    }
+
+
+class MemGen(nn.Module):
+    """A reasoner with generative latent memory.
+
+    Args:
+        reasoner: any ``AutoModelForCausalLM`` (frozen here: ``requires_grad=False``).
+        tokenizer: its tokenizer (delimiters are read from its vocabulary once).
+        config: weaver / trigger architecture.
+    """
+
+    def __init__(self, reasoner, tokenizer, config: MemGenConfig | None = None) -> None:
+        super().__init__()
+        if any(isinstance(m, LoraLayer) for m in reasoner.modules()):
+            raise AdapterError("this base model already carries LoRA layers (another MemGen or peft adapter "
+                               "was attached); load a fresh copy of the base model")
+        self.config = config or MemGenConfig()
+        self.tokenizer = tokenizer
+        reasoner.requires_grad_(False)
+        reasoner.eval()
+        self.base_signature = _base_signature(reasoner)
+        self.base_fingerprint = weights_fingerprint(reasoner)
+        self.reasoner_model = reasoner
+        self.reasoner = Reasoner(reasoner)
+        self.weaver = LoraQueryWeaver(self.reasoner, self.config).to(self.reasoner.device)
+        self.trigger = TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
+                                   self.config.trigger_init_prob).to(self.reasoner.device)
+        self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)
+        lookup_size = max(self.reasoner.vocab_size, len(tokenizer))
+        self.register_buffer("delimiter_lookup", delimiter_mask(self.delimiter_ids, lookup_size).to(self.reasoner.device),
+                             persistent=False)
+
+    # ----------------------------------------------------------------- parameters
+    def weaver_parameters(self) -> list[nn.Parameter]:
+        """LoRA, queries and projection: what weaver SFT / GRPO train."""
+        return self.weaver.adapter_parameters() + list(self.weaver.parameters())
+
+    def trigger_parameters(self) -> list[nn.Parameter]:
+        return list(self.trigger.parameters())
+
+    def reasoner_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.reasoner_model.named_parameters() if "lora_" not in n]
+
+    def train(self, mode: bool = True) -> "MemGen":
+        super().train(mode)
+        # The reasoner stays in eval mode (frozen); only the weaver's LoRA dropout follows `mode`.
+        self.reasoner_model.eval()
+        for module in self.weaver.lora_dropout_modules():
+            module.train(mode)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.reasoner.device
+
+    # ----------------------------------------------------------------- shared step
+    def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
+                       rows: torch.Tensor, kind: str):
+        """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
+
+        Returns (latents (B, K, d), reasoner hidden states of the latent slots (B, K, d),
+        the grown attention mask, the advanced next positions).
+        """
+        latents = self.weaver.weave(self.reasoner, cache, attention_mask, next_positions, rows, kind)
+        k = latents.shape[1]
+        slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
+        mask = torch.cat([attention_mask, slots], dim=1)
+        positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
+        hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
+        return latents, hidden, mask, next_positions + k * rows.long()
+
+    # ----------------------------------------------------------------- tokenization
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        """Accept a string, a list of strings, or lists of token ids; refuse empty prompts."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InputError("no prompts given: pass a string, a list of strings or a list of token-id lists")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = self.tokenizer(prompt)["input_ids"] if prompt else []
+            elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+                ids = list(prompt)
+            else:
+                raise InputError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of token ids")
+            if not ids:
+                raise InputError(f"prompt {i} is empty; memgen needs at least one prompt token to condition on")
+            bad = [t for t in ids if not 0 <= t < self.reasoner.vocab_size]
+            if bad:
+                raise InputError(f"prompt {i} has token ids {bad[:5]} outside the model's vocabulary "
+                                 f"of {self.reasoner.vocab_size}")
+            encoded.append(ids)
+        return encoded
+
+    # ----------------------------------------------------------------- public API
+    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, **overrides):
+        """Batched generation with latent memory. Returns :class:`memgen.engine.GenerationOutput`.
+
+        ``overrides`` are :class:`GenerateConfig` fields; ``on_token(event)`` is called for
+        every generated token with a :class:`memgen.engine.TokenEvent`.
+        """
+        from .engine import DecodeSession
+
+        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides),
+                                stream_text=on_token is not None)
+        for event in session:
+            if on_token is not None:
+                on_token(event)
+        return session.output
+
+    def stream(self, prompts, config: GenerateConfig | None = None, **overrides) -> Iterator:
+        """Yield :class:`memgen.engine.TokenEvent` per generated token; the generator returns the output."""
+        from .engine import DecodeSession
+
+        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides), stream_text=True)
+        yield from session
+        return session.output
+
+    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
+        """Batched log-probs of completions with latents spliced at ``insertions``; see :mod:`memgen.teacher_forcing`."""
+        from .teacher_forcing import teacher_forced_forward
+
+        return teacher_forced_forward(self, prompt_ids, completion_ids, insertions, temperature)
+
+    def forward(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
+        return self.teacher_forced(prompt_ids, completion_ids, insertions, temperature)
+
+    # ----------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> Path:
+        """Write the peft adapter, ``memgen_config.json`` and the extra modules (atomically)."""
+        directory = Path(directory)
+        lora_state = get_peft_model_state_dict(self.reasoner_model, adapter_name=ADAPTER_NAME)
+        modules = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items()}
+        modules.update({f"trigger.{k}": v for k, v in self.trigger.state_dict().items()})
+        meta = {"memgen_version": __version__, "config": self.config.to_dict(),
+                "base": dict(self.base_signature, fingerprint=self.base_fingerprint)}
+        with atomic_directory(directory) as scratch:
+            self.weaver.lora_config.save_pretrained(str(scratch))
+            save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()},
+                      str(scratch / ADAPTER_WEIGHTS_FILE))
+            save_file({k: v.detach().contiguous().cpu() for k, v in modules.items()}, str(scratch / MODULES_FILE))
+            (scratch / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if save_tokenizer and self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(scratch))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model, tokenizer=None, **model_kwargs) -> "MemGen":
+        """Restore a saved MemGen onto ``base_model`` (a model or a path/hub name), refusing a mismatched base."""
+        directory = Path(directory)
+        meta = read_adapter_meta(directory)
+        if isinstance(base_model, (str, Path)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(base_model))
+            base_model = AutoModelForCausalLM.from_pretrained(str(base_model), **model_kwargs)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        check_base_signature(meta["base"], _base_signature(base_model), directory)
+        model = cls(base_model, tokenizer, MemGenConfig(**meta["config"]))
+        if model.base_fingerprint != meta["base"]["fingerprint"]:
+            raise AdapterError(f"adapter {directory} was trained on different base weights "
+                               f"(weights fingerprint {meta['base']['fingerprint'][:12]}… != "
+                               f"{model.base_fingerprint[:12]}…); load the base model it was trained on")
+        lora_state = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(model.device))
+        result = set_peft_model_state_dict(model.reasoner_model, lora_state, adapter_name=ADAPTER_NAME)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+        if unexpected or missing:
+            raise AdapterError(f"adapter {directory} does not fit this model: unexpected {unexpected[:3]}, "
+                               f"missing {missing[:3]}")
+        modules = load_file(str(directory / MODULES_FILE), device=str(model.device))
+        model.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")})
+        model.trigger.load_state_dict({k[8:]: v for k, v in modules.items() if k.startswith("trigger.")})
+        return model
+
+
+def read_adapter_meta(directory: Path) -> dict:
+    if not directory.exists():
+        raise AdapterError(f"adapter directory {directory} does not exist")
+    if not directory.is_dir():
+        raise AdapterError(f"adapter path {directory} is not a directory")
+    missing = [f for f in (CONFIG_FILE, MODULES_FILE, ADAPTER_WEIGHTS_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise AdapterError(f"{directory} is not a memgen adapter: missing {missing} "
+                           "(write one with MemGen.save_pretrained)")
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        meta["config"], meta["base"]["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{directory / CONFIG_FILE} is malformed: {exc}") from None
+    return meta
+
+
+def check_base_signature(saved: dict, actual: dict, directory: Path) -> None:
+    reasons = []
+    for key in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
+        if saved.get(key) != actual.get(key):
+            reasons.append(f"{key}: adapter expects {saved.get(key)!r}, base has {actual.get(key)!r}")
+    if saved.get("architectures") and saved["architectures"] != actual["architectures"]:
+        reasons.append(f"architecture: adapter expects {saved['architectures']}, base is {actual['architectures']}")
+    if reasons:
+        raise AdapterError(f"adapter {directory} does not match this base model: " + "; ".join(reasons))
+
+
+def _merge(config: GenerateConfig | None, overrides: dict) -> GenerateConfig:
+    from dataclasses import fields, replace
+
+    valid = {f.name for f in fields(GenerateConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise InputError(f"unknown generation option(s) {unknown}; valid: {sorted(valid)}")
+    if config is None:
+        return GenerateConfig(**overrides)
+    return replace(config, **overrides) if overrides else config
