@@ -65,7 +65,7 @@ def _to_lists(x):
 
 def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
     prompts, completions = _to_lists(prompt_ids), _to_lists(completion_ids)
-    insertions = [sorted(int(p) for p in ins) for ins in insertions]
+    insertions = [[int(p) for p in ins] for ins in insertions]
     _validate(prompts, completions, insertions)
     reasoner, device = memgen.reasoner, memgen.device
     batch = len(prompts)
