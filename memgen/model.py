@@ -195,15 +195,13 @@ class MemGen(nn.Module):
         """Restore a saved MemGen onto ``base_model`` (a model or a path/hub name), refusing a mismatched base."""
         directory = Path(directory)
         meta = read_adapter_meta(directory)
+        from .loading import load_base, load_tokenizer
+
         if isinstance(base_model, (str, Path)):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(base_model))
-            base_model = AutoModelForCausalLM.from_pretrained(str(base_model), **model_kwargs)
+            base_model, base_tokenizer = load_base(base_model, **model_kwargs)
+            tokenizer = tokenizer or base_tokenizer
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = load_tokenizer(directory)
         check_base_signature(meta["base"], _base_signature(base_model), directory)
         model = cls(base_model, tokenizer, MemGenConfig(**meta["config"]))
         if model.base_fingerprint != meta["base"]["fingerprint"]:

@@ -23,9 +23,10 @@ def tiny_tokenizer(alphabet: str = DEFAULT_ALPHABET, merges=DEFAULT_MERGES) -> P
     vocab = {PAD: 0, EOS: 1, BOS: 2}
     for ch in dict.fromkeys(alphabet):
         vocab.setdefault(ch, len(vocab))
+    merges = [(left, right) for left, right in merges if left in vocab and right in vocab]
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token=None, fuse_unk=False))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, bos_token=BOS)
     tokenizer.padding_side = "left"
