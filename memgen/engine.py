@@ -248,7 +248,8 @@ class DecodeSession:
                         insert, probs = self._decide(candidates, hidden[:, -1], decision_gen)
                         latents = None
                         if bool(insert.any()):
-                            latents, lat_hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, INFERENCE)
+                            latents, lat_hidden, mask, next_pos = m.weave_and_feed(
+                                cache, mask, next_pos, insert, INFERENCE, allow_subset=True)
                             logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
                             n_inserted += insert.long()
                         cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()

@@ -25,7 +25,7 @@ from .checkpoint import atomic_directory, weights_fingerprint
 from .config import GenerateConfig, MemGenConfig
 from .delimiters import delimiter_mask, delimiter_token_ids
 from .errors import AdapterError, InputError
-from .reasoner import Reasoner
+from .reasoner import Reasoner, append_rows_slots, select_rows
 from .trigger import TriggerHead
 from .weaver import ADAPTER_NAME, LoraQueryWeaver
 
@@ -100,12 +100,18 @@ class MemGen(nn.Module):
 
     # ----------------------------------------------------------------- shared step
     def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
-                       rows: torch.Tensor, kind: str):
+                       rows: torch.Tensor, kind: str, allow_subset: bool = False):
         """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
 
         Returns (latents (B, K, d), reasoner hidden states of the latent slots (B, K, d),
-        the grown attention mask, the advanced next positions).
+        the grown attention mask, the advanced next positions). With ``allow_subset`` and at
+        most half the rows inserting, the 2K-slot forwards run on those rows only (their cache
+        rows are copied out and the new slots copied back), instead of on the whole batch.
         """
+        if allow_subset:
+            index = rows.nonzero().squeeze(1)
+            if 0 < index.numel() <= rows.numel() // 2:
+                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind)
         latents = self.weaver.weave(self.reasoner, cache, attention_mask, next_positions, rows, kind)
         k = latents.shape[1]
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
@@ -113,6 +119,19 @@ class MemGen(nn.Module):
         positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
         return latents, hidden, mask, next_positions + k * rows.long()
+
+    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind):
+        sub_cache = select_rows(cache, index, self.reasoner.config)
+        sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
+        sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
+        latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind)
+        k = latents.shape[1]
+        append_rows_slots(cache, sub_cache, index, k)
+        batch = rows.numel()
+        full_latents = latents.new_zeros(batch, k, latents.shape[2]).index_copy(0, index, latents)
+        full_hidden = hidden.new_zeros(batch, k, hidden.shape[2]).index_copy(0, index, hidden)
+        slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
+        return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), next_positions + k * rows.long()
 
     # ----------------------------------------------------------------- tokenization
     def encode_prompts(self, prompts) -> list[list[int]]:

@@ -102,3 +102,23 @@ def compact_cache(cache: DynamicCache, attention_mask: torch.Tensor) -> torch.Te
         layer.keys = torch.gather(layer.keys, 2, index.expand(batch, heads, new_len, layer.keys.shape[3]))
         layer.values = torch.gather(layer.values, 2, index.expand(batch, heads, new_len, layer.values.shape[3]))
     return new_mask
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor, config) -> DynamicCache:
+    """A new cache holding only ``rows`` (an index tensor) of ``cache``."""
+    data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def append_rows_slots(cache: DynamicCache, sub: DynamicCache, rows: torch.Tensor, count: int) -> None:
+    """Append ``count`` slots to every row of ``cache``: the newest slots of ``sub`` for ``rows``, zeros elsewhere.
+
+    The zero slots are masked out by the caller; they keep the batch rectangular.
+    """
+    for layer, sub_layer in zip(cache.layers, sub.layers):
+        for name in ("keys", "values"):
+            full, new = getattr(layer, name), getattr(sub_layer, name)[:, :, -count:]
+            grown = full.new_zeros(full.shape[0], full.shape[1], full.shape[2] + count, full.shape[3])
+            grown[:, :, : full.shape[2]] = full
+            grown[rows, :, full.shape[2]:] = new
+            setattr(layer, name, grown)

@@ -1,0 +1,169 @@
+"""Delimiters, the LoRA switch contract, configs, streaming, stop strings, shared-prefix sampling, errors."""
+
+import pytest
+import torch
+
+from conftest import PROMPTS, make_base, make_memgen
+from memgen import ConfigError, GenerateConfig, InputError, MemGen, MemGenConfig, MemoryPolicy
+from memgen.delimiters import delimiter_token_ids
+from memgen.weaver import INFERENCE
+
+
+def test_delimiters_come_from_vocabulary_including_merged_tokens(tok):
+    ids = delimiter_token_ids(tok, [",", ".", "\n"])
+    texts = sorted(tok.decode([i]) for i in ids)
+    assert texts == sorted([",", ".", "\n", ".\n"])
+    assert tok.convert_tokens_to_ids(", ") not in ids  # ends with a space, not a delimiter
+    assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
+
+
+def test_lora_flag_governs_peft_forward(tok):
+    """memgen flips peft's `_disable_adapters` directly; this pins that peft still honours it."""
+    model = make_memgen(tok)
+    plain = make_base(tok)
+    ids = torch.tensor([model.encode_prompts(PROMPTS[2])[0]])
+    with torch.no_grad():
+        outside = model.reasoner_model(input_ids=ids).logits
+        with model.weaver.lora_active():
+            inside = model.reasoner_model(input_ids=ids).logits
+        reference = plain(input_ids=ids).logits
+    assert torch.equal(outside, reference)
+    assert (inside - reference).abs().max() > 1e-3
+    assert all(p.requires_grad for p in model.weaver.adapter_parameters())
+
+
+def test_weaver_leaves_no_query_slots_in_cache(tok):
+    model = make_memgen(tok)
+    reasoner = model.reasoner
+    ids = torch.tensor([model.encode_prompts(PROMPTS[0])[0]])
+    cache = reasoner.new_cache()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None], cache=cache)
+        keys_before = cache.layers[0].keys.clone()
+        latents = model.weaver.weave(reasoner, cache, mask, torch.tensor([ids.shape[1]]), torch.tensor([True]), INFERENCE)
+    assert latents.shape == (1, model.config.inference_latents, reasoner.hidden_size)
+    assert cache.get_seq_length() == ids.shape[1]
+    assert torch.equal(cache.layers[0].keys, keys_before)
+
+
+def test_trigger_costs_no_extra_forward(tok):
+    model = make_memgen(tok)
+    calls = []
+    handle = model.reasoner.backbone.register_forward_hook(lambda *a: calls.append(1))
+    out = model.generate(PROMPTS[:1], memory="trigger", trigger_threshold=1.1, max_new_tokens=30,
+                         insert_at_prompt_end=False)
+    handle.remove()
+    decisions = len(out.completions[0].insertions)
+    assert decisions > 0 and out.completions[0].num_insertions == 0
+    assert len(calls) == 1 + (len(out.completions[0].token_ids) - 1)  # prefill + one per fed token
+
+
+def test_memory_policy_parsing():
+    assert MemoryPolicy.parse("random:0.25") == MemoryPolicy("random", 0.25)
+    assert str(MemoryPolicy.parse("TRIGGER")) == "trigger"
+    for bad in ("sometimes", "random:2", "random:x", ""):
+        with pytest.raises(ConfigError):
+            MemoryPolicy.parse(bad)
+
+
+@pytest.mark.parametrize("field", ["prompt_latents", "inference_latents"])
+def test_k_zero_is_refused(field):
+    with pytest.raises(ConfigError, match="positive integer"):
+        MemGenConfig(**{field: 0})
+
+
+def test_bad_prompts_are_refused(tok):
+    model = make_memgen(tok, max_positions=64)
+    with pytest.raises(InputError, match="prompt 0 is empty"):
+        model.generate("")
+    with pytest.raises(InputError, match="prompt 1 is empty"):
+        model.generate(["ok", ""])
+    with pytest.raises(InputError, match="does not fit the model's context of 64"):
+        model.generate("x" * 70, memory="off")
+    with pytest.raises(InputError, match="prompt latents"):
+        model.generate("x" * 62, memory="always")
+    with pytest.raises(ConfigError, match="unknown memory policy"):
+        model.generate("hi", memory="sometimes")
+    with pytest.raises(InputError, match="unknown generation option"):
+        model.generate("hi", max_tokens=3)
+
+
+def test_generation_stops_at_context_end(tok):
+    model = make_memgen(tok, max_positions=48)
+    out = model.generate(PROMPTS, memory="always", max_new_tokens=200, max_insertions=100, ignore_eos=True)
+    for prompt, c in zip(model.encode_prompts(PROMPTS), out.completions):
+        used = len(prompt) + len(c.token_ids) + sum(
+            model.config.prompt_latents if i.position == 0 else model.config.inference_latents
+            for i in c.insertions if i.inserted)
+        assert used <= 48 and c.finish_reason == "length"
+
+
+def test_streaming_yields_every_token_and_the_same_text(tok):
+    model = make_memgen(tok)
+    events = []
+    out = model.generate(PROMPTS, memory="always", max_new_tokens=30, on_token=events.append)
+    for r, c in enumerate(out.completions):
+        mine = [e for e in events if e.row == r]
+        assert [e.token_id for e in mine] == c.token_ids
+        assert "".join(e.text for e in mine) == c.text
+        assert mine[-1].finished and not any(e.finished for e in mine[:-1])
+    streamed = list(model.stream(PROMPTS, memory="always", max_new_tokens=30))
+    assert [(e.row, e.token_id) for e in streamed] == [(e.row, e.token_id) for e in events]
+
+
+def test_stop_strings_end_rows(tok):
+    model = make_memgen(tok)
+    free = model.generate(PROMPTS, memory="off", max_new_tokens=40, ignore_eos=True).completions
+    stop = free[0].text[10:12]
+    out = model.generate(PROMPTS, memory="off", max_new_tokens=40, ignore_eos=True, stop=[stop]).completions
+    assert out[0].finish_reason == "stop" and stop in out[0].text and stop not in out[0].text[:-len(stop) - 1]
+    assert free[0].token_ids[: len(out[0].token_ids)] == out[0].token_ids
+
+
+def test_num_samples_share_one_prefill(tok):
+    model = make_memgen(tok)
+    calls = []
+    handle = model.reasoner.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["attention_mask"].shape[0]), with_kwargs=True)
+    out = model.generate(PROMPTS[:2], memory="always", num_samples=4, do_sample=True, seed=0, max_new_tokens=10)
+    handle.remove()
+    assert len(out.completions) == 8
+    # Prefill, prompt-end weaving and latent feed run per prompt, not per sample.
+    assert calls[:3] == [2, 2, 2]
+    assert calls[3] == 8 and all(c <= 8 for c in calls[3:])  # decode steps (insertions may run on fewer rows)
+    assert len({tuple(c.token_ids) for c in out.completions[:4]}) > 1
+
+
+def test_config_yaml_and_flags_drive_the_same_dataclass(tmp_path):
+    import argparse
+
+    from memgen.dataclass_cli import add_dataclass_arguments, config_from_args, load_yaml
+
+    (tmp_path / "gen.yaml").write_text("max_new_tokens: 7\nmemory: always\nstop: ['##']\n")
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, GenerateConfig)
+    args = parser.parse_args(["--memory", "random:0.5", "--do-sample"])
+    config = config_from_args(GenerateConfig, args, load_yaml(tmp_path / "gen.yaml"))
+    assert (config.max_new_tokens, config.memory, config.do_sample, config.stop) == (7, "random:0.5", True, ["##"])
+    (tmp_path / "bad.yaml").write_text("max_new_tokns: 7\n")
+    with pytest.raises(ConfigError, match="unknown field"):
+        config_from_args(GenerateConfig, parser.parse_args([]), load_yaml(tmp_path / "bad.yaml"))
+
+
+def test_saved_tiny_tokenizer_reloads_identically_next_to_a_model_config(tok, tmp_path):
+    from memgen.loading import load_tokenizer
+
+    make_base(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    for text in PROMPTS:
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_reattaching_to_a_used_base_is_refused(tok):
+    from memgen import AdapterError
+
+    model = make_memgen(tok)
+    with pytest.raises(AdapterError, match="already carries LoRA"):
+        MemGen(model.reasoner_model, tok)
