@@ -29,6 +29,10 @@ from .reasoner import compact_cache
 from .weaver import INFERENCE, PROMPT
 
 
+# Insertion decisions draw from their own generator, seeded ``seed + DECISION_SEED_OFFSET``.
+DECISION_SEED_OFFSET = 1_000_003
+
+
 @dataclass
 class Insertion:
     """One insertion decision: latents sit before completion token ``position`` (0 = prompt end)."""
@@ -128,7 +132,7 @@ class DecodeSession:
             seed = int(torch.randint(0, 2**62, (1,))) if self._needs_decision_rng() else 0
         else:
             token_gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
-            seed = self.cfg.seed + 1_000_003
+            seed = self.cfg.seed + DECISION_SEED_OFFSET
         # A separate stream for insertion decisions keeps token sampling identical to memory-off runs.
         decision_gen = torch.Generator(device=device).manual_seed(seed)
         return token_gen, decision_gen

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,7 +26,7 @@ from .delimiters import delimiter_mask, delimiter_token_ids
 from .errors import AdapterError, InputError
 from .reasoner import Reasoner, append_rows_slots, select_rows
 from .trigger import TriggerHead
-from .weaver import ADAPTER_NAME, LoraQueryWeaver
+from .weaver import LoraQueryWeaver
 
 CONFIG_FILE = "memgen_config.json"
 MODULES_FILE = "memgen_modules.safetensors"
@@ -57,8 +56,8 @@ class MemGen(nn.Module):
     def __init__(self, reasoner, tokenizer, config: MemGenConfig | None = None) -> None:
         super().__init__()
         if any(isinstance(m, LoraLayer) for m in reasoner.modules()):
-            raise AdapterError("this base model already carries LoRA layers (another MemGen or peft adapter "
-                               "was attached); load a fresh copy of the base model")
+            raise AdapterError("this base model carries peft LoRA layers; pass the plain base model "
+                               "(merge or unload other adapters first)")
         self.config = config or MemGenConfig()
         self.tokenizer = tokenizer
         reasoner.requires_grad_(False)
@@ -78,13 +77,13 @@ class MemGen(nn.Module):
     # ----------------------------------------------------------------- parameters
     def weaver_parameters(self) -> list[nn.Parameter]:
         """LoRA, queries and projection: what weaver SFT / GRPO train."""
-        return self.weaver.adapter_parameters() + list(self.weaver.parameters())
+        return self.weaver.trainable_parameters()
 
     def trigger_parameters(self) -> list[nn.Parameter]:
         return list(self.trigger.parameters())
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.reasoner_model.named_parameters() if "lora_" not in n]
+        return list(self.reasoner_model.parameters())
 
     def train(self, mode: bool = True) -> "MemGen":
         super().train(mode)
@@ -157,6 +156,16 @@ class MemGen(nn.Module):
             encoded.append(ids)
         return encoded
 
+    def delimiter_positions(self, completion_ids: list[int], prompt_end: bool = True) -> list[int]:
+        """Insertion positions at every delimiter of a completion (and the prompt end), for SFT.
+
+        Position ``i + 1`` follows delimiter token ``i``; the last token is excluded because
+        nothing after it is predicted.
+        """
+        lookup = self.delimiter_lookup
+        points = [i + 1 for i, t in enumerate(completion_ids[:-1]) if t < lookup.numel() and bool(lookup[t])]
+        return ([0] if prompt_end else []) + points
+
     # ----------------------------------------------------------------- public API
     def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, **overrides):
         """Batched generation with latent memory. Returns :class:`memgen.engine.GenerationOutput`.
@@ -194,8 +203,8 @@ class MemGen(nn.Module):
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> Path:
         """Write the peft adapter, ``memgen_config.json`` and the extra modules (atomically)."""
         directory = Path(directory)
-        lora_state = get_peft_model_state_dict(self.reasoner_model, adapter_name=ADAPTER_NAME)
-        modules = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items()}
+        lora_state = self.weaver.adapter_state_dict()
+        modules = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items() if not k.startswith("lora_layers.")}
         modules.update({f"trigger.{k}": v for k, v in self.trigger.state_dict().items()})
         meta = {"memgen_version": __version__, "config": self.config.to_dict(),
                 "base": dict(self.base_signature, fingerprint=self.base_fingerprint)}
@@ -228,14 +237,18 @@ class MemGen(nn.Module):
                                f"(weights fingerprint {meta['base']['fingerprint'][:12]}… != "
                                f"{model.base_fingerprint[:12]}…); load the base model it was trained on")
         lora_state = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(model.device))
-        result = set_peft_model_state_dict(model.reasoner_model, lora_state, adapter_name=ADAPTER_NAME)
+        result = model.weaver.load_adapter_state_dict(lora_state)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
         if unexpected or missing:
             raise AdapterError(f"adapter {directory} does not fit this model: unexpected {unexpected[:3]}, "
                                f"missing {missing[:3]}")
         modules = load_file(str(directory / MODULES_FILE), device=str(model.device))
-        model.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")})
+        incompatible = model.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")},
+                                                    strict=False)
+        bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if not k.startswith("lora_layers.")]
+        if bad:
+            raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen config: {bad[:4]}")
         model.trigger.load_state_dict({k[8:]: v for k, v in modules.items() if k.startswith("trigger.")})
         return model
 

@@ -12,10 +12,14 @@ far (earlier latents included); their last-layer states are projected into the i
 embedding space and rescaled to the mean token-embedding norm. The slots' own KV entries
 are cropped from the cache right after, so the reasoner never sees them.
 
-Switching the adapter: peft's public ``enable_adapters``/``disable_adapter()`` also rewrites
-``requires_grad`` and walks the whole module tree (about 7 ms per toggle on an 8M model,
-more than a decode step). We flip each LoRA layer's ``_disable_adapters`` flag directly
-(about 0.1 ms); ``tests/test_weaver.py`` checks that this flag still governs peft's forward.
+Switching the adapter: peft's wrapped layers cost about 15 us each per forward even when
+disabled (over 1 ms per decode step on a 12-layer model), and its public toggles rewrite
+``requires_grad`` and walk the whole module tree (about 7 ms per toggle on an 8M model,
+more than a decode step). So after injecting the adapter with peft, the weaver puts the
+original linear layers (``base_layer``) back in the reasoner and installs the LoRA layers
+only for the duration of a weaver pass (a few microseconds per layer). Between weaver
+passes the reasoner is exactly the plain Hugging Face model. The LoRA layers stay
+registered under the weaver (``lora_layers``), so optimizers, DDP and ``.to()`` see them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -48,6 +52,10 @@ class Weaver(nn.Module):
         """Trainable parameters living inside the reasoner (none for a separate-model weaver)."""
         return []
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything weaver training updates."""
+        raise NotImplementedError
+
 
 class LoraQueryWeaver(Weaver):
     """K learnable queries through the reasoner's layers with a LoRA active only on the query slots."""
@@ -63,39 +71,78 @@ class LoraQueryWeaver(Weaver):
             self.projection.weight.copy_(torch.eye(d))
             self.projection.bias.zero_()
         self.register_buffer("target_norm", torch.tensor(reasoner.embedding_norm()), persistent=False)
+        self._reasoner_model = [reasoner.model]  # a list: not registered as a submodule here
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.lora_target_modules), bias="none")
         inject_adapter_in_model(lora, reasoner.model, adapter_name=ADAPTER_NAME)
+        # peft leaves its config on the model; drop it so several MemGens can share one base,
+        # and hand it back only around state-dict I/O (see _peft_io).
+        if hasattr(reasoner.model, "peft_config"):
+            del reasoner.model.peft_config
         self.lora_config = lora
-        # Kept outside the module tree: they belong to the reasoner, which MemGen registers once.
-        self._lora_layers = [m for m in reasoner.model.modules() if isinstance(m, LoraLayer)]
-        if not self._lora_layers:
+        self._sites = []  # (parent module, attribute, LoRA layer, original layer)
+        for parent in list(reasoner.model.modules()):
+            for attr, child in list(parent.named_children()):
+                if isinstance(child, LoraLayer):
+                    self._sites.append((parent, attr, child, child.get_base_layer()))
+        if not self._sites:
             raise ValueError(f"no reasoner layer matched lora_target_modules={config.lora_target_modules}")
-        for name, param in reasoner.model.named_parameters():
-            param.requires_grad_(f"lora_" in name and f".{ADAPTER_NAME}." in name)
-        self._set_lora(False)
+        self.lora_layers = nn.ModuleList([site[2] for site in self._sites])
+        for param in reasoner.model.parameters():
+            param.requires_grad_(False)
+        for param in self.adapter_parameters():
+            param.requires_grad_(True)
+        self._install(False)
 
-    def _set_lora(self, enabled: bool) -> None:
-        for layer in self._lora_layers:
-            layer._disable_adapters = not enabled
+    def _install(self, lora: bool) -> None:
+        for parent, attr, lora_layer, base_layer in self._sites:
+            setattr(parent, attr, lora_layer if lora else base_layer)
 
     @contextmanager
-    def lora_active(self):
-        """Run the reasoner with the weaver adapter on (only ever around the query slots)."""
-        self._set_lora(True)
+    def lora_installed(self):
+        """Put the LoRA layers into the reasoner (weaver passes, and peft state-dict I/O)."""
+        self._install(True)
         try:
             yield
         finally:
-            self._set_lora(False)
+            self._install(False)
+
+    def lora_active(self):
+        """Run the reasoner with the weaver adapter on (only ever around the query slots)."""
+        return self.lora_installed()
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         params = []
-        for layer in self._lora_layers:
+        for layer in self.lora_layers:
             params += list(layer.lora_A[ADAPTER_NAME].parameters()) + list(layer.lora_B[ADAPTER_NAME].parameters())
         return params
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.prompt_queries, self.inference_queries, *self.projection.parameters(), *self.adapter_parameters()]
+
+    @contextmanager
+    def _peft_io(self):
+        model = self._model()
+        with self.lora_installed():
+            model.peft_config = {ADAPTER_NAME: self.lora_config}
+            try:
+                yield model
+            finally:
+                del model.peft_config
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        with self._peft_io() as model:
+            return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]):
+        with self._peft_io() as model:
+            return set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+
+    def _model(self) -> nn.Module:
+        return self._reasoner_model[0]
+
     def lora_dropout_modules(self) -> list[nn.Module]:
-        return [layer.lora_dropout[ADAPTER_NAME] for layer in self._lora_layers]
+        return [layer.lora_dropout[ADAPTER_NAME] for layer in self.lora_layers]
 
     def num_latents(self, kind: str) -> int:
         return self.queries(kind).shape[0]

@@ -17,19 +17,26 @@ def test_delimiters_come_from_vocabulary_including_merged_tokens(tok):
     assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
 
 
-def test_lora_flag_governs_peft_forward(tok):
-    """memgen flips peft's `_disable_adapters` directly; this pins that peft still honours it."""
+def test_lora_is_in_the_reasoner_only_during_weaver_passes(tok):
+    from peft.tuners.lora import LoraLayer
+
     model = make_memgen(tok)
     plain = make_base(tok)
     ids = torch.tensor([model.encode_prompts(PROMPTS[2])[0]])
+    assert not any(isinstance(m, LoraLayer) for m in model.reasoner_model.modules())
     with torch.no_grad():
         outside = model.reasoner_model(input_ids=ids).logits
         with model.weaver.lora_active():
+            assert sum(isinstance(m, LoraLayer) for m in model.reasoner_model.modules()) == len(model.weaver.lora_layers)
             inside = model.reasoner_model(input_ids=ids).logits
         reference = plain(input_ids=ids).logits
     assert torch.equal(outside, reference)
     assert (inside - reference).abs().max() > 1e-3
     assert all(p.requires_grad for p in model.weaver.adapter_parameters())
+    assert not any(p.requires_grad for p in model.reasoner_parameters())
+    # Registered under the weaver, so optimizers / DDP / .to() see the adapter.
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any("prompt_queries" in n for n in names)
 
 
 def test_weaver_leaves_no_query_slots_in_cache(tok):
@@ -161,9 +168,20 @@ def test_saved_tiny_tokenizer_reloads_identically_next_to_a_model_config(tok, tm
         assert loaded(text)["input_ids"] == tok(text)["input_ids"]
 
 
-def test_reattaching_to_a_used_base_is_refused(tok):
+def test_base_with_foreign_lora_is_refused(tok):
+    from peft import LoraConfig, inject_adapter_in_model
+
     from memgen import AdapterError
 
-    model = make_memgen(tok)
-    with pytest.raises(AdapterError, match="already carries LoRA"):
-        MemGen(model.reasoner_model, tok)
+    base = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), make_base(tok))
+    with pytest.raises(AdapterError, match="carries peft LoRA layers"):
+        MemGen(base, tok)
+
+
+def test_two_memgens_can_share_one_base(tok):
+    base = make_base(tok)
+    first = MemGen(base, tok, MemGenConfig(prompt_latents=2, inference_latents=2))
+    expected = first.generate(PROMPTS, memory="always", max_new_tokens=20).texts
+    second = MemGen(base, tok, MemGenConfig(prompt_latents=3, inference_latents=3))
+    assert second.generate(PROMPTS, memory="always", max_new_tokens=20).texts != expected
+    assert first.generate(PROMPTS, memory="always", max_new_tokens=20).texts == expected
