@@ -232,25 +232,35 @@ class MemGen(nn.Module):
             tokenizer = load_tokenizer(directory)
         check_base_signature(meta["base"], _base_signature(base_model), directory)
         model = cls(base_model, tokenizer, MemGenConfig(**meta["config"]))
-        if model.base_fingerprint != meta["base"]["fingerprint"]:
+        model.load_adapter(directory)
+        return model
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load saved weaver and trigger weights into this model in place (same config and base)."""
+        directory = Path(directory)
+        meta = read_adapter_meta(directory)
+        check_base_signature(meta["base"], self.base_signature, directory)
+        if meta["config"] != self.config.to_dict():
+            raise AdapterError(f"adapter {directory} has a different MemGen config: {meta['config']} "
+                               f"!= {self.config.to_dict()}")
+        if self.base_fingerprint != meta["base"]["fingerprint"]:
             raise AdapterError(f"adapter {directory} was trained on different base weights "
                                f"(weights fingerprint {meta['base']['fingerprint'][:12]}… != "
-                               f"{model.base_fingerprint[:12]}…); load the base model it was trained on")
-        lora_state = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(model.device))
-        result = model.weaver.load_adapter_state_dict(lora_state)
+                               f"{self.base_fingerprint[:12]}…); load the base model it was trained on")
+        lora_state = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(self.device))
+        result = self.weaver.load_adapter_state_dict(lora_state)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
         if unexpected or missing:
             raise AdapterError(f"adapter {directory} does not fit this model: unexpected {unexpected[:3]}, "
                                f"missing {missing[:3]}")
-        modules = load_file(str(directory / MODULES_FILE), device=str(model.device))
-        incompatible = model.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")},
-                                                    strict=False)
+        modules = load_file(str(directory / MODULES_FILE), device=str(self.device))
+        incompatible = self.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")},
+                                                   strict=False)
         bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if not k.startswith("lora_layers.")]
         if bad:
             raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen config: {bad[:4]}")
-        model.trigger.load_state_dict({k[8:]: v for k, v in modules.items() if k.startswith("trigger.")})
-        return model
+        self.trigger.load_state_dict({k[8:]: v for k, v in modules.items() if k.startswith("trigger.")})
 
 
 def read_adapter_meta(directory: Path) -> dict:

@@ -1,0 +1,204 @@
+"""Task adapters: turn the real benchmark files into :class:`~memgen.data.Record` lists plus a reward.
+
+| task | file | prompt | reward |
+| --- | --- | --- | --- |
+| ``gsm8k`` | ``{"question", "answer"}`` JSONL, answer ends ``#### n`` | ``Question: ...\\nAnswer:`` | numeric / math equivalence |
+| ``math`` | MATH ``test.jsonl`` (answer = last ``\\boxed{}`` of ``solution``) | ``Problem: ...\\nSolution:`` | math-verify equivalence |
+| ``math500`` | MATH-500 JSONL with ``answer`` | same | same |
+| ``gpqa`` | ``gpqa.zip`` (password-protected CSVs, read in memory) | question + options (A)-(D), shuffled with a fixed seed | letter match |
+| ``qa`` | TriviaQA official JSON (``{"Data": [...]}``) or JSONL ``{"question", "answers"}`` | ``Question: ...\\nAnswer:`` | normalised exact match (F1 also reported) |
+| ``jsonl`` | TRL-style prompt/completion or messages JSONL | as given | normalised match with ``answer`` or ``completion`` |
+
+GPQA's authors ask that the questions never appear in plain text online: the zip is read
+in memory and nothing is unpacked to disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .data import DataError, Record, load_records, read_jsonl
+from .rewards import (
+    RewardFn, choice_reward, exact_match_reward, f1_reward, gsm8k_final, last_boxed, math_reward,
+    reference_match_reward,
+)
+
+GPQA_PASSWORD = b"deserted-untie-orchid"
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+@dataclass
+class Task:
+    name: str
+    records: list[Record]
+    reward: RewardFn
+    extra_metrics: dict[str, RewardFn]
+    stop: list[str]
+
+
+def _rows(path: Path, fields: tuple[str, ...], skip_malformed: bool):
+    rows, skipped = read_jsonl(path, skip_malformed)
+    good = []
+    for lineno, obj in rows:
+        missing = [f for f in fields if not isinstance(obj.get(f), str) or not obj.get(f)]
+        if missing:
+            message = f"{path}:{lineno}: missing or empty field(s) {missing}"
+            if not skip_malformed:
+                raise DataError(message)
+            skipped.append(message)
+            continue
+        good.append((lineno, obj))
+    return good, skipped
+
+
+def gsm8k_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+    records = []
+    rows, _ = _rows(path, ("question", "answer"), skip_malformed)
+    for lineno, obj in rows:
+        final = gsm8k_final(obj["answer"])
+        if final is None:
+            if not skip_malformed:
+                raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line")
+            continue
+        steps = _CALCULATOR.sub("", obj["answer"].split("####")[0]).strip()
+        completion = f" {steps}\nThe answer is {final}."
+        records.append(Record(f"Question: {obj['question']}\nAnswer:", completion, {"answer": final},
+                              f"{path}:{lineno}"))
+    return records
+
+
+def math_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+    records = []
+    rows, _ = _rows(path, ("problem", "solution"), skip_malformed)
+    for lineno, obj in rows:
+        answer = obj.get("answer") or last_boxed(obj["solution"])
+        if not answer:
+            if not skip_malformed:
+                raise DataError(f"{path}:{lineno}: solution has no \\boxed{{}} answer")
+            continue
+        records.append(Record(f"Problem: {obj['problem']}\nSolution:", " " + obj["solution"],
+                              {"answer": str(answer), "level": obj.get("level"),
+                               "subject": obj.get("subject") or obj.get("type")}, f"{path}:{lineno}"))
+    return records
+
+
+def gpqa_records(path: Path, subset: str = "diamond", seed: int = 0) -> list[Record]:
+    """GPQA questions from the password-protected zip, options shuffled per question with ``seed``."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    name = f"gpqa/gpqa_{subset}.csv"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            raw = archive.read(name, pwd=GPQA_PASSWORD)
+    except KeyError:
+        raise DataError(f"{path}: no member {name} (subsets: diamond, main, extended)") from None
+    except (zipfile.BadZipFile, RuntimeError) as exc:
+        raise DataError(f"{path}: cannot read the GPQA zip: {exc}") from None
+    records = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(raw.decode("utf-8"))), start=2):
+        options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+        options = [o.strip() for o in options]
+        order = list(range(4))
+        random.Random(f"{seed}:{i}").shuffle(order)
+        letters = "ABCD"
+        answer = letters[order.index(0)]
+        body = "\n".join(f"({letters[j]}) {options[k]}" for j, k in enumerate(order))
+        prompt = f"Question: {row['Question'].strip()}\n{body}\nAnswer:"
+        records.append(Record(prompt, f" ({answer}) {options[0]}", {"answer": answer}, f"{path}:{name}:{i}"))
+    return records
+
+
+def qa_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+    """TriviaQA official JSON, or JSONL with ``question`` and ``answers``/``aliases``/``possible_answers``."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+        items = data.get("Data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected TriviaQA's {{'Data': [...]}} layout")
+        for i, item in enumerate(items):
+            answer = item.get("Answer") or {}
+            aliases = list(dict.fromkeys((answer.get("Aliases") or []) + [answer.get("Value", "")]))
+            aliases = [a for a in aliases if a]
+            if not item.get("Question") or not aliases:
+                if not skip_malformed:
+                    raise DataError(f"{path}:Data[{i}]: needs 'Question' and answer aliases")
+                continue
+            records.append(Record(f"Question: {item['Question']}\nAnswer:", " " + aliases[0], {"aliases": aliases},
+                                  f"{path}:Data[{i}]"))
+        return records
+    rows, _ = read_jsonl(path, skip_malformed)
+    for lineno, obj in rows:
+        aliases = obj.get("answers") or obj.get("aliases") or obj.get("possible_answers")
+        if isinstance(aliases, str):
+            try:
+                aliases = json.loads(aliases)
+            except ValueError:
+                aliases = [aliases]
+        if not obj.get("question") or not isinstance(aliases, list) or not aliases:
+            if not skip_malformed:
+                raise DataError(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list")
+            continue
+        records.append(Record(f"Question: {obj['question']}\nAnswer:", " " + str(aliases[0]),
+                              {"aliases": [str(a) for a in aliases]}, f"{path}:{lineno}"))
+    return records
+
+
+def _jsonl_reward(prompts, completions, **columns):
+    reference = columns.get("answer") or columns.get("reference")
+    if reference is None:
+        raise DataError("task 'jsonl' needs an 'answer' (or 'reference') field to score completions")
+    return reference_match_reward(prompts, completions, reference)
+
+
+TASKS: dict[str, Callable] = {
+    "gsm8k": lambda path, skip, seed: Task("gsm8k", gsm8k_records(path, skip), math_reward, {}, ["\nQuestion:"]),
+    "math": lambda path, skip, seed: Task("math", math_records(path, skip), math_reward, {}, ["\nProblem:"]),
+    "math500": lambda path, skip, seed: Task("math500", math_records(path, skip), math_reward, {}, ["\nProblem:"]),
+    "gpqa": lambda path, skip, seed: Task("gpqa", gpqa_records(path, "diamond", seed), choice_reward, {},
+                                          ["\nQuestion:"]),
+    "qa": lambda path, skip, seed: Task("qa", qa_records(path, skip), exact_match_reward, {"f1": f1_reward}, ["\n"]),
+    "jsonl": lambda path, skip, seed: Task("jsonl", _jsonl_records(path, skip), _jsonl_reward, {}, []),
+}
+
+
+def _jsonl_records(path: Path, skip: bool) -> list[Record]:
+    records = load_records(path, require_completion=False, skip_malformed=skip).records
+    for r in records:
+        if "answer" not in r.columns and r.completion is not None:
+            r.columns["answer"] = r.completion
+    return records
+
+
+def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
+              limit: int | None = None) -> Task:
+    """Load task ``name`` from ``path``; ``gpqa`` takes ``gpqa.zip`` or ``gpqa.zip:main``."""
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    subset = None
+    text = str(path)
+    if name == "gpqa" and re.search(r"\.zip:\w+$", text):
+        text, subset = text.rsplit(":", 1)
+    path = Path(text)
+    if subset:
+        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"])
+    else:
+        task = TASKS[name](path, skip_malformed, seed)
+    if not task.records:
+        raise DataError(f"{path}: no usable records for task {name}")
+    if limit is not None:
+        task.records = task.records[:limit]
+    return task

@@ -1,0 +1,243 @@
+"""The training loop every method shares: accelerate setup, data order, optimisation, checkpoints, metrics.
+
+Methods plug in a ``step(run, micro_index) -> (loss, metrics)`` function (see ``sft.py``,
+``grpo.py``, ``trigger_rl.py``). The runner owns everything that makes runs reproducible and
+resumable:
+
+- Data order: each epoch is a permutation seeded by (seed, epoch); a global micro-batch of
+  ``per_device_batch_size * world_size`` records is split across processes by rank, so
+  a 2-process run sees the same examples per step as 1 process with the doubled batch.
+- Checkpoints (``checkpoint-NNNNNN/``) hold the adapter, optimizer, scheduler, RNG states,
+  the data position and any method state; they are written to a scratch directory and
+  renamed into place, so a killed run never leaves a half-written checkpoint.
+- The LR scheduler is stepped once per optimizer step by the runner (not by accelerate,
+  which steps it once per process), so schedules do not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from ..checkpoint import atomic_directory
+from ..data import Record
+from ..errors import ConfigError
+from ..loading import load_base
+from ..model import MemGen
+from ..tasks import Task, load_task
+from .logging import MetricsLogger
+
+STATE_FILE = "trainer_state.pt"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory in ``output_dir``, if any."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file())
+    return found[-1][1] if found else None
+
+
+def _lr_lambda(config) -> Callable[[int], float]:
+    warmup, total, kind = config.warmup_steps, config.max_steps, config.lr_scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class Run:
+    """One training run. ``trainable`` is 'weaver' or 'trigger'; the other groups stay frozen."""
+
+    def __init__(self, config, trainable: str, model: MemGen | None = None, task: Task | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.config = config
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            # Inference queries get no gradient in a micro-batch without in-reasoning insertions.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(config.seed)
+        if model is None:
+            base, tokenizer = load_base(config.model)
+            if config.adapter:
+                model = MemGen.from_pretrained(config.adapter, base, tokenizer)
+            else:
+                model = MemGen(base, tokenizer, config.memgen_config())
+        model.to(self.accelerator.device)
+        self.task = task or load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+        self.records: list[Record] = self.task.records
+        params = model.weaver_parameters() if trainable == "weaver" else model.trigger_parameters()
+        frozen = model.trigger_parameters() if trainable == "weaver" else model.weaver_parameters()
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self.trainable = trainable
+        self.parameters = params
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.unwrapped: MemGen = self.accelerator.unwrap_model(self.model)
+        self.unwrapped.train()
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.global_batch = config.per_device_batch_size * self.world
+        if self.global_batch > len(self.records):
+            raise ConfigError(f"a global batch of {self.global_batch} records needs at least that many records; "
+                              f"{config.data} has {len(self.records)}")
+        self.state = {"step": 0, "epoch": 0, "position": 0, "method": {}}
+        self.output_dir = Path(config.output_dir)
+        self.logger = MetricsLogger(self.output_dir, config.tensorboard, self.accelerator.is_main_process)
+        if config.resume:
+            self._resume()
+        elif self.accelerator.is_main_process and latest_checkpoint(self.output_dir) is not None:
+            raise ConfigError(f"{self.output_dir} already holds checkpoints; pass --resume to continue "
+                              "or choose another --output-dir")
+
+    # ------------------------------------------------------------------ data
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.records), generator=gen).tolist()
+
+    def next_batch(self) -> tuple[list[Record], list[int]]:
+        """This process's records of the next global micro-batch, and their global indices."""
+        if self.state["position"] + self.global_batch > len(self.records):
+            self.state["epoch"] += 1
+            self.state["position"] = 0
+        order = self._order(self.state["epoch"])
+        start = self.state["position"] + self.rank * self.config.per_device_batch_size
+        indices = order[start: start + self.config.per_device_batch_size]
+        self.state["position"] += self.global_batch
+        return [self.records[i] for i in indices], indices
+
+    # ------------------------------------------------------------------ helpers for methods
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.unwrapped.tokenizer(text)["input_ids"]
+        return ids[-self.config.max_prompt_tokens:]
+
+    def global_sum(self, value: float | torch.Tensor) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).detach().clone()
+        return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def rollout_seed(self, micro: int) -> int:
+        return (self.config.seed * 1_000_003 + self.state["step"] * 101 + micro) * 17 + self.rank
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = self.output_dir / f"checkpoint-{self.state['step']:06d}"
+        if self.accelerator.is_main_process:
+            with atomic_directory(path) as scratch:
+                self.unwrapped.save_pretrained(scratch / "adapter")
+                torch.save({
+                    "state": self.state,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "config": asdict(self.config),
+                    "world_size": self.world,
+                }, scratch / STATE_FILE)
+            self._prune_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _prune_checkpoints(self) -> None:
+        found = sorted(p for p in self.output_dir.iterdir() if _CHECKPOINT.match(p.name))
+        for old in found[: max(0, len(found) - self.config.save_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.output_dir}")
+        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if saved["world_size"] * 0 != 0:
+            pass
+        self.unwrapped.load_adapter(path / "adapter")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = saved["state"]
+        rng = saved["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.resumed_from = path
+
+    # ------------------------------------------------------------------ loop
+    def train(self, step_fn) -> Path:
+        """Run ``step_fn`` until ``max_steps``; returns the final adapter directory."""
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        bar = tqdm(total=config.max_steps, initial=self.state["step"], disable=not (config.progress and acc.is_main_process),
+                   desc=f"train {self.trainable}", dynamic_ncols=True)
+        while self.state["step"] < config.max_steps:
+            started = time.perf_counter()
+            totals: dict[str, float] = {}
+            for micro in range(config.gradient_accumulation_steps):
+                with acc.accumulate(self.model):
+                    loss, metrics = step_fn(self, micro)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.parameters, config.max_grad_norm or float("inf"))
+                        metrics["grad_norm"] = float(grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / config.gradient_accumulation_steps
+            self.scheduler.step()
+            self.state["step"] += 1
+            elapsed = time.perf_counter() - started
+            if "tokens" in totals:
+                totals["tokens_per_s"] = totals["tokens"] * config.gradient_accumulation_steps / elapsed
+            totals["lr"] = self.scheduler.get_last_lr()[0]
+            totals["step_seconds"] = elapsed
+            step = self.state["step"]
+            if step % config.log_every == 0 or step == config.max_steps:
+                self.logger.log(step, totals)
+            bar.update(1)
+            bar.set_postfix({k: f"{totals[k]:.3g}" for k in ("loss", "reward_mean", "invocation_rate") if k in totals})
+            if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        final = self.output_dir / "final"
+        if acc.is_main_process:
+            self.unwrapped.save_pretrained(final)
+        acc.wait_for_everyone()
+        self.logger.close()
+        return final
