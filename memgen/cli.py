@@ -53,6 +53,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
+
+    cls = WeaverTrainConfig if args.target == "weaver" else TriggerTrainConfig
+    config = config_from_args(cls, args, load_yaml(args.config) if args.config else {})
+    final = train_weaver(config) if args.target == "weaver" else train_trigger(config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"final adapter: {final}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate, format_table
+    from .tasks import load_task
+
+    config = config_from_args(EvalConfig, args, load_yaml(args.config) if args.config else {})
+    if not config.data:
+        raise MemGenError("--data is required")
+    task = load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+    model, has_adapter = load_model(args.model, args.adapter)
+    if not has_adapter and config.policy_needs_adapter():
+        print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
+    summary = evaluate(model, task, config)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_table([summary], list(summary)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memgen", description="Generative latent memory for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", default=None, help="YAML file of GenerateConfig fields (flags override it)")
     add_dataclass_arguments(gen, GenerateConfig)
     gen.set_defaults(handler=_generate)
+
+    from .evaluate import EvalConfig
+    from .train.config import TriggerTrainConfig, WeaverTrainConfig
+
+    train = sub.add_parser("train", help="train the weaver (sft | grpo) or the trigger (RL)")
+    targets = train.add_subparsers(dest="target", required=True)
+    for name, cls, text in (("weaver", WeaverTrainConfig, "weaver SFT or GRPO (reasoner frozen)"),
+                            ("trigger", TriggerTrainConfig, "trigger RL with the sparsity penalty (weaver frozen)")):
+        target = targets.add_parser(name, help=text)
+        target.add_argument("--config", default=None, help="YAML file of config fields (flags override it)")
+        add_dataclass_arguments(target, cls)
+        target.set_defaults(handler=_train)
+
+    ev = sub.add_parser("eval", help="evaluate on a benchmark task")
+    ev.add_argument("--model", required=True, help="base model directory (HF save_pretrained) or hub name")
+    ev.add_argument("--adapter", default=None, help="memgen adapter directory")
+    ev.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ev.add_argument("--config", default=None, help="YAML file of EvalConfig fields (flags override it)")
+    add_dataclass_arguments(ev, EvalConfig)
+    ev.set_defaults(handler=_eval)
     return parser
 
 

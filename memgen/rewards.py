@@ -25,6 +25,16 @@ def completion_text(completion) -> str:
     return str(completion)
 
 
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (what gets scored)."""
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            cut = min(cut, at)
+    return text[:cut]
+
+
 # ---------------------------------------------------------------- answer extraction
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), with nested braces."""

@@ -180,8 +180,6 @@ class Run:
         if path is None:
             raise ConfigError(f"--resume: no checkpoint in {self.output_dir}")
         saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        if saved["world_size"] * 0 != 0:
-            pass
         self.unwrapped.load_adapter(path / "adapter")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

@@ -1,0 +1,92 @@
+"""Rollouts and rewards shared by weaver GRPO and trigger RL.
+
+Each prompt is prefilled once and its KV cache shared by its G samples
+(``GenerateConfig.num_samples``). Rewards are computed on the completion text cut at the
+first stop string, by reward functions in TRL's signature; dataset columns are repeated per
+sample and passed as keyword lists.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from ..config import GenerateConfig
+from ..errors import ConfigError
+from ..rewards import RewardFn, combine_rewards, cut_at_stop
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    insertions: list[list[int]]
+    decisions: list[list[tuple[int, bool]]]
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    truncated: torch.Tensor
+    texts: list[str]
+
+
+def resolve_rewards(config, task) -> RewardFn:
+    """``--reward-funcs`` entries: 'task' (the task's reward) or 'package.module:function'."""
+    names = config.reward_funcs or ["task"]
+    functions = []
+    for name in names:
+        if name == "task":
+            functions.append(task.reward)
+            continue
+        module, _, attr = name.partition(":")
+        try:
+            functions.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"cannot import reward function {name!r}: {exc}") from None
+    weights = config.reward_weights or [1.0] * len(functions)
+    return functions[0] if len(functions) == 1 and weights == [1.0] else combine_rewards(functions, weights)
+
+
+def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **generate_kwargs) -> RolloutBatch:
+    config, model = run.config, run.unwrapped
+    g = config.num_generations
+    prompts = [run.encode_prompt(r.prompt) for r in records]
+    stops = config.stop or run.task.stop
+    gen_config = GenerateConfig(
+        memory=memory, do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        max_new_tokens=config.max_new_tokens, max_insertions=config.max_insertions, num_samples=g,
+        seed=run.rollout_seed(micro), return_logprobs=True, stop=stops, **generate_kwargs)
+    was_training = model.training
+    model.eval()
+    output = model.generate(prompts, gen_config)
+    model.train(was_training)
+    completions = output.completions
+    texts = [cut_at_stop(c.text, stops) for c in completions]
+    columns = {}
+    for key in records[0].columns:
+        columns[key] = [r.columns.get(key) for r in records for _ in range(g)]
+    prompt_texts = [r.prompt for r in records for _ in range(g)]
+    rewards = torch.tensor(reward_fn(prompt_texts, texts, **columns), dtype=torch.float32)
+    width = max(len(c.token_ids) for c in completions)
+    old = torch.zeros(len(completions), width)
+    for i, c in enumerate(completions):
+        old[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return RolloutBatch(
+        prompt_ids=[p for p in prompts for _ in range(g)],
+        completion_ids=[c.token_ids for c in completions],
+        insertions=[c.insertion_positions for c in completions],
+        decisions=[[(i.position, i.inserted) for i in c.insertions if i.probability is not None] for c in completions],
+        old_logprobs=old.to(model.device),
+        rewards=rewards.to(model.device),
+        truncated=torch.tensor([c.finish_reason == "length" for c in completions], device=model.device),
+        texts=texts,
+    )
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
+    """(r - group mean), divided by the group std when ``scale`` (GRPO); Dr. GRPO leaves it unscaled."""
+    grouped = rewards.view(-1, group)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)

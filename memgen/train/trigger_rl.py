@@ -1,0 +1,78 @@
+"""Trigger RL with the reward-adaptive sparsity penalty (paper Eqs. 8-9), the weaver frozen.
+
+During rollouts the trigger's decisions at delimiters are Bernoulli draws
+(``sample_trigger=True``). For each group of G rollouts of one prompt:
+
+- p̄ is the mean activation rate (invocations / decisions) of the rollouts whose task reward
+  is at least the group median: how often memory is invoked when things go well;
+- each rollout's reward is ``task reward - λ · Σ_j max(0, d_j - p̄)`` over its decisions
+  d_j ∈ {0, 1}, so invoking more often than the good rollouts do costs reward;
+- advantages are group-normalised as in GRPO and weight the log-probabilities of the
+  sampled decisions, log σ(z) for an invocation and log σ(-z) for a skip, with z the
+  trigger logit read from the teacher-forced forward at the decision token.
+
+The authors' code has no such penalty and runs the trigger as a whole extra LLM pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .rollouts import group_advantages, rollout
+
+
+def sparsity_penalties(task_rewards: list[float], decisions: list[list[bool]], group: int, lam: float):
+    """Per-rollout penalties and per-group p̄ (paper Eq. 9)."""
+    penalties, p_bars = [], []
+    for start in range(0, len(task_rewards), group):
+        rewards = task_rewards[start: start + group]
+        flags = decisions[start: start + group]
+        median = statistics.median(rewards)
+        rates = [sum(f) / len(f) if f else 0.0 for f in flags]
+        good = [rate for rate, r in zip(rates, rewards) if r >= median]
+        p_bar = sum(good) / len(good)
+        p_bars.append(p_bar)
+        penalties += [lam * sum(max(0.0, float(d) - p_bar) for d in f) for f in flags]
+    return penalties, p_bars
+
+
+def trigger_step(run, micro: int):
+    config = run.config
+    records, _ = run.next_batch()
+    batch = rollout(run, records, micro, run.reward_fn, "trigger", sample_trigger=True,
+                    insert_at_prompt_end=config.insert_at_prompt_end)
+    flags = [[inserted for _, inserted in d] for d in batch.decisions]
+    task_rewards = batch.rewards.tolist()
+    penalties, p_bars = sparsity_penalties(task_rewards, flags, config.num_generations, config.sparsity_lambda)
+    total = batch.rewards - torch.tensor(penalties, device=batch.rewards.device)
+    advantages = group_advantages(total, config.num_generations, config.scale_rewards)
+
+    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature)
+    rows = [r for r, d in enumerate(batch.decisions) for _ in d]
+    cols = [pos - 1 for d in batch.decisions for pos, _ in d]
+    taken = torch.tensor([float(x) for f in flags for x in f], device=out.trigger_logits.device)
+    global_decisions = run.global_sum(len(rows))
+    if rows:
+        z = out.trigger_logits[torch.tensor(rows), torch.tensor(cols)]
+        logp = taken * F.logsigmoid(z) + (1 - taken) * F.logsigmoid(-z)
+        loss = -(advantages[torch.tensor(rows)] * logp).sum() * run.world / max(global_decisions, 1.0)
+    else:  # no decision anywhere in this micro-batch: a zero loss that still touches the head
+        loss = sum(p.sum() for p in run.parameters) * 0.0
+
+    n = run.global_sum(len(flags))
+    with_decisions = [sum(f) / len(f) for f in flags if f]
+    metrics = {
+        "loss": float(loss.detach()),
+        "reward_mean": run.global_sum(total.sum()) / n,
+        "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+        "task_reward_mean": run.global_sum(batch.rewards.sum()) / n,
+        "penalty_mean": run.global_sum(sum(penalties)) / n,
+        "p_bar": run.global_sum(sum(p_bars)) / run.global_sum(len(p_bars)),
+        "invocation_rate": run.global_sum(sum(with_decisions)) / max(run.global_sum(len(with_decisions)), 1.0),
+        "decisions_per_rollout": global_decisions / n,
+        "latent_norm": float(out.latent_norm.detach()),
+    }
+    return loss, metrics
