@@ -39,8 +39,12 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_jsonl(path: str | Path, skip_malformed: bool = False) -> tuple[list[tuple[int, dict]], list[str]]:
-    """Parse a JSONL file into (line number, object) pairs; blank lines are ignored."""
+def read_jsonl(path: str | Path, skip_malformed: bool = False,
+               validate=None) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Parse a JSONL file into (line number, object) pairs; blank lines are ignored.
+
+    ``validate(obj)`` may raise ``ValueError`` to reject a line, so errors come in file order.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -53,6 +57,8 @@ def read_jsonl(path: str | Path, skip_malformed: bool = False) -> tuple[list[tup
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                if validate is not None:
+                    validate(obj)
             except ValueError as exc:
                 message = f"{path}:{lineno}: {exc}"
                 if not skip_malformed:

@@ -45,18 +45,12 @@ class Task:
 
 
 def _rows(path: Path, fields: tuple[str, ...], skip_malformed: bool):
-    rows, skipped = read_jsonl(path, skip_malformed)
-    good = []
-    for lineno, obj in rows:
+    def validate(obj: dict) -> None:
         missing = [f for f in fields if not isinstance(obj.get(f), str) or not obj.get(f)]
         if missing:
-            message = f"{path}:{lineno}: missing or empty field(s) {missing}"
-            if not skip_malformed:
-                raise DataError(message)
-            skipped.append(message)
-            continue
-        good.append((lineno, obj))
-    return good, skipped
+            raise ValueError(f"missing or empty field(s) {missing}")
+
+    return read_jsonl(path, skip_malformed, validate)
 
 
 def gsm8k_records(path: Path, skip_malformed: bool = False) -> list[Record]:
