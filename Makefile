@@ -25,7 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
