@@ -1,0 +1,99 @@
+"""The demo's synthetic domains: multi-step word problems whose chain of thought ends steps in delimiters.
+
+- **Domain A** (the reasoner's pretraining domain): quantities change with the verbs
+  ``gets`` (+) and ``loses`` (-).
+- **Domain B** (the new skill): the same arithmetic, but the verbs are ``finds`` (+) and
+  ``drops`` (-), which the frozen reasoner never saw, so it must guess each step's operation.
+- **Domain C** (held out, never trained on by any arm): three-step problems mixing A and B
+  verbs, a cross-domain check.
+
+Every quantity stays in 0..9 (single digits: what a ~6M character-level model learns in
+minutes on 2 CPU cores). A solution reads `` 5+3=8, 8-2=6, so 6.`` followed by a newline:
+each step ends in a delimiter, where memory can be woven in.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..data import Record
+from ..tasks import Task
+
+NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim"]
+ITEMS = ["pens", "cups", "eggs", "keys", "hats", "toys", "cards", "books"]
+VERBS = {"A": {"gets": 1, "loses": -1}, "B": {"finds": 1, "drops": -1}}
+ALPHABET = "".join(sorted(set(
+    "".join(NAMES) + "".join(ITEMS) + "".join(v for d in VERBS.values() for v in d)
+    + "QAHowmanyhasnowso" + "0123456789" + " .,:?+-=\n")))
+_ANSWER = re.compile(r"so (\d+)\.")
+
+
+def _verbs(domain: str) -> dict[str, int]:
+    if domain == "C":
+        return {**VERBS["A"], **VERBS["B"]}
+    return VERBS[domain]
+
+
+def make_problem(rng: random.Random, domain: str) -> Record:
+    verbs = _verbs(domain)
+    steps = 3 if domain == "C" else rng.choice([2, 3])
+    while True:
+        names = list(verbs)
+        chosen = [rng.choice(names) for _ in range(steps)]
+        if domain == "C" and not ({*chosen} & set(VERBS["A"]) and {*chosen} & set(VERBS["B"])):
+            continue
+        value = rng.randint(1, 9)
+        start, parts, ok = value, [], True
+        for verb in chosen:
+            sign = verbs[verb]
+            room = 9 - value if sign > 0 else value
+            if room < 1:
+                ok = False
+                break
+            amount = rng.randint(1, room)
+            new = value + sign * amount
+            parts.append((verb, amount, f"{value}{'+' if sign > 0 else '-'}{amount}={new}"))
+            value = new
+        if ok:
+            break
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    question = f"Q: {name} has {start} {item}. " + " ".join(f"{name} {verb} {amount}." for verb, amount, _ in parts)
+    prompt = f"{question} How many {item} now?\nA:"
+    completion = " " + ", ".join(step for _, _, step in parts) + f", so {value}.\n"
+    return Record(prompt, completion, {"answer": str(value), "domain": domain})
+
+
+def make_split(domain: str, n: int, seed: int) -> list[Record]:
+    """``n`` distinct problems of ``domain``; splits with different seeds are made disjoint by the caller."""
+    rng = random.Random(f"{domain}:{seed}")
+    seen, out = set(), []
+    while len(out) < n:
+        record = make_problem(rng, domain)
+        if record.prompt not in seen:
+            seen.add(record.prompt)
+            out.append(record)
+    return out
+
+
+def disjoint_splits(domain: str, sizes: dict[str, int], seed: int) -> dict[str, list[Record]]:
+    """Named splits of one domain with no prompt shared between them."""
+    pool = make_split(domain, sum(sizes.values()), seed)
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = pool[start: start + size]
+        start += size
+    return out
+
+
+def answer_reward(prompts, completions, answer, **_) -> list[float]:
+    """1.0 when the completion's ``so N.`` equals the answer (TRL reward signature)."""
+    scores = []
+    for completion, gold in zip(completions, answer):
+        match = _ANSWER.search(completion)
+        scores.append(float(bool(match) and match.group(1) == str(gold)))
+    return scores
+
+
+def as_task(name: str, records: list[Record]) -> Task:
+    return Task(name, records, answer_reward, {}, ["\n"])
