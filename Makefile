@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test example install bench clean
+.PHONY: demo test example install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,14 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The main job: pretrain (or load the cached) tiny reasoner, train every arm, evaluate, report.
+demo: $(STAMP)
+	$(PY) -m memgen demo --out runs/demo
 
 example: $(STAMP)
 	$(PY) examples/quickstart.py

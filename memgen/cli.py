@@ -85,6 +85,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.pipeline import DemoConfig, run_demo
+
+    run_demo(config_from_args(DemoConfig, args, load_yaml(args.config) if args.config else {}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memgen", description="Generative latent memory for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None, help="YAML file of EvalConfig fields (flags override it)")
     add_dataclass_arguments(ev, EvalConfig)
     ev.set_defaults(handler=_eval)
+
+    from .demo.pipeline import DemoConfig
+
+    demo = sub.add_parser("demo", help="the offline end-to-end MemGen experiment (tiny reasoner, all arms)")
+    demo.add_argument("--config", default=None, help="YAML file of DemoConfig fields (flags override it)")
+    add_dataclass_arguments(demo, DemoConfig)
+    demo.set_defaults(handler=_demo)
     return parser
 
 

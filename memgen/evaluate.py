@@ -69,6 +69,8 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
             for i, (record, completion) in enumerate(zip(batch, output.completions)):
                 row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
                        "reward": float(rewards[i]), "insertions": completion.num_insertions,
+                       "decisions": sum(1 for ins in completion.insertions if ins.position > 0),
+                       "reasoning_insertions": sum(1 for ins in completion.insertions if ins.position > 0 and ins.inserted),
                        "insertion_positions": completion.insertion_positions,
                        "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
                 row.update({name: float(values[i]) for name, values in extras.items()})
@@ -90,6 +92,9 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
         "seconds_per_answer": total_seconds / n,
         "mean_new_tokens": sum(r["new_tokens"] for r in rows) / n,
     }
+    decisions = sum(r["decisions"] for r in rows)
+    # Share of delimiter decision points where memory was woven (None when memory is off).
+    summary["invocation_rate"] = sum(r["reasoning_insertions"] for r in rows) / decisions if decisions else None
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
     return summary

@@ -8,8 +8,9 @@
   verbs, a cross-domain check.
 
 Every quantity stays in 0..9 (single digits: what a ~6M character-level model learns in
-minutes on 2 CPU cores). A solution reads `` 5+3=8, 8-2=6, so 6.`` followed by a newline:
-each step ends in a delimiter, where memory can be woven in.
+minutes on 2 CPU cores). A problem reads ``Q: Ann has 5 pens. finds 3. drops 2.`` and its
+solution `` 5+3=8, 8-2=6, so 6.`` followed by a newline: each step ends in a delimiter,
+where memory can be woven in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ITEMS = ["pens", "cups", "eggs", "keys", "hats", "toys", "cards", "books"]
 VERBS = {"A": {"gets": 1, "loses": -1}, "B": {"finds": 1, "drops": -1}}
 ALPHABET = "".join(sorted(set(
     "".join(NAMES) + "".join(ITEMS) + "".join(v for d in VERBS.values() for v in d)
-    + "QAHowmanyhasnowso" + "0123456789" + " .,:?+-=\n")))
+    + "QAhasso" + "0123456789" + " .,:+-=\n")))
 _ANSWER = re.compile(r"so (\d+)\.")
 
 
@@ -58,8 +59,9 @@ def make_problem(rng: random.Random, domain: str) -> Record:
         if ok:
             break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    question = f"Q: {name} has {start} {item}. " + " ".join(f"{name} {verb} {amount}." for verb, amount, _ in parts)
-    prompt = f"{question} How many {item} now?\nA:"
+    # Short prompts keep the start value close to where the solution copies it: long-range
+    # copying is what a character-level model this small learns last.
+    prompt = f"Q: {name} has {start} {item}. " + " ".join(f"{verb} {amount}." for verb, amount, _ in parts) + "\nA:"
     completion = " " + ", ".join(step for _, _, step in parts) + f", so {value}.\n"
     return Record(prompt, completion, {"answer": str(value), "domain": domain})
 

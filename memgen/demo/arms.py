@@ -1,0 +1,146 @@
+"""The demo's arms. Each trains (or not) on the same domain-B data with the same step budget
+through memgen's public training API, and is evaluated through ``memgen.evaluate``.
+
+| arm | what trains | evaluated with |
+| --- | --- | --- |
+| vanilla | nothing | memory off |
+| lora_sft | peft LoRA on the reasoner (merged afterwards) | memory off |
+| memgen_sft | weaver SFT, latents at prompt end + every delimiter | memory always |
+| memgen_trigger | + trigger RL on the SFT weaver (sparsity penalty) | memory trigger |
+| memgen_random | the SFT weaver with a coin-flip trigger | memory random:0.5 |
+| prompt_only | weaver SFT with latents only at the prompt end (SoftCoT-style) | prompt end only |
+| memgen_grpo | a short weaver GRPO from the SFT weaver | memory always |
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import MemGenConfig
+from ..model import MemGen
+from ..tasks import Task
+from ..train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
+
+
+@dataclass
+class ArmResult:
+    name: str
+    memory: str
+    trainable_params: int
+    train_seconds: float
+    model: MemGen = field(repr=False)
+    eval_overrides: dict = field(default_factory=dict)
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _weaver_config(cfg, out: Path, name: str, **overrides) -> WeaverTrainConfig:
+    values = dict(model="demo", data="demo", output_dir=str(out / "runs" / name), max_steps=cfg.sft_steps,
+                  per_device_batch_size=cfg.batch_size, learning_rate=cfg.weaver_lr, seed=cfg.seed, save_every=0,
+                  progress=cfg.progress, max_insertions=cfg.max_insertions, tensorboard=False,
+                  lr_scheduler="cosine", warmup_steps=10, max_new_tokens=cfg.max_new_tokens)
+    values.update(overrides)
+    return WeaverTrainConfig(**values)
+
+
+def memgen_config(cfg) -> MemGenConfig:
+    return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
+                        lora_alpha=2 * cfg.lora_r, trigger_hidden=64)
+
+
+def vanilla(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
+    return ArmResult("vanilla", "off", 0, 0.0, MemGen(base, tokenizer, memgen_config(cfg)))
+
+
+def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
+    """peft LoRA on a copy of the reasoner, completion-only NLL, same batches and steps as weaver SFT."""
+    from peft import LoraConfig, get_peft_model
+
+    started = time.perf_counter()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lora_lr, total_steps=cfg.sft_steps, pct_start=0.07,
+                                                    anneal_strategy="cos")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pad = tokenizer.pad_token_id
+    model.train()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(cfg.sft_steps), desc="train lora_sft", disable=not cfg.progress, dynamic_ncols=True):
+        picks = torch.randint(len(train.records), (cfg.batch_size,), generator=generator).tolist()
+        seqs, labels = [], []
+        for i in picks:
+            r = train.records[i]
+            p = tokenizer(r.prompt)["input_ids"]
+            c = tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            seqs.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    merged = model.merge_and_unload().eval()
+    seconds = time.perf_counter() - started
+    return ArmResult("lora_sft", "off", count(trainable), seconds, MemGen(merged, tokenizer, memgen_config(cfg)))
+
+
+def memgen_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
+    model = MemGen(base, tokenizer, memgen_config(cfg))
+    started = time.perf_counter()
+    train_weaver(_weaver_config(cfg, out, "memgen_sft", method="sft", insertion="all"), model=model, task=train)
+    model.save_pretrained(out / "adapters" / "memgen_sft")
+    return ArmResult("memgen_sft", "always", count(model.weaver_parameters()), time.perf_counter() - started, model)
+
+
+def memgen_trigger(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
+    model = MemGen.from_pretrained(out / "adapters" / "memgen_sft", base, tokenizer)
+    config = TriggerTrainConfig(model="demo", data="demo", output_dir=str(out / "runs" / "memgen_trigger"),
+                                max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
+                                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                                learning_rate=cfg.trigger_lr, sparsity_lambda=cfg.sparsity_lambda, seed=cfg.seed,
+                                save_every=0, progress=cfg.progress, max_insertions=cfg.max_insertions,
+                                tensorboard=False, stop=["\n"])
+    started = time.perf_counter()
+    train_trigger(config, model=model, task=train)
+    model.save_pretrained(out / "adapters" / "memgen_trigger")
+    return ArmResult("memgen_trigger", "trigger", count(model.weaver_parameters()) + count(model.trigger_parameters()),
+                     sft.train_seconds + time.perf_counter() - started, model)
+
+
+def memgen_random(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
+    return ArmResult("memgen_random", "random:0.5", sft.trainable_params, sft.train_seconds, sft.model)
+
+
+def prompt_only(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
+    model = MemGen(base, tokenizer, memgen_config(cfg))
+    started = time.perf_counter()
+    train_weaver(_weaver_config(cfg, out, "prompt_only", method="sft", max_insertions=0), model=model, task=train)
+    trainable = count(model.weaver_parameters()) - model.weaver.inference_queries.numel()
+    return ArmResult("prompt_only", "always", trainable, time.perf_counter() - started, model,
+                     {"max_insertions": 0})
+
+
+def memgen_grpo(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
+    model = MemGen.from_pretrained(out / "adapters" / "memgen_sft", base, tokenizer)
+    started = time.perf_counter()
+    train_weaver(_weaver_config(cfg, out, "memgen_grpo", method="grpo", max_steps=cfg.grpo_steps,
+                                per_device_batch_size=cfg.rl_batch_size, num_generations=cfg.num_generations,
+                                learning_rate=cfg.grpo_lr, lr_scheduler="constant", warmup_steps=0,
+                                loss_type="dapo", stop=["\n"]), model=model, task=train)
+    return ArmResult("memgen_grpo", "always", count(model.weaver_parameters()),
+                     sft.train_seconds + time.perf_counter() - started, model)
