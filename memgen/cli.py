@@ -30,9 +30,13 @@ def load_model(model: str, adapter: str | None):
     return MemGen.from_pretrained(adapter, base, tokenizer), True
 
 
+def _config(cls: type, args: argparse.Namespace):
+    """``cls`` from defaults, then the --config YAML, then the flags given."""
+    return config_from_args(cls, args, load_yaml(args.config) if args.config else {})
+
+
 def _generate(args: argparse.Namespace) -> int:
-    yaml_values = load_yaml(args.config) if args.config else {}
-    config = config_from_args(GenerateConfig, args, yaml_values)
+    config = _config(GenerateConfig, args)
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy.kind != "off":
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
@@ -57,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
 
     cls = WeaverTrainConfig if args.target == "weaver" else TriggerTrainConfig
-    config = config_from_args(cls, args, load_yaml(args.config) if args.config else {})
+    config = _config(cls, args)
     final = train_weaver(config) if args.target == "weaver" else train_trigger(config)
     from accelerate import PartialState
 
@@ -70,7 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, format_table
     from .tasks import load_task
 
-    config = config_from_args(EvalConfig, args, load_yaml(args.config) if args.config else {})
+    config = _config(EvalConfig, args)
     if not config.data:
         raise MemGenError("--data is required")
     task = load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
@@ -88,48 +92,41 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import DemoConfig, run_demo
 
-    run_demo(config_from_args(DemoConfig, args, load_yaml(args.config) if args.config else {}))
+    run_demo(_config(DemoConfig, args))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memgen", description="Generative latent memory for causal LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text with latent memory")
-    gen.add_argument("--model", required=True, help="base model directory (HF save_pretrained) or hub name")
-    gen.add_argument("--adapter", default=None, help="memgen adapter directory (MemGen.save_pretrained)")
-    gen.add_argument("--prompt", required=True, help="prompt text")
-    gen.add_argument("--json", action="store_true", help='print {"text", "token_ids", "insertions"} as JSON')
-    gen.add_argument("--config", default=None, help="YAML file of GenerateConfig fields (flags override it)")
-    add_dataclass_arguments(gen, GenerateConfig)
-    gen.set_defaults(handler=_generate)
+def _command(parent, name: str, text: str, cls: type, handler, model: bool = False, json_flag: str | None = None):
+    """A subcommand whose flags are the fields of ``cls`` (plus --config YAML, and --model/--adapter)."""
+    command = parent.add_parser(name, help=text)
+    if model:
+        command.add_argument("--model", required=True, help="base model directory (HF save_pretrained) or hub name")
+        command.add_argument("--adapter", default=None, help="memgen adapter directory (MemGen.save_pretrained)")
+    if json_flag:
+        command.add_argument("--json", action="store_true", help=json_flag)
+    command.add_argument("--config", default=None, help=f"YAML file of {cls.__name__} fields (flags override it)")
+    add_dataclass_arguments(command, cls)
+    command.set_defaults(handler=handler)
+    return command
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo.pipeline import DemoConfig
     from .evaluate import EvalConfig
     from .train.config import TriggerTrainConfig, WeaverTrainConfig
 
+    parser = argparse.ArgumentParser(prog="memgen", description="Generative latent memory for causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = _command(sub, "generate", "generate text with latent memory", GenerateConfig, _generate, model=True,
+                   json_flag='print {"text", "token_ids", "insertions"} as JSON')
+    gen.add_argument("--prompt", required=True, help="prompt text")
     train = sub.add_parser("train", help="train the weaver (sft | grpo) or the trigger (RL)")
     targets = train.add_subparsers(dest="target", required=True)
-    for name, cls, text in (("weaver", WeaverTrainConfig, "weaver SFT or GRPO (reasoner frozen)"),
-                            ("trigger", TriggerTrainConfig, "trigger RL with the sparsity penalty (weaver frozen)")):
-        target = targets.add_parser(name, help=text)
-        target.add_argument("--config", default=None, help="YAML file of config fields (flags override it)")
-        add_dataclass_arguments(target, cls)
-        target.set_defaults(handler=_train)
-
-    ev = sub.add_parser("eval", help="evaluate on a benchmark task")
-    ev.add_argument("--model", required=True, help="base model directory (HF save_pretrained) or hub name")
-    ev.add_argument("--adapter", default=None, help="memgen adapter directory")
-    ev.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ev.add_argument("--config", default=None, help="YAML file of EvalConfig fields (flags override it)")
-    add_dataclass_arguments(ev, EvalConfig)
-    ev.set_defaults(handler=_eval)
-
-    from .demo.pipeline import DemoConfig
-
-    demo = sub.add_parser("demo", help="the offline end-to-end MemGen experiment (tiny reasoner, all arms)")
-    demo.add_argument("--config", default=None, help="YAML file of DemoConfig fields (flags override it)")
-    add_dataclass_arguments(demo, DemoConfig)
-    demo.set_defaults(handler=_demo)
+    _command(targets, "weaver", "weaver SFT or GRPO (reasoner frozen)", WeaverTrainConfig, _train)
+    _command(targets, "trigger", "trigger RL with the sparsity penalty (weaver frozen)", TriggerTrainConfig, _train)
+    _command(sub, "eval", "evaluate on a benchmark task", EvalConfig, _eval, model=True,
+             json_flag="print the summary as JSON")
+    _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser
 
 

@@ -37,6 +37,8 @@ class MemGenConfig:
     trigger_hidden: int = help_field(128, "hidden width of the trigger MLP")
     trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger")
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
+    latent_positions: str = help_field("advance", "advance: latents take the next K positions (paper); "
+                                                  "tied: latents share the preceding token's position")
 
     def __post_init__(self) -> None:
         if isinstance(self.delimiters, str):
@@ -54,6 +56,8 @@ class MemGenConfig:
             raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
         if not 0.0 < self.trigger_init_prob < 1.0:
             raise ConfigError(f"trigger_init_prob must be in (0, 1), got {self.trigger_init_prob}")
+        if self.latent_positions not in ("advance", "tied"):
+            raise ConfigError(f"latent_positions must be 'advance' or 'tied', got {self.latent_positions!r}")
         if self.weaver != "lora":
             raise ConfigError(f"unknown weaver kind {self.weaver!r}; available: ['lora']")
 

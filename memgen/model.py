@@ -111,13 +111,26 @@ class MemGen(nn.Module):
             index = rows.nonzero().squeeze(1)
             if 0 < index.numel() <= rows.numel() // 2:
                 return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind)
-        latents = self.weaver.weave(self.reasoner, cache, attention_mask, next_positions, rows, kind)
-        k = latents.shape[1]
+        k = self.weaver.num_latents(kind)
+        positions, advanced = self.latent_positions(next_positions, rows, k)
+        latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind)
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         mask = torch.cat([attention_mask, slots], dim=1)
-        positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
-        return latents, hidden, mask, next_positions + k * rows.long()
+        return latents, hidden, mask, advanced
+
+    def latent_positions(self, next_positions: torch.Tensor, rows: torch.Tensor, k: int):
+        """Position ids of K latents for each row, and each row's next text position after them.
+
+        ``advance`` (the paper): latents take the next K positions and the text continues
+        after them. ``tied``: all K latents take the position of the token they follow and
+        the text continues where it would have without memory, so distances between real
+        tokens are unchanged (position-sensitive small reasoners are disturbed far less).
+        """
+        if self.config.latent_positions == "tied":
+            return (next_positions - 1).clamp_min(0)[:, None].expand(-1, k).contiguous(), next_positions
+        positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
+        return positions, next_positions + k * rows.long()
 
     def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind):
         sub_cache = select_rows(cache, index, self.reasoner.config)
@@ -130,7 +143,8 @@ class MemGen(nn.Module):
         full_latents = latents.new_zeros(batch, k, latents.shape[2]).index_copy(0, index, latents)
         full_hidden = hidden.new_zeros(batch, k, hidden.shape[2]).index_copy(0, index, hidden)
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
-        return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), next_positions + k * rows.long()
+        _, advanced = self.latent_positions(next_positions, rows, k)
+        return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), advanced
 
     # ----------------------------------------------------------------- tokenization
     def encode_prompts(self, prompts) -> list[list[int]]:

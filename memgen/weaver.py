@@ -44,8 +44,9 @@ class Weaver(nn.Module):
     def num_latents(self, kind: str) -> int:
         raise NotImplementedError
 
-    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
+    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
               rows: torch.Tensor, kind: str) -> torch.Tensor:
+        """``positions`` (B, K) are the position ids the latents will take (the query slots use them too)."""
         raise NotImplementedError
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -155,13 +156,12 @@ class LoraQueryWeaver(Weaver):
         z = self.projection(hidden.to(self.projection.weight.dtype))
         return z * (self.target_norm / z.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
-    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
+    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
               rows: torch.Tensor, kind: str) -> torch.Tensor:
         queries = self.queries(kind)
         batch, k = attention_mask.shape[0], queries.shape[0]
         slots = rows.to(attention_mask.dtype)[:, None].expand(batch, k)
         mask = torch.cat([attention_mask, slots], dim=1)
-        positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         inputs = queries.to(reasoner.dtype)[None].expand(batch, k, -1)
         with self.lora_active():
             hidden = reasoner.hidden(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache)

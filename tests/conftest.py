@@ -28,10 +28,11 @@ def make_base(tok, arch="qwen2", seed=0, **kw):
 TEST_DELIMITERS = [",", ".", "\n", " ", "a", "e", "m", "1"]
 
 
-def make_memgen(tok, arch="qwen2", seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None, **kw):
+def make_memgen(tok, arch="qwen2", seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None,
+                latent_positions="advance", **kw):
     """A MemGen whose weaver/trigger are randomised so they actually change outputs and decisions."""
     config = MemGenConfig(prompt_latents=k_prompt, inference_latents=k_infer, lora_r=4, trigger_hidden=16,
-                          delimiters=delimiters or TEST_DELIMITERS)
+                          delimiters=delimiters or TEST_DELIMITERS, latent_positions=latent_positions)
     model = MemGen(make_base(tok, arch, seed, **kw), tok, config)
     if randomize:
         g = torch.Generator().manual_seed(seed + 123)

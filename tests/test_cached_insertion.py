@@ -10,25 +10,32 @@ def recompute_logits(model, prompt_ids, completion):
     """One uncached forward over [prompt, latents, tokens, latents, ...]; logits predicting each completion token."""
     reasoner = model.reasoner
     embed = reasoner.embed_tokens
+    tied = model.config.latent_positions == "tied"
     pieces, predictors = [embed(torch.tensor(prompt_ids))], []
-    length = len(prompt_ids)
+    positions = list(range(len(prompt_ids)))
     inserted = {ins.position: ins.latents for ins in completion.insertions if ins.inserted}
     for i, token in enumerate(completion.token_ids):
         if i in inserted:
+            k, last = inserted[i].shape[0], positions[-1]
             pieces.append(inserted[i].to(reasoner.dtype))
-            length += inserted[i].shape[0]
-        predictors.append(length - 1)
+            positions += [last] * k if tied else list(range(last + 1, last + 1 + k))
+        predictors.append(len(positions) - 1)
         pieces.append(embed(torch.tensor([token])))
-        length += 1
+        next_text = positions[-1] + 1 if not tied else max(p for p in positions) + 1
+        positions.append(next_text)
     embeds = torch.cat(pieces)[None]
-    hidden = reasoner.backbone(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+    # An explicit all-ones mask: without one, transformers reads repeated position ids as packed sequences.
+    hidden = reasoner.backbone(inputs_embeds=embeds, position_ids=torch.tensor([positions]),
+                               attention_mask=torch.ones(1, len(positions), dtype=torch.long),
+                               use_cache=False).last_hidden_state[0]
     return reasoner.logits(hidden[predictors])
 
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("compact_after", [0, 1], ids=["no-compaction", "compact-every-step"])
-def test_cached_insertions_match_full_recompute(tok, arch, compact_after):
-    model = make_memgen(tok, arch)
+@pytest.mark.parametrize("latent_positions", ["advance", "tied"])
+def test_cached_insertions_match_full_recompute(tok, arch, compact_after, latent_positions):
+    model = make_memgen(tok, arch, latent_positions=latent_positions)
     with torch.no_grad():
         out = model.generate(PROMPTS, memory="random:0.6", max_new_tokens=40, do_sample=True, seed=3,
                              max_insertions=5, output_logits=True, return_latents=True, compact_after=compact_after)

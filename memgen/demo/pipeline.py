@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ class DemoConfig:
     batch_size: int = help_field(16, "SFT batch size (same for all SFT arms)")
     latents: int = help_field(4, "K latents per insertion")
     lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline")
+    latent_positions: str = help_field("tied", "position ids of latents: tied (keep text distances) | advance (paper)")
     weaver_lr: float = help_field(3e-3, "weaver learning rate")
     lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate")
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer")
@@ -71,6 +73,8 @@ def run_demo(config: DemoConfig) -> dict:
     cfg = config.effective()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs", "adapters", "answers"):  # a re-run replaces the previous run's arms
+        shutil.rmtree(out / stale, ignore_errors=True)
     started = time.perf_counter()
     log = print
     torch.manual_seed(cfg.seed)

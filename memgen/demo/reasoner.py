@@ -40,7 +40,7 @@ class ReasonerConfig:
     steps: int = 700
     batch_size: int = 16
     seq_len: int = 256
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     warmup: int = 30
     seed: int = 0
 

@@ -50,6 +50,7 @@ class TrainConfig:
     lora_r: int = help_field(16, "weaver LoRA rank (new weavers only)")
     lora_alpha: int = help_field(32, "weaver LoRA alpha (new weavers only)")
     delimiters: list[str] = help_field([",", ".", "\n"], "delimiter characters (new weavers only)")
+    latent_positions: str = help_field("advance", "latent position ids, advance | tied (new weavers only)")
     max_prompt_tokens: int = help_field(512, "prompts are truncated from the left to this many tokens")
 
     def __post_init__(self) -> None:
@@ -70,7 +71,8 @@ class TrainConfig:
 
     def memgen_config(self) -> MemGenConfig:
         return MemGenConfig(prompt_latents=self.prompt_latents, inference_latents=self.inference_latents,
-                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, delimiters=self.delimiters)
+                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, delimiters=self.delimiters,
+                            latent_positions=self.latent_positions)
 
 
 @dataclass
