@@ -26,7 +26,7 @@ from ..loading import load_base
 from ..tiny import tiny_causal_lm, tiny_tokenizer
 from .domains import ALPHABET, make_problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ReasonerConfig:
     seq_len: int = 256
     learning_rate: float = 3e-3
     warmup: int = 30
+    nonce_share: float = 0.4
     seed: int = 0
 
     def key(self) -> str:
@@ -59,11 +60,11 @@ def demo_tokenizer():
     return tiny_tokenizer(alphabet=ALPHABET, merges=())
 
 
-def _stream(rng: random.Random, tokenizer, excluded: set[str]):
-    """An endless token stream of domain-A problems (prompt + solution + EOS), minus ``excluded`` prompts."""
+def _stream(rng: random.Random, tokenizer, excluded: set[str], nonce_share: float):
+    """An endless token stream of domain-A and nonce problems (prompt + solution + EOS), minus ``excluded``."""
     eos = tokenizer.eos_token_id
     while True:
-        record = make_problem(rng, "A")
+        record = make_problem(rng, "N" if rng.random() < nonce_share else "A")
         if record.prompt in excluded:
             continue
         yield from tokenizer(record.prompt + record.completion)["input_ids"] + [eos]
@@ -79,7 +80,7 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
                            intermediate_size=config.intermediate_size, max_positions=config.max_positions,
                            seed=config.seed)
     model.train()
-    stream = _stream(random.Random(f"pretrain:{config.seed}"), tokenizer, excluded_prompts)
+    stream = _stream(random.Random(f"pretrain:{config.seed}"), tokenizer, excluded_prompts, config.nonce_share)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
