@@ -41,7 +41,7 @@ class DemoConfig:
     latents: int = help_field(4, "K latents per insertion")
     lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline")
     latent_positions: str = help_field("tied", "position ids of latents: tied (keep text distances) | advance (paper)")
-    weaver_lr: float = help_field(3e-3, "weaver learning rate")
+    weaver_lr: float = help_field(1e-2, "weaver learning rate")
     lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate")
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer")
     trigger_steps: int = help_field(30, "trigger RL steps")
@@ -53,7 +53,7 @@ class DemoConfig:
     num_generations: int = help_field(4, "rollouts per prompt in RL")
     max_new_tokens: int = help_field(40, "longest answer")
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation")
-    pretrain_steps: int = help_field(700, "reasoner pretraining steps (cached by config)")
+    pretrain_steps: int = help_field(650, "reasoner pretraining steps (cached by config)")
     progress: bool = help_field(True, "show progress bars")
 
     def effective(self) -> "DemoConfig":

@@ -117,7 +117,7 @@ class Run:
         self.logger = MetricsLogger(self.output_dir, config.tensorboard, self.accelerator.is_main_process)
         if config.resume:
             self._resume()
-        elif self.accelerator.is_main_process and latest_checkpoint(self.output_dir) is not None:
+        elif latest_checkpoint(self.output_dir) is not None:  # every rank checks, so none waits on a raised one
             raise ConfigError(f"{self.output_dir} already holds checkpoints; pass --resume to continue "
                               "or choose another --output-dir")
 
