@@ -8,8 +8,9 @@ from conftest import ARCHES, PROMPTS, make_memgen
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature):
-    model = make_memgen(tok, arch)
+@pytest.mark.parametrize("latent_positions", ["advance", "tied"])
+def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_positions):
+    model = make_memgen(tok, arch, latent_positions=latent_positions)
     rollout = model.generate(PROMPTS, memory="random:0.5", max_new_tokens=40, do_sample=True, seed=21,
                              temperature=temperature, max_insertions=4, return_logprobs=True)
     prompts = model.encode_prompts(PROMPTS)
