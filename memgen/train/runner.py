@@ -17,7 +17,6 @@ resumable:
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import shutil
