@@ -105,7 +105,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
         if span_len > 0:
             ids = torch.full((batch, span_len), pad_id, dtype=torch.long)
             valid = torch.zeros((batch, span_len), dtype=torch.long)
-            _tgt_rows, tgt_cols, tgt_tok, tgt_r, tgt_c = [], [], [], [], []
+            tgt_cols, tgt_tok, tgt_r, tgt_c = [], [], [], []
             trg_r, trg_c, trg_k = [], [], []
             for r, (s, e) in enumerate(spans):
                 if e <= s:
