@@ -23,13 +23,11 @@ def load_tokenizer(path: str | Path):
 
     path = str(path)
     config_file = Path(path) / "tokenizer_config.json"
+    loader = AutoTokenizer
     if config_file.is_file() and (Path(path) / "tokenizer.json").is_file():
-        declared = json.loads(config_file.read_text()).get("tokenizer_class", "")
-        if declared in GENERIC_TOKENIZER_CLASSES:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-            tokenizer.padding_side = "left"
-            return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        if json.loads(config_file.read_text()).get("tokenizer_class", "") in GENERIC_TOKENIZER_CLASSES:
+            loader = PreTrainedTokenizerFast
+    tokenizer = loader.from_pretrained(path)
     tokenizer.padding_side = "left"
     return tokenizer
 

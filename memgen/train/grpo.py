@@ -61,13 +61,11 @@ def grpo_step(run, micro: int):
 
     was_clipped = ((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
     n = run.global_sum(len(batch.completion_ids))
-    reward_sum = run.global_sum(batch.rewards.sum())
-    reward_sq = run.global_sum((batch.rewards ** 2).sum())
-    mean = reward_sum / n
+    reward_mean, reward_std = run.global_mean_std(batch.rewards)
     metrics = {
         "loss": float(loss.detach()),
-        "reward_mean": mean,
-        "reward_std": max(0.0, reward_sq / n - mean ** 2) ** 0.5,
+        "reward_mean": reward_mean,
+        "reward_std": reward_std,
         "clip_ratio": run.global_sum((was_clipped.float() * mask).sum()) / max(global_tokens, 1.0),
         "latent_norm": float(out.latent_norm.detach()),
         "insertions_per_rollout": run.global_sum(sum(len(i) for i in batch.insertions)) / n,

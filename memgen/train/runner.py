@@ -145,6 +145,13 @@ class Run:
         tensor = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).detach().clone()
         return float(self.accelerator.reduce(tensor, reduction="sum"))
 
+    def global_mean_std(self, values: torch.Tensor) -> tuple[float, float]:
+        """Mean and (population) std of ``values`` over every process's rows."""
+        n = self.global_sum(values.numel())
+        mean = self.global_sum(values.sum()) / n
+        square = self.global_sum((values.double() ** 2).sum()) / n
+        return mean, max(0.0, square - mean ** 2) ** 0.5
+
     def rollout_seed(self, micro: int) -> int:
         return (self.config.seed * 1_000_003 + self.state["step"] * 101 + micro) * 17 + self.rank
 

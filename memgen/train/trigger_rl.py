@@ -63,11 +63,12 @@ def trigger_step(run, micro: int):
         loss = sum(p.sum() for p in run.parameters) * 0.0
 
     n = run.global_sum(len(flags))
+    reward_mean, reward_std = run.global_mean_std(total)
     with_decisions = [sum(f) / len(f) for f in flags if f]
     metrics = {
         "loss": float(loss.detach()),
-        "reward_mean": run.global_sum(total.sum()) / n,
-        "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+        "reward_mean": reward_mean,
+        "reward_std": reward_std,
         "task_reward_mean": run.global_sum(batch.rewards.sum()) / n,
         "penalty_mean": run.global_sum(sum(penalties)) / n,
         "p_bar": run.global_sum(sum(p_bars)) / run.global_sum(len(p_bars)),
