@@ -46,3 +46,30 @@ def test_domains_are_disjoint_and_scored():
     assert answer_reward(None, [record.completion], [record.columns["answer"]]) == [1.0]
     assert answer_reward(None, [" 1+1=2, so 3.\n"], ["2"]) == [0.0]
     assert "finds" not in make_problem(random.Random(4), "A").prompt
+
+
+def test_notes_sit_at_insertion_points_and_are_never_targets():
+    import random
+
+    from memgen.demo.domains import NOTE_WIDTH, note, with_notes
+    from memgen.demo.reasoner import ReasonerConfig, _stream, demo_tokenizer
+
+    record = make_problem(random.Random(5), "N")
+    segments = with_notes(record, random.Random(0), 1.0, truthful=True)
+    texts = [t for t, is_note in segments if not is_note]
+    assert "".join(texts) == record.prompt + record.completion
+    # One note before every piece: the prompt end and after each ",".
+    assert [is_note for _, is_note in segments[1:]] == [True, False] * (record.completion.count(",") + 1)
+    # A truthful note names the sign the next step starts with.
+    for (text, is_note), (nxt, _) in zip(segments, segments[1:]):
+        if is_note and nxt[0] in "+-":
+            assert text == note(nxt[0]) and len(text) == NOTE_WIDTH
+
+    tokenizer = demo_tokenizer()
+    stream = _stream(random.Random(0), tokenizer, set(), ReasonerConfig(nonce_share=1.0, nonce_notes=1.0))
+    pairs = [next(stream) for _ in range(2000)]
+    note_ids = set(tokenizer("<>+-", add_special_tokens=False)["input_ids"])
+    masked = [tok for tok, label in pairs if label == -100]
+    assert masked and all(tok in note_ids for tok in masked)
+    lt = tokenizer("<", add_special_tokens=False)["input_ids"][0]
+    assert all(label == -100 for tok, label in pairs if tok == lt)  # notes are read, never written

@@ -1,19 +1,26 @@
 """The demo's synthetic domains: multi-step word problems whose chain of thought ends steps in delimiters.
 
 - **Domain A** (the reasoner's pretraining domain): quantities change with the verbs
-  ``gets`` (+) and ``loses`` (-); the solution computes step by step.
-- **Nonce problems** (pretraining only): the verbs are random made-up words, so the
-  solution first writes a plan of operations (`` [+,-]``) that cannot be read off the
-  prompt, then follows it. This teaches the reasoner to *use* a plan, and leaves it
-  uncertain whenever it meets verbs it does not know.
+  ``gets`` (+) and ``loses`` (-). The solution restates the start value, then writes one
+  step per delimiter, sign first (`` 3,+2=5,-1=4,so 4.``), so the sign of each step is
+  decided right after a ``,``: where MemGen can weave memory in.
+- **Nonce problems** (pretraining only): the verbs are random made-up words whose meaning
+  differs from problem to problem, so the reasoner cannot know the sign of a step.
+- **Notes** (pretraining only): short spans such as ``<++>`` placed where MemGen weaves
+  latents (after the prompt and after each ``,``), announcing the sign of the next step. They
+  sit in the context but are never a training target, so the reasoner learns to *read*
+  notes, never to write them. On nonce problems a note is right; on domain-A problems its
+  sign is random, so the reasoner learns to trust its own knowledge of a verb over a note.
+  This is the demo's stand-in for what makes a pretrained LLM steerable: it uses context
+  where it lacks knowledge. No arm ever sees a note: the weaver must discover, through the
+  frozen reasoner, latents that carry the missing fact.
 - **Domain B** (the new skill): the verbs are ``finds`` (+) and ``drops`` (-), which the
-  reasoner never saw; it must guess the plan. Their meaning is the fact that memory can
-  supply.
+  reasoner never saw; their meaning is the fact memory can supply.
 - **Domain C** (held out, never trained on by any arm): three-step problems mixing A and B
   verbs, a cross-domain check.
 
 Every quantity stays in 0..9 (single digits: what a ~6M character-level model learns in
-minutes on 2 CPU cores). Each step ends in a delimiter (``,``), where memory can be woven in.
+minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -29,8 +36,14 @@ NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim"]
 ITEMS = ["pens", "cups", "eggs", "keys", "hats", "toys", "cards", "books"]
 VERBS = {"A": {"gets": 1, "loses": -1}, "B": {"finds": 1, "drops": -1}}
 RESERVED = {v for d in VERBS.values() for v in d}
-ALPHABET = "".join(sorted(set("".join(NAMES) + string.ascii_lowercase + "QA0123456789 .,:+-=[]\n")))
+ALPHABET = "".join(sorted(set("".join(NAMES) + string.ascii_lowercase + "QA0123456789 .,:+-=<>\n")))
+NOTE_WIDTH = 4
+"""Tokens in a note; the demo weaves the same number of latents per insertion."""
 _ANSWER = re.compile(r"so (\d+)\.")
+
+
+def note(sign: str) -> str:
+    return "<" + sign * (NOTE_WIDTH - 2) + ">"
 
 
 def _nonce_verbs(rng: random.Random) -> dict[str, int]:
@@ -65,7 +78,7 @@ def make_problem(rng: random.Random, domain: str) -> Record:
                 break
             amount = rng.randint(1, room)
             new = value + sign * amount
-            parts.append((verb, amount, "+" if sign > 0 else "-", f"{value}{'+' if sign > 0 else '-'}{amount}={new}"))
+            parts.append((verb, amount, "+" if sign > 0 else "-", f"{'+' if sign > 0 else '-'}{amount}={new}"))
             value = new
         if ok:
             break
@@ -73,10 +86,30 @@ def make_problem(rng: random.Random, domain: str) -> Record:
     # Short prompts keep the start value close to where the solution copies it: long-range
     # copying is what a character-level model this small learns last.
     prompt = f"Q: {name} has {start} {item}. " + " ".join(f"{verb} {amount}." for verb, amount, _, _ in parts) + "\nA:"
-    # The plan's signs are comma-separated, so memory can be woven in before each one.
-    plan = "" if domain == "A" else " [" + ",".join(op for _, _, op, _ in parts) + "]"
-    completion = plan + " " + ", ".join(step for _, _, _, step in parts) + f", so {value}.\n"
-    return Record(prompt, completion, {"answer": str(value), "domain": domain})
+    # Each step starts with its sign, right after a delimiter, so the reasoner decides the
+    # sign right after it (no space), where memory can be woven: `` 3,+2=5,-1=4,so 4.``
+    completion = f" {start}," + ",".join(step for _, _, _, step in parts) + f",so {value}.\n"
+    signs = "".join(op for _, _, op, _ in parts)
+    return Record(prompt, completion, {"answer": str(value), "domain": domain, "signs": signs})
+
+
+def with_notes(record: Record, rng: random.Random, density: float, truthful: bool) -> list[tuple[str, bool]]:
+    """``record`` as (text, is_note) segments with a note at each insertion point w.p. ``density``.
+
+    Insertion points are the prompt end and every ``,`` of the solution, where the demo's
+    MemGen weaves memory. A truthful note gives the sign of the step that follows it; notes
+    where no step follows, and untruthful ones, get a random sign.
+    """
+    pieces = re.findall(r"[^,]*,|[^,]+$", record.completion)
+    signs = record.columns["signs"]
+    segments = [(record.prompt, False)]
+    for i, piece in enumerate(pieces):
+        if rng.random() < density:
+            # Piece i >= 1 is step i (piece 0 restates the start value, the last one answers).
+            sign = signs[i - 1] if truthful and 1 <= i <= len(signs) else rng.choice("+-")
+            segments.append((note(sign), True))
+        segments.append((piece, False))
+    return segments
 
 
 def make_split(domain: str, n: int, seed: int) -> list[Record]:

@@ -23,7 +23,7 @@ import torch
 from ..dataclass_cli import help_field
 from ..evaluate import EvalConfig, evaluate, format_table
 from . import arms as arm_fns
-from .domains import as_task, disjoint_splits
+from .domains import NOTE_WIDTH, as_task, disjoint_splits
 from .reasoner import ReasonerConfig, get_reasoner
 
 DOMAINS = {"A": "A (pretraining skill)", "B": "B (new skill)", "C": "C (held-out mix)"}
@@ -38,9 +38,10 @@ class DemoConfig:
     test_size: int = help_field(100, "held-out problems per domain")
     sft_steps: int = help_field(150, "optimizer steps for every SFT arm (same budget for all)")
     batch_size: int = help_field(16, "SFT batch size (same for all SFT arms)")
-    latents: int = help_field(4, "K latents per insertion")
+    latents: int = help_field(NOTE_WIDTH, "K latents per insertion")
     lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline")
-    latent_positions: str = help_field("tied", "position ids of latents: tied (keep text distances) | advance (paper)")
+    latent_positions: str = help_field("advance", "position ids of latents: advance (paper) | tied")
+    delimiters: str = help_field(",", "characters after which memory may be woven (the , ending each step)")
     weaver_lr: float = help_field(1e-2, "weaver learning rate")
     lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate")
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer")
@@ -51,7 +52,7 @@ class DemoConfig:
     grpo_lr: float = help_field(3e-4, "weaver GRPO learning rate")
     rl_batch_size: int = help_field(8, "prompts per RL step")
     num_generations: int = help_field(4, "rollouts per prompt in RL")
-    max_new_tokens: int = help_field(40, "longest answer")
+    max_new_tokens: int = help_field(48, "longest answer")
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation")
     pretrain_steps: int = help_field(650, "reasoner pretraining steps (cached by config)")
     progress: bool = help_field(True, "show progress bars")

@@ -2,7 +2,8 @@
 
 A character-level tokenizer (no merges, so ``,`` and ``.`` are delimiter tokens of their own)
 and a Qwen2-architecture causal LM of about 6M parameters, trained on packed streams of
-domain-A problems with bf16 autocast on the CPU. The result is saved under
+domain-A and nonce problems, some carrying notes (see :mod:`memgen.demo.domains`), with
+bf16 autocast on the CPU. The result is saved under
 ``$MEMGEN_CACHE`` (default ``~/.cache/memgen``) in a directory named by a hash of the
 config, so later runs skip pretraining; the directory is written atomically. Same seed,
 same config, same thread count: same weights.
@@ -24,9 +25,9 @@ import torch
 from ..checkpoint import atomic_directory
 from ..loading import load_base
 from ..tiny import tiny_causal_lm, tiny_tokenizer
-from .domains import ALPHABET, make_problem
+from .domains import ALPHABET, make_problem, with_notes
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class ReasonerConfig:
     learning_rate: float = 3e-3
     warmup: int = 30
     nonce_share: float = 0.4
+    nonce_notes: float = 0.8
+    a_notes: float = 0.5
     seed: int = 0
 
     def key(self) -> str:
@@ -60,14 +63,24 @@ def demo_tokenizer():
     return tiny_tokenizer(alphabet=ALPHABET, merges=())
 
 
-def _stream(rng: random.Random, tokenizer, excluded: set[str], nonce_share: float):
-    """An endless token stream of domain-A and nonce problems (prompt + solution + EOS), minus ``excluded``."""
+def _stream(rng: random.Random, tokenizer, excluded: set[str], config: ReasonerConfig):
+    """An endless stream of (token, label) over domain-A and nonce problems, minus ``excluded``.
+
+    Note tokens are context only: their label is -100, so the reasoner learns to read notes
+    and never to write them (see ``domains``).
+    """
     eos = tokenizer.eos_token_id
     while True:
-        record = make_problem(rng, "N" if rng.random() < nonce_share else "A")
+        nonce = rng.random() < config.nonce_share
+        record = make_problem(rng, "N" if nonce else "A")
         if record.prompt in excluded:
             continue
-        yield from tokenizer(record.prompt + record.completion)["input_ids"] + [eos]
+        noted = rng.random() < (config.nonce_notes if nonce else config.a_notes)
+        density = rng.choice([0.5, 1.0]) if noted else 0.0
+        for i, (text, is_note) in enumerate(with_notes(record, rng, density, truthful=nonce)):
+            for token in tokenizer(text, add_special_tokens=i == 0)["input_ids"]:
+                yield token, -100 if is_note else token
+        yield eos, eos
 
 
 def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool = True, log=print):
@@ -80,7 +93,7 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
                            intermediate_size=config.intermediate_size, max_positions=config.max_positions,
                            seed=config.seed)
     model.train()
-    stream = _stream(random.Random(f"pretrain:{config.seed}"), tokenizer, excluded_prompts, config.nonce_share)
+    stream = _stream(random.Random(f"pretrain:{config.seed}"), tokenizer, excluded_prompts, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -96,7 +109,7 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
     for _ in bar:
         batch = torch.tensor([[next(stream) for _ in range(config.seq_len)] for _ in range(config.batch_size)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=batch, labels=batch)
+            out = model(input_ids=batch[..., 0], labels=batch[..., 1])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
