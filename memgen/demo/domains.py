@@ -78,7 +78,8 @@ def make_problem(rng: random.Random, domain: str) -> Record:
                 break
             amount = rng.randint(1, room)
             new = value + sign * amount
-            parts.append((verb, amount, "+" if sign > 0 else "-", f"{'+' if sign > 0 else '-'}{amount}={new}"))
+            op = "+" if sign > 0 else "-"
+            parts.append((verb, amount, op, f"{op}{amount}={new}"))
             value = new
         if ok:
             break
