@@ -37,6 +37,8 @@ class MemGenConfig:
     trigger_hidden: int = help_field(128, "hidden width of the trigger MLP")
     trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger")
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
+    anchor_context: bool = help_field(True, "add a learned linear map of the reasoner's state at the insertion "
+                                             "point to every latent (a direct path for context)")
     latent_positions: str = help_field("advance", "advance: latents take the next K positions (paper); "
                                                   "tied: latents share the preceding token's position")
 

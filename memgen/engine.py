@@ -176,7 +176,7 @@ class DecodeSession:
             logs = [[] for _ in self.prompts]
             if self.prompt_insert:
                 rows = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
-                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT)
+                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT, hidden[:, -1])
                 logits = reasoner.logits(hidden[:, -1])
                 for i in range(len(self.prompts)):
                     logs[i].append(Insertion(0, None, True, latents[i].float().cpu() if cfg.return_latents else None))
@@ -253,7 +253,7 @@ class DecodeSession:
                         latents = None
                         if bool(insert.any()):
                             latents, lat_hidden, mask, next_pos = m.weave_and_feed(
-                                cache, mask, next_pos, insert, INFERENCE, allow_subset=True)
+                                cache, mask, next_pos, insert, INFERENCE, hidden[:, -1], allow_subset=True)
                             logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
                             n_inserted += insert.long()
                         cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()

@@ -99,8 +99,10 @@ class MemGen(nn.Module):
 
     # ----------------------------------------------------------------- shared step
     def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
-                       rows: torch.Tensor, kind: str, allow_subset: bool = False):
+                       rows: torch.Tensor, kind: str, anchor: torch.Tensor, allow_subset: bool = False):
         """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
+
+        ``anchor`` (B, d) is each row's reasoner state at the insertion point (the last fed token).
 
         Returns (latents (B, K, d), reasoner hidden states of the latent slots (B, K, d),
         the grown attention mask, the advanced next positions). With ``allow_subset`` and at
@@ -110,10 +112,10 @@ class MemGen(nn.Module):
         if allow_subset:
             index = rows.nonzero().squeeze(1)
             if 0 < index.numel() <= rows.numel() // 2:
-                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind)
+                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor)
         k = self.weaver.num_latents(kind)
         positions, advanced = self.latent_positions(next_positions, rows, k)
-        latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind)
+        latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor)
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         mask = torch.cat([attention_mask, slots], dim=1)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
@@ -132,11 +134,12 @@ class MemGen(nn.Module):
         positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         return positions, next_positions + k * rows.long()
 
-    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind):
+    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor):
         sub_cache = select_rows(cache, index, self.reasoner.config)
         sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
         sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
-        latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind)
+        latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,
+                                                    anchor.index_select(0, index))
         k = latents.shape[1]
         append_rows_slots(cache, sub_cache, index, k)
         batch = rows.numel()

@@ -92,6 +92,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
     next_pos = torch.zeros(batch, dtype=torch.long, device=device)
     pad_id = memgen.tokenizer.pad_token_id or 0
     forwards = 0
+    anchor = torch.zeros(batch, reasoner.hidden_size, device=device, dtype=reasoner.dtype)
 
     def collect(logits, targets, rows, cols):
         lp = (logits / temperature).log_softmax(dim=-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -125,6 +126,10 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             hidden = reasoner.hidden(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache)
             next_pos = next_pos + valid.sum(dim=1)
             forwards += batch * span_len
+            # Each row's last fed token is the insertion point of an insertion closing this round.
+            fed = valid.sum(dim=1)
+            last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
+            anchor = torch.where((fed > 0)[:, None], last, anchor)
             if tgt_r:
                 r_t = torch.tensor(tgt_r, device=device)
                 picked = hidden[r_t, torch.tensor(tgt_c, device=device)]
@@ -147,7 +152,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
                 continue
             flag = torch.zeros(batch, dtype=torch.bool, device=device)
             flag[torch.tensor(rows, device=device)] = True
-            latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind)
+            latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind, anchor)
             forwards += 2 * batch * latents.shape[1]
             r_t = torch.tensor(rows, device=device)
             latent_norms.append(latents[r_t].float().norm(dim=-1).mean())

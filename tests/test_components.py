@@ -46,9 +46,11 @@ def test_weaver_leaves_no_query_slots_in_cache(tok):
     cache = reasoner.new_cache()
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None], cache=cache)
+        hidden = reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None],
+                                 cache=cache)
         keys_before = cache.layers[0].keys.clone()
-        latents = model.weaver.weave(reasoner, cache, mask, torch.tensor([ids.shape[1]]), torch.tensor([True]), INFERENCE)
+        latents = model.weaver.weave(reasoner, cache, mask, torch.tensor([ids.shape[1]]), torch.tensor([True]), INFERENCE,
+                                     hidden[:, -1])
     assert latents.shape == (1, model.config.inference_latents, reasoner.hidden_size)
     assert cache.get_seq_length() == ids.shape[1]
     assert torch.equal(cache.layers[0].keys, keys_before)

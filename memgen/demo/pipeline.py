@@ -92,8 +92,10 @@ def run_demo(config: DemoConfig) -> dict:
     results = []
     arms = {}
     order = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "memgen_random", "prompt_only", "memgen_grpo"]
-    for name in order:
+    for index, name in enumerate(order):
         fn = getattr(arm_fns, name)
+        # Each arm gets its own seed, so its initial weaver/trigger does not depend on which arms ran before.
+        torch.manual_seed(cfg.seed * len(order) + index)
         log(f"arm {name}: training")
         if name in ("memgen_trigger", "memgen_random", "memgen_grpo"):
             arm = fn(base, tokenizer, cfg, train_task, out, arms["memgen_sft"])
