@@ -39,6 +39,9 @@ class MemGenConfig:
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
     anchor_context: bool = help_field(True, "add a learned linear map of the reasoner's state at the insertion "
                                              "point to every latent (a direct path for context)")
+    latent_init_text: str | None = help_field(
+        None, "start each latent at the embedding of this text's tokens (cycled over the K slots), like "
+              "PEFT prompt tuning's TEXT init; the context paths then start at zero")
     latent_positions: str = help_field("advance", "advance: latents take the next K positions (paper); "
                                                   "tied: latents share the preceding token's position")
 
@@ -60,6 +63,8 @@ class MemGenConfig:
             raise ConfigError(f"trigger_init_prob must be in (0, 1), got {self.trigger_init_prob}")
         if self.latent_positions not in ("advance", "tied"):
             raise ConfigError(f"latent_positions must be 'advance' or 'tied', got {self.latent_positions!r}")
+        if self.latent_init_text is not None and not self.latent_init_text:
+            raise ConfigError("latent_init_text must be non-empty text, or None for the default initialisation")
         if self.weaver != "lora":
             raise ConfigError(f"unknown weaver kind {self.weaver!r}; available: ['lora']")
 

@@ -67,6 +67,11 @@ class MemGen(nn.Module):
         self.reasoner_model = reasoner
         self.reasoner = Reasoner(reasoner)
         self.weaver = LoraQueryWeaver(self.reasoner, self.config).to(self.reasoner.device)
+        if self.config.latent_init_text:
+            ids = tokenizer(self.config.latent_init_text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InputError(f"latent_init_text {self.config.latent_init_text!r} encodes to no tokens")
+            self.weaver.init_from_embeddings(self.reasoner.embed_tokens.weight[torch.tensor(ids)].detach())
         self.trigger = TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
                                    self.config.trigger_init_prob).to(self.reasoner.device)
         self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)

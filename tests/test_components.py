@@ -56,6 +56,36 @@ def test_weaver_leaves_no_query_slots_in_cache(tok):
     assert torch.equal(cache.layers[0].keys, keys_before)
 
 
+def test_latent_init_text_starts_latents_at_its_token_embeddings(tok):
+    base = make_base(tok)
+    model = MemGen(base, tok, MemGenConfig(prompt_latents=3, inference_latents=2, lora_r=4, latent_init_text="ab"))
+    ids = tok("ab", add_special_tokens=False)["input_ids"]
+    table = model.reasoner.embed_tokens.weight.detach()
+    expected = table[torch.tensor([ids[i % len(ids)] for i in range(3)])]
+    expected = expected * (model.weaver.target_norm / expected.norm(dim=-1, keepdim=True))
+    out = model.generate(PROMPTS, memory="always", max_new_tokens=6, return_latents=True)
+    for completion in out.completions:
+        first = completion.insertions[0]
+        assert first.position == 0 and first.inserted
+        torch.testing.assert_close(first.latents, expected, atol=1e-5, rtol=0)
+    # The context paths grow from zero like a LoRA's B: the projection learns on the first step,
+    # the queries and the anchor map once it is non-zero.
+    prompts = model.encode_prompts(PROMPTS)
+    completions = [list(range(5, 15))] * len(PROMPTS)
+    optimizer = torch.optim.SGD(model.weaver_parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        tf = model.teacher_forced(prompts, completions, [[0, 4]] * len(PROMPTS))
+        (-(tf.logprobs * tf.mask).sum()).backward()
+        assert model.weaver.projection.weight.grad.abs().sum() > 0
+        assert model.weaver.inference_offsets.grad.abs().sum() > 0
+        context_grads = model.weaver.anchor_map.weight.grad.abs().sum() + model.weaver.prompt_queries.grad.abs().sum()
+        assert (context_grads > 0) == (step == 1)
+        optimizer.step()
+    with pytest.raises(ConfigError, match="latent_init_text"):
+        MemGenConfig(latent_init_text="")
+
+
 def test_trigger_costs_no_extra_forward(tok):
     model = make_memgen(tok)
     calls = []

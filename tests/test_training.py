@@ -61,7 +61,7 @@ def digit_reward(prompts, completions, **columns):
 
 
 def test_weaver_grpo_raises_reward(tok, tmp_path):
-    config = WeaverTrainConfig(**common(tmp_path, "grpo", method="grpo", max_steps=40, per_device_batch_size=4,
+    config = WeaverTrainConfig(**common(tmp_path, "grpo", method="grpo", max_steps=60, per_device_batch_size=4,
                                         num_generations=8, max_new_tokens=8, learning_rate=5e-2))
     train_weaver(config, model=make_memgen(tok, randomize=False), task=toy_task(), reward_fn=digit_reward)
     rewards = [row["reward_mean"] for row in read_metrics(config.output_dir)]

@@ -53,7 +53,7 @@ def _weaver_config(cfg, out: Path, name: str, **overrides) -> WeaverTrainConfig:
 def memgen_config(cfg) -> MemGenConfig:
     return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
                         lora_alpha=2 * cfg.lora_r, trigger_hidden=64, latent_positions=cfg.latent_positions,
-                        delimiters=list(cfg.delimiters))
+                        delimiters=list(cfg.delimiters), latent_init_text=cfg.latent_init_text or None)
 
 
 def vanilla(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:

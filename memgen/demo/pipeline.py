@@ -41,6 +41,8 @@ class DemoConfig:
     latents: int = help_field(NOTE_WIDTH, "K latents per insertion")
     lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline")
     latent_positions: str = help_field("advance", "position ids of latents: advance (paper) | tied")
+    latent_init_text: str = help_field("<::>", "text whose token embeddings new latents start at: the frame of "
+                                                "the reasoner's note channel, with no sign in it")
     delimiters: str = help_field(",", "characters after which memory may be woven (the , ending each step)")
     weaver_lr: float = help_field(1e-2, "weaver learning rate")
     lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate")

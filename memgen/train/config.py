@@ -51,6 +51,8 @@ class TrainConfig:
     lora_alpha: int = help_field(32, "weaver LoRA alpha (new weavers only)")
     delimiters: list[str] = help_field([",", ".", "\n"], "delimiter characters (new weavers only)")
     latent_positions: str = help_field("advance", "latent position ids, advance | tied (new weavers only)")
+    latent_init_text: str | None = help_field(None, "start latents at this text's token embeddings (new weavers only)")
+    anchor_context: bool = help_field(True, "map the insertion point's state into the latents (new weavers only)")
     max_prompt_tokens: int = help_field(512, "prompts are truncated from the left to this many tokens")
 
     def __post_init__(self) -> None:
@@ -72,7 +74,8 @@ class TrainConfig:
     def memgen_config(self) -> MemGenConfig:
         return MemGenConfig(prompt_latents=self.prompt_latents, inference_latents=self.inference_latents,
                             lora_r=self.lora_r, lora_alpha=self.lora_alpha, delimiters=self.delimiters,
-                            latent_positions=self.latent_positions)
+                            latent_positions=self.latent_positions, latent_init_text=self.latent_init_text,
+                            anchor_context=self.anchor_context)
 
 
 @dataclass
