@@ -124,10 +124,10 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             positions = next_pos[:, None] + (valid.cumsum(dim=1) - 1).clamp_min(0)
             attention = torch.cat([attention, valid], dim=1)
             hidden = reasoner.hidden(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache)
-            next_pos = next_pos + valid.sum(dim=1)
+            fed = valid.sum(dim=1)
+            next_pos = next_pos + fed
             forwards += batch * span_len
             # Each row's last fed token is the insertion point of an insertion closing this round.
-            fed = valid.sum(dim=1)
             last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
             anchor = torch.where((fed > 0)[:, None], last, anchor)
             if tgt_r:

@@ -65,8 +65,7 @@ def test_weaver_grpo_raises_reward(tok, tmp_path):
                                         num_generations=8, max_new_tokens=8, learning_rate=5e-2))
     train_weaver(config, model=make_memgen(tok, randomize=False), task=toy_task(), reward_fn=digit_reward)
     rewards = [row["reward_mean"] for row in read_metrics(config.output_dir)]
-    # Per-step means are noisy (8 rollouts of 8 tokens); compare ten-step windows.
-    assert sum(rewards[-10:]) / 10 > 1.5 * sum(rewards[:10]) / 10
+    assert sum(rewards[-5:]) / 5 > 2 * sum(rewards[:5]) / 5
     assert all("clip_ratio" in row for row in read_metrics(config.output_dir))
 
 
