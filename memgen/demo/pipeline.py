@@ -22,6 +22,7 @@ import torch
 
 from ..dataclass_cli import help_field
 from ..evaluate import EvalConfig, evaluate, format_table
+from ..precision import cpu_capability, cpu_has_native_bf16, resolve_precision
 from . import arms as arm_fns
 from .domains import NOTE_WIDTH, as_task, disjoint_splits
 from .reasoner import ReasonerConfig, get_reasoner
@@ -57,6 +58,8 @@ class DemoConfig:
     max_new_tokens: int = help_field(48, "longest answer")
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation")
     pretrain_steps: int = help_field(650, "reasoner pretraining steps (cached by config)")
+    pretrain_precision: str = help_field("auto", "reasoner pretraining precision: auto (bf16 only where the CPU "
+                                                 "runs it natively, else fp32) | fp32 | bf16")
     progress: bool = help_field(True, "show progress bars")
 
     def effective(self) -> "DemoConfig":
@@ -65,11 +68,12 @@ class DemoConfig:
         return replace(self, train_size=200, test_size=20, sft_steps=12, batch_size=8, trigger_steps=3,
                        grpo_steps=2, rl_batch_size=2, num_generations=2, pretrain_steps=40)
 
-    def reasoner(self) -> ReasonerConfig:
+    def reasoner(self, precision: str) -> ReasonerConfig:
         if self.quick:
             return ReasonerConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-                                  steps=self.pretrain_steps, batch_size=8, seq_len=128, seed=self.seed)
-        return ReasonerConfig(steps=self.pretrain_steps, seed=self.seed)
+                                  steps=self.pretrain_steps, batch_size=8, seq_len=128, seed=self.seed,
+                                  precision=precision)
+        return ReasonerConfig(steps=self.pretrain_steps, seed=self.seed, precision=precision)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -88,7 +92,11 @@ def run_demo(config: DemoConfig) -> dict:
     assert not held_out & {r.prompt for r in b_train}
     train_task = as_task("B-train", b_train)
 
-    base, tokenizer, reasoner_info = get_reasoner(cfg.reasoner(), {r.prompt for r in tests["A"]}, cfg.progress, log)
+    precision = resolve_precision(cfg.pretrain_precision)
+    log(f"reasoner precision: {precision.precision} ({precision.reason})")
+    base, tokenizer, reasoner_info = get_reasoner(cfg.reasoner(precision.precision), {r.prompt for r in tests["A"]},
+                                                  cfg.progress, log)
+    reasoner_info["precision_choice"] = precision.as_dict()
     reasoner_info["params"] = sum(p.numel() for p in base.parameters())
 
     results = []
@@ -121,7 +129,8 @@ def run_demo(config: DemoConfig) -> dict:
     payload = {
         "config": asdict(cfg), "reasoner": reasoner_info, "arms": results, "total_seconds": round(total, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
+                    "native_bf16": cpu_has_native_bf16()},
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     table = results_table(results)
@@ -207,6 +216,7 @@ def write_report(payload: dict, table: str, out: Path) -> None:
         "",
         "![insertions and invocation rate](invocation.png)",
         "",
-        f"Total time: {payload['total_seconds']:.0f} s on {payload['machine']['threads']} threads.",
+        f"Total time: {payload['total_seconds']:.0f} s on {payload['machine']['threads']} threads, CPU capability "
+        f"{payload['machine']['cpu_capability']}; reasoner pretrained in {info.get('precision', 'fp32')}.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -2,8 +2,10 @@
 
 A character-level tokenizer (no merges, so ``,`` and ``.`` are delimiter tokens of their own)
 and a Qwen2-architecture causal LM of about 6M parameters, trained on packed streams of
-domain-A and nonce problems, some carrying notes (see :mod:`memgen.demo.domains`), with
-bf16 autocast on the CPU. The result is saved under
+domain-A and nonce problems, some carrying notes (see :mod:`memgen.demo.domains`). The
+precision is the config's (``fp32`` or ``bf16`` autocast, picked by :mod:`memgen.precision`:
+bf16 only where the CPU runs it natively) and is part of the cache key, because the two
+train to different weights. The result is saved under
 ``$MEMGEN_CACHE`` (default ``~/.cache/memgen``) in a directory named by a hash of the
 config, so later runs skip pretraining; the directory is written atomically. Same seed,
 same config, same thread count: same weights.
@@ -23,11 +25,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_directory
+from ..precision import autocast, cpu_capability
 from ..loading import load_base
 from ..tiny import tiny_causal_lm, tiny_tokenizer
 from .domains import ALPHABET, make_problem, with_notes
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,14 @@ class ReasonerConfig:
     max_positions: int = 512
     steps: int = 700
     batch_size: int = 16
-    seq_len: int = 256
+    seq_len: int = 128
     learning_rate: float = 3e-3
     warmup: int = 30
     nonce_share: float = 0.4
     nonce_notes: float = 0.8
     a_notes: float = 0.5
     seed: int = 0
+    precision: str = "fp32"
 
     def key(self) -> str:
         text = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -108,7 +112,7 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
     loss_value = float("nan")
     for _ in bar:
         batch = torch.tensor([[next(stream) for _ in range(config.seq_len)] for _ in range(config.batch_size)])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(config.precision):
             out = model(input_ids=batch[..., 0], labels=batch[..., 1])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,7 +124,8 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
     model.eval()
     seconds = time.perf_counter() - started
     tokens = config.steps * config.batch_size * config.seq_len
-    return model, tokenizer, {"pretrain_seconds": seconds, "pretrain_tokens": tokens,
+    return model, tokenizer, {"precision": config.precision, "cpu_capability": cpu_capability(),
+                              "seconds_per_step": seconds / config.steps, "pretrain_seconds": seconds, "pretrain_tokens": tokens,
                               "pretrain_tokens_per_s": tokens / seconds, "final_loss": loss_value}
 
 
@@ -133,7 +138,7 @@ def get_reasoner(config: ReasonerConfig, excluded_prompts: set[str], progress: b
         info["cached"] = True
         log(f"reasoner: cached at {directory}")
         return model.eval(), tokenizer, info
-    log(f"reasoner: pretraining ({config.steps} steps); it will be cached at {directory}")
+    log(f"reasoner: pretraining ({config.steps} steps, {config.precision}); it will be cached at {directory}")
     model, tokenizer, info = pretrain(config, excluded_prompts, progress, log)
     with atomic_directory(directory) as scratch:
         model.save_pretrained(scratch)
