@@ -24,6 +24,7 @@ import time
 import torch
 
 from memgen import MemGen, MemGenConfig
+from memgen.precision import cpu_capability, cpu_has_native_bf16
 from memgen.tiny import DEFAULT_ALPHABET, tiny_causal_lm, tiny_tokenizer
 
 SIZES = {
@@ -120,6 +121,7 @@ def main() -> None:
                for size in args.sizes.split(",") for b in args.batches.split(",")]
     print(json.dumps({
         "benchmark": "decode", "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "targets": {"off_time_ratio_vs_generate": "<= 1.05", "insert_time_ratio_vs_generate (50M, batch 1)": "<= 1.3"},
         "results": results,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from memgen.precision import cpu_capability, cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -125,6 +127,7 @@ def main() -> None:
     memgen_step = statistics.median(memgen_times[args.warmup:])
     print(json.dumps({
         "benchmark": "train_throughput", "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "model_params_m": round(params / 1e6, 1), "batch": args.batch, "tokens_per_step": tokens_per_step,
         "lora_r": args.lora_r, "latents_per_insertion": args.k,
         "memgen_insertions_per_example": last.get("insertions_per_example"),

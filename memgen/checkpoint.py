@@ -70,6 +70,28 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(scratch, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(scratch, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and ``os.replace``."""
     path = Path(path)

@@ -77,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = _config(EvalConfig, args)
     if not config.data:
         raise MemGenError("--data is required")
-    task = load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+    task = load_task(config.task, config.data, config.skip_malformed, config.seed)  # evaluate() applies --limit
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
@@ -130,10 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """memgen's own warnings (skipped data lines, emulated bf16) as ``memgen: warning: ...`` lines."""
+    if "memgen" in str(filename):
+        print(f"memgen: warning: {message}", file=sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     try:
         return args.handler(args)
     except (MemGenError, AdapterError) as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .dataclass_cli import help_field
+from .dataclass_cli import check_ranges, help_field
 from .errors import ConfigError
 
 MEMORY_POLICIES = ("off", "always", "trigger", "random:P")
@@ -25,17 +25,17 @@ MEMORY_POLICIES = ("off", "always", "trigger", "random:P")
 class MemGenConfig:
     """Architecture of the weaver and trigger attached to a frozen reasoner."""
 
-    prompt_latents: int = help_field(8, "K: latent vectors woven at the prompt end")
-    inference_latents: int = help_field(8, "K: latent vectors woven at an in-reasoning delimiter")
+    prompt_latents: int = help_field(8, "K: latent vectors woven at the prompt end", ge=1)
+    inference_latents: int = help_field(8, "K: latent vectors woven at an in-reasoning delimiter", ge=1)
     delimiters: list[str] = help_field([",", ".", "\n"], "characters that end a delimiter token (insertion points)")
-    lora_r: int = help_field(16, "LoRA rank of the weaver adapter")
-    lora_alpha: int = help_field(32, "LoRA alpha of the weaver adapter")
-    lora_dropout: float = help_field(0.0, "LoRA dropout of the weaver adapter")
+    lora_r: int = help_field(16, "LoRA rank of the weaver adapter", ge=1)
+    lora_alpha: int = help_field(32, "LoRA alpha of the weaver adapter", gt=0)
+    lora_dropout: float = help_field(0.0, "LoRA dropout of the weaver adapter", ge=0, lt=1)
     lora_target_modules: list[str] = help_field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "reasoner linear layers that carry the weaver LoRA")
-    trigger_hidden: int = help_field(128, "hidden width of the trigger MLP")
-    trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger")
+        "reasoner linear layers that carry the weaver LoRA (['all-linear']: every linear layer but the head)")
+    trigger_hidden: int = help_field(128, "hidden width of the trigger MLP", ge=1)
+    trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger", gt=0, lt=1)
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
     anchor_context: bool = help_field(True, "add a learned linear map of the reasoner's state at the insertion "
                                              "point to every latent (a direct path for context)")
@@ -52,15 +52,12 @@ class MemGenConfig:
         self.lora_target_modules = list(self.lora_target_modules)
         for name in ("prompt_latents", "inference_latents"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} (K) must be a positive integer, got {value!r}; "
                                   "use memory policy 'off' to generate without latents")
+        check_ranges(self)
         if not self.delimiters or any(not isinstance(d, str) or len(d) != 1 for d in self.delimiters):
             raise ConfigError(f"delimiters must be a non-empty list of single characters, got {self.delimiters!r}")
-        if self.lora_r < 1:
-            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
-        if not 0.0 < self.trigger_init_prob < 1.0:
-            raise ConfigError(f"trigger_init_prob must be in (0, 1), got {self.trigger_init_prob}")
         if self.latent_positions not in ("advance", "tied"):
             raise ConfigError(f"latent_positions must be 'advance' or 'tied', got {self.latent_positions!r}")
         if self.latent_init_text is not None and not self.latent_init_text:
@@ -104,41 +101,28 @@ class MemoryPolicy:
 class GenerateConfig:
     """Options of one generation call."""
 
-    max_new_tokens: int = help_field(128, "most tokens generated per row")
+    max_new_tokens: int = help_field(128, "most tokens generated per row", ge=1)
     do_sample: bool = help_field(False, "sample instead of greedy decoding")
-    temperature: float = help_field(1.0, "softmax temperature when sampling")
-    top_k: int = help_field(0, "keep the k most likely tokens when sampling (0 = off)")
-    top_p: float = help_field(1.0, "nucleus sampling mass (1.0 = off)")
+    temperature: float = help_field(1.0, "softmax temperature when sampling", gt=0)
+    top_k: int = help_field(0, "keep the k most likely tokens when sampling (0 = off)", ge=0)
+    top_p: float = help_field(1.0, "nucleus sampling mass (1.0 = off)", gt=0, le=1)
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     insert_at_prompt_end: bool = help_field(True, "weave latents at the prompt end (unless memory is off)")
-    max_insertions: int = help_field(8, "cap on in-reasoning insertions per row (prompt end not counted)")
-    trigger_threshold: float = help_field(0.5, "insert when P(invoke) >= this (memory=trigger, no sampling)")
+    max_insertions: int = help_field(8, "cap on in-reasoning insertions per row (prompt end not counted)", ge=0)
+    trigger_threshold: float = help_field(0.5, "insert when P(invoke) >= this (memory=trigger, no sampling)", ge=0, le=1)
     sample_trigger: bool = help_field(False, "draw trigger decisions as Bernoulli(P(invoke)) instead of thresholding")
     stop: list[str] = help_field([], "stop strings; a row ends once its text contains one")
     ignore_eos: bool = help_field(False, "keep generating past EOS (benchmarks)")
-    num_samples: int = help_field(1, "samples per prompt; the prompt is prefilled once and its cache shared")
-    seed: int | None = help_field(None, "seed for token sampling and trigger decisions")
+    num_samples: int = help_field(1, "samples per prompt; the prompt is prefilled once and its cache shared", ge=1)
+    seed: int | None = help_field(None, "seed for token sampling and trigger decisions", ge=0)
     return_logprobs: bool = help_field(False, "return log-probs of the chosen tokens (temperature-scaled, before top-k/top-p)")
     return_latents: bool = help_field(False, "keep the woven latent vectors in the insertion log")
     output_logits: bool = help_field(False, "return every step's raw logits (debugging and equivalence tests)")
-    compact_after: int = help_field(64, "compact the KV cache once this many masked pad slots have accumulated")
+    compact_after: int = help_field(64, "compact the KV cache once this many masked pad slots have accumulated", ge=0)
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         self.policy = MemoryPolicy.parse(self.memory)
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_insertions < 0:
-            raise ConfigError(f"max_insertions must be >= 0, got {self.max_insertions}")
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_ranges(self)
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
-        if self.compact_after < 0:
-            raise ConfigError(f"compact_after must be >= 0, got {self.compact_after}")

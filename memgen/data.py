@@ -31,6 +31,8 @@ class Record:
     columns: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     """Where it came from, as ``file:line`` (for error messages)."""
+    messages: list[dict] | None = None
+    """The prompt as chat messages, for conversational records (rendered with a chat template on request)."""
 
 
 @dataclass
@@ -90,14 +92,17 @@ def to_record(obj: dict, source: str, tokenizer=None, use_chat_template: bool = 
         if messages[-1].get("role") != "assistant":
             if require_completion:
                 raise ValueError("the last message must be the assistant's (the completion)")
-            return Record(_render_messages(messages, tokenizer, use_chat_template, True), None, columns, source)
+            return Record(_render_messages(messages, tokenizer, use_chat_template, True), None, columns, source,
+                          messages)
         prompt = _render_messages(messages[:-1], tokenizer, use_chat_template, True)
         completion = str(messages[-1]["content"])
-        return Record(prompt, completion, columns, source)
+        return Record(prompt, completion, columns, source, messages[:-1])
     if "prompt" not in obj:
         raise ValueError("needs 'prompt' (and 'completion') or 'messages'")
     prompt, completion = obj["prompt"], obj.get("completion")
+    messages = None
     if isinstance(prompt, list):
+        messages = prompt
         prompt = _render_messages(prompt, tokenizer, use_chat_template, True)
     if isinstance(completion, list):
         completion = "".join(str(m.get("content", "")) for m in completion)
@@ -107,12 +112,44 @@ def to_record(obj: dict, source: str, tokenizer=None, use_chat_template: bool = 
         raise ValueError("missing 'completion'")
     if completion is not None and not isinstance(completion, str):
         raise ValueError("'completion' must be a string or message list")
-    return Record(prompt, completion, columns, source)
+    return Record(prompt, completion, columns, source, messages)
+
+
+def render_prompt(record: Record, tokenizer, use_chat_template: bool) -> str:
+    """The prompt text a model sees: as written, or through the tokenizer's chat template.
+
+    With the template, a plain-text prompt becomes one user message and conversational
+    records keep their own turns; the generation prompt (the assistant's turn) is appended.
+    """
+    if not use_chat_template:
+        return record.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise MemGenError("--use-chat-template: this tokenizer has no chat template (set tokenizer.chat_template, "
+                          "or drop the flag)")
+    messages = record.messages or [{"role": "user", "content": record.prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(record: Record, tokenizer, use_chat_template: bool) -> list[int]:
+    """Token ids of :func:`render_prompt`; a chat template writes its own special tokens, so none are added."""
+    text = render_prompt(record, tokenizer, use_chat_template)
+    return tokenizer(text, add_special_tokens=not use_chat_template)["input_ids"]
+
+
+def report_skipped(source, skipped: list[str]) -> None:
+    """Warn once per skipped line (``file:line: reason``), then with the count."""
+    for message in skipped:
+        warnings.warn(f"skipped malformed record {message}", stacklevel=3)
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} malformed record(s)", stacklevel=3)
 
 
 def load_records(source: str | Path | Iterable[dict], tokenizer=None, use_chat_template: bool = False,
-                 require_completion: bool = True, skip_malformed: bool = False) -> LoadReport:
-    """Records from a JSONL path, or from any iterable of dicts (e.g. a ``datasets.Dataset``)."""
+                 require_completion: bool = True, skip_malformed: bool = False, report: bool = True) -> LoadReport:
+    """Records from a JSONL path, or from any iterable of dicts (e.g. a ``datasets.Dataset``).
+
+    ``report``: warn about skipped lines here (callers that report them themselves pass False).
+    """
     if isinstance(source, (str, Path)):
         rows, skipped = read_jsonl(source, skip_malformed)
         named = [(f"{source}:{lineno}", obj) for lineno, obj in rows]
@@ -127,8 +164,8 @@ def load_records(source: str | Path | Iterable[dict], tokenizer=None, use_chat_t
             if not skip_malformed:
                 raise DataError(message) from None
             skipped.append(message)
-    for message in skipped:
-        warnings.warn(f"skipped malformed record {message}", stacklevel=2)
+    if report:
+        report_skipped(source, skipped)
     if not records:
         raise DataError(f"{source}: no usable records")
     return LoadReport(records, skipped)

@@ -22,13 +22,45 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
-    """A dataclass field with a one-line help string (shown by ``--help``)."""
+def help_field(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
+               le: float | None = None, lt: float | None = None, **kwargs) -> Any:
+    """A dataclass field with a one-line help string (shown by ``--help``) and, for numbers, its allowed range.
+
+    ``ge``/``gt``/``le``/``lt`` bound the value; :func:`check_ranges` enforces them (``None`` always passes,
+    for optional fields).
+    """
     metadata = {"help": help}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        metadata["range"] = bounds
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def describe_range(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{_SYMBOLS[k]} {v:g}" for k, v in bounds.items())
+
+
+def check_ranges(config: Any) -> None:
+    """Refuse any numeric field outside its declared range, naming the field and the range.
+
+    The one place every config's numbers are validated: each config calls it from ``__post_init__``.
+    """
+    for f in dataclasses.fields(config):
+        bounds = f.metadata.get("range")
+        value = getattr(config, f.name)
+        if not bounds or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{f.name} must be a number {describe_range(bounds)}, got {value!r}")
+        ok = all({"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items())
+        if not ok or value != value:  # NaN fails every bound
+            raise ConfigError(f"{f.name} must be {describe_range(bounds)}, got {value!r}")
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GenerateConfig
-from .dataclass_cli import help_field
+from .config import GenerateConfig, MemoryPolicy
+from .data import prompt_token_ids
+from .errors import MemGenError
+from .dataclass_cli import check_ranges, help_field
 from .tasks import Task
 from .rewards import cut_at_stop
 
@@ -23,16 +25,22 @@ from .rewards import cut_at_stop
 class EvalConfig:
     task: str = help_field("gsm8k", "gsm8k | math | math500 | gpqa | qa | jsonl")
     data: str = help_field("", "data file for the task")
-    limit: int | None = help_field(None, "evaluate the first N examples")
+    limit: int | None = help_field(None, "evaluate the first N examples", ge=1)
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
-    max_new_tokens: int = help_field(256, "longest answer")
-    batch_size: int = help_field(8, "prompts decoded together")
-    max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer")
+    max_new_tokens: int = help_field(256, "longest answer", ge=1)
+    batch_size: int = help_field(8, "prompts decoded together", ge=1)
+    max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer", ge=0)
     insert_at_prompt_end: bool = help_field(True, "weave at the prompt end (unless memory is off)")
-    seed: int = help_field(0, "seed (GPQA option order, random:P decisions)")
-    skip_malformed: bool = help_field(False, "skip malformed data lines instead of stopping")
+    seed: int = help_field(0, "seed (GPQA option order, random:P decisions)", ge=0)
+    skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
+    use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
+                                                "become one user turn)")
     output: str | None = help_field(None, "per-example JSONL path (default: none)")
     progress: bool = help_field(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        MemoryPolicy.parse(self.memory)
 
     def policy_needs_adapter(self) -> bool:
         return self.memory != "off"
@@ -41,7 +49,9 @@ class EvalConfig:
 def evaluate(model, task: Task, config: EvalConfig) -> dict:
     from tqdm.auto import tqdm
 
-    records = task.records[: config.limit] if config.limit else task.records
+    records = task.records[: config.limit] if config.limit is not None else task.records
+    if not records:
+        raise MemGenError(f"task {task.name} has no records to evaluate")
     gen = GenerateConfig(memory=config.memory, max_new_tokens=config.max_new_tokens, stop=task.stop,
                          max_insertions=config.max_insertions, insert_at_prompt_end=config.insert_at_prompt_end,
                          seed=config.seed)
@@ -58,7 +68,8 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
         for start in range(0, len(records), config.batch_size):
             batch = records[start: start + config.batch_size]
             began = time.perf_counter()
-            output = model.generate([r.prompt for r in batch], gen)
+            output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in batch],
+                                    gen)
             seconds = time.perf_counter() - began
             total_seconds += seconds
             texts = [cut_at_stop(c.text, task.stop) for c in output.completions]

@@ -71,7 +71,7 @@ class MemGen(nn.Module):
             ids = tokenizer(self.config.latent_init_text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise InputError(f"latent_init_text {self.config.latent_init_text!r} encodes to no tokens")
-            self.weaver.init_from_embeddings(self.reasoner.embed_tokens.weight[torch.tensor(ids)].detach())
+            self.weaver.init_from_embeddings(self.reasoner.embed(torch.tensor(ids, device=self.device)).detach())
         self.trigger = TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
                                    self.config.trigger_init_prob).to(self.reasoner.device)
         self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)
@@ -140,7 +140,7 @@ class MemGen(nn.Module):
         return positions, next_positions + k * rows.long()
 
     def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor):
-        sub_cache = select_rows(cache, index, self.reasoner.config)
+        sub_cache = select_rows(cache, index, self.reasoner)
         sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
         sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
         latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,

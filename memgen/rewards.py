@@ -55,11 +55,23 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _strip_units(answer: str) -> str:
+    """``72 clips`` -> ``72``, ``$1,200 per month`` -> ``1200``: a lone number among words is the answer.
+
+    Anything with maths in it (LaTeX, a second number, an operator) is left as it is.
+    """
+    answer = answer.strip().rstrip(".")
+    numbers = _NUMBER.findall(answer)
+    if len(numbers) == 1 and "\\" not in answer and not re.search(r"[=/^*+]", answer):
+        return numbers[0].replace(",", "")
+    return answer
+
+
 def gsm8k_final(solution: str) -> str | None:
-    """The number after ``####`` in a GSM8K answer, commas removed."""
+    """The number after ``####`` in a GSM8K answer, commas (and any trailing unit) removed."""
     if "####" not in solution:
         return None
-    return solution.split("####")[-1].strip().replace(",", "").rstrip(".")
+    return _strip_units(solution.split("####")[-1].strip().replace(",", ""))
 
 
 def final_answer(text: str) -> str | None:
@@ -72,7 +84,7 @@ def final_answer(text: str) -> str | None:
         return marked
     match = re.search(r"answer is[:\s]*\$?([^\n$]+)", text, flags=re.IGNORECASE)
     if match:
-        return match.group(1).strip().rstrip(".")
+        return _strip_units(match.group(1))
     numbers = _NUMBER.findall(text)
     return numbers[-1].replace(",", "") if numbers else None
 
@@ -141,15 +153,33 @@ def f1_reward(prompts, completions, aliases, **_) -> list[float]:
 
 
 # ---------------------------------------------------------------- multiple choice (GPQA)
+_WORD = r"(?i:{})"
+# Explicit statements of the choice, strongest first. Keywords are case-insensitive, the letter is
+# not: with IGNORECASE a bare [A-D] matches the "a" of "answer is a careful ..." and the article "A".
+_CHOICE_EXPLICIT = [
+    re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-D])\)?\s*\}?\s*\}"),
+    re.compile(_WORD.format(r"answer|option|choice") + r"\W{0,3}\s*(?:" + _WORD.format(r"is|would be|will be|=|:")
+               + r")?\s*\**\s*(?:" + _WORD.format(r"option|choice") + r"\s*)?\(?([A-D])\b\)?(?![A-Za-z])"),
+]
+_CHOICE_PAREN = re.compile(r"\(([A-D])\)")
+# A bare capital letter; an "A" that starts a phrase ("A careful analysis") is the article, unless a
+# verb that takes a choice follows ("A is correct").
+_CHOICE_BARE = re.compile(r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])(?!\s+(?!(?:is|was|seems|appears|looks|would|must|should"
+                          r"|fits|matches|holds)\b)[a-z])")
+
+
 def choice_letter(text: str) -> str | None:
-    match = re.search(r"answer\s*(?:is)?\s*[:\s]*\(?([A-D])\)?", text, flags=re.IGNORECASE)
-    if match:
-        return match.group(1).upper()
-    letters = re.findall(r"\(([A-D])\)|\b([A-D])\b", text)
-    if not letters:
-        return None
-    first, second = letters[0]
-    return (first or second).upper()
+    """The chosen option letter, as careful multiple-choice harnesses extract it.
+
+    First explicit statements (``\\boxed{X}``, "answer is (X)", "Answer: X", "the correct option is
+    X"; the last one wins), then the last parenthesised ``(X)``, then the last standalone capital
+    letter that is not the article "A".
+    """
+    for pattern in (*_CHOICE_EXPLICIT, _CHOICE_PAREN, _CHOICE_BARE):
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    return None
 
 
 def choice_reward(prompts, completions, answer, **_) -> list[float]:

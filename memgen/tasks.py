@@ -21,11 +21,11 @@ import json
 import random
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import DataError, Record, load_records, read_jsonl
+from .data import DataError, Record, load_records, read_jsonl, report_skipped
 from .rewards import (
     RewardFn, choice_reward, exact_match_reward, f1_reward, gsm8k_final, last_boxed, math_reward,
     reference_match_reward,
@@ -42,6 +42,8 @@ class Task:
     reward: RewardFn
     extra_metrics: dict[str, RewardFn]
     stop: list[str]
+    skipped: list[str] = field(default_factory=list)
+    """``file:line: reason`` of every malformed line skipped with ``skip_malformed``."""
 
 
 def _rows(path: Path, fields: tuple[str, ...], skip_malformed: bool):
@@ -53,35 +55,39 @@ def _rows(path: Path, fields: tuple[str, ...], skip_malformed: bool):
     return read_jsonl(path, skip_malformed, validate)
 
 
-def gsm8k_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+def gsm8k_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], list[str]]:
     records = []
-    rows, _ = _rows(path, ("question", "answer"), skip_malformed)
+    rows, skipped = _rows(path, ("question", "answer"), skip_malformed)
     for lineno, obj in rows:
         final = gsm8k_final(obj["answer"])
         if final is None:
-            if not skip_malformed:
-                raise DataError(f"{path}:{lineno}: answer has no '#### <number>' line")
+            _malformed(f"{path}:{lineno}: answer has no '#### <number>' line", skip_malformed, skipped)
             continue
         steps = _CALCULATOR.sub("", obj["answer"].split("####")[0]).strip()
         completion = f" {steps}\nThe answer is {final}."
         records.append(Record(f"Question: {obj['question']}\nAnswer:", completion, {"answer": final},
                               f"{path}:{lineno}"))
-    return records
+    return records, skipped
 
 
-def math_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+def _malformed(message: str, skip_malformed: bool, skipped: list[str]) -> None:
+    if not skip_malformed:
+        raise DataError(message)
+    skipped.append(message)
+
+
+def math_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], list[str]]:
     records = []
-    rows, _ = _rows(path, ("problem", "solution"), skip_malformed)
+    rows, skipped = _rows(path, ("problem", "solution"), skip_malformed)
     for lineno, obj in rows:
         answer = obj.get("answer") or last_boxed(obj["solution"])
         if not answer:
-            if not skip_malformed:
-                raise DataError(f"{path}:{lineno}: solution has no \\boxed{{}} answer")
+            _malformed(f"{path}:{lineno}: solution has no \\boxed{{}} answer", skip_malformed, skipped)
             continue
         records.append(Record(f"Problem: {obj['problem']}\nSolution:", " " + obj["solution"],
                               {"answer": str(answer), "level": obj.get("level"),
                                "subject": obj.get("subject") or obj.get("type")}, f"{path}:{lineno}"))
-    return records
+    return records, skipped
 
 
 def gpqa_records(path: Path, subset: str = "diamond", seed: int = 0) -> list[Record]:
@@ -110,11 +116,11 @@ def gpqa_records(path: Path, subset: str = "diamond", seed: int = 0) -> list[Rec
     return records
 
 
-def qa_records(path: Path, skip_malformed: bool = False) -> list[Record]:
+def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], list[str]]:
     """TriviaQA official JSON, or JSONL with ``question`` and ``answers``/``aliases``/``possible_answers``."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    records = []
+    records, skipped = [], []
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -128,13 +134,12 @@ def qa_records(path: Path, skip_malformed: bool = False) -> list[Record]:
             aliases = list(dict.fromkeys((answer.get("Aliases") or []) + [answer.get("Value", "")]))
             aliases = [a for a in aliases if a]
             if not item.get("Question") or not aliases:
-                if not skip_malformed:
-                    raise DataError(f"{path}:Data[{i}]: needs 'Question' and answer aliases")
+                _malformed(f"{path}:Data[{i}]: needs 'Question' and answer aliases", skip_malformed, skipped)
                 continue
             records.append(Record(f"Question: {item['Question']}\nAnswer:", " " + aliases[0], {"aliases": aliases},
                                   f"{path}:Data[{i}]"))
-        return records
-    rows, _ = read_jsonl(path, skip_malformed)
+        return records, skipped
+    rows, skipped = read_jsonl(path, skip_malformed)
     for lineno, obj in rows:
         aliases = obj.get("answers") or obj.get("aliases") or obj.get("possible_answers")
         if isinstance(aliases, str):
@@ -143,12 +148,11 @@ def qa_records(path: Path, skip_malformed: bool = False) -> list[Record]:
             except ValueError:
                 aliases = [aliases]
         if not obj.get("question") or not isinstance(aliases, list) or not aliases:
-            if not skip_malformed:
-                raise DataError(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list")
+            _malformed(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list", skip_malformed, skipped)
             continue
         records.append(Record(f"Question: {obj['question']}\nAnswer:", " " + str(aliases[0]),
                               {"aliases": [str(a) for a in aliases]}, f"{path}:{lineno}"))
-    return records
+    return records, skipped
 
 
 def _jsonl_reward(prompts, completions, **columns):
@@ -158,23 +162,29 @@ def _jsonl_reward(prompts, completions, **columns):
     return reference_match_reward(prompts, completions, reference)
 
 
+def _task(name: str, loaded: tuple[list[Record], list[str]], reward: RewardFn, stop: list[str],
+          extra_metrics: dict[str, RewardFn] | None = None) -> Task:
+    records, skipped = loaded
+    return Task(name, records, reward, extra_metrics or {}, stop, skipped)
+
+
 TASKS: dict[str, Callable] = {
-    "gsm8k": lambda path, skip, seed: Task("gsm8k", gsm8k_records(path, skip), math_reward, {}, ["\nQuestion:"]),
-    "math": lambda path, skip, seed: Task("math", math_records(path, skip), math_reward, {}, ["\nProblem:"]),
-    "math500": lambda path, skip, seed: Task("math500", math_records(path, skip), math_reward, {}, ["\nProblem:"]),
-    "gpqa": lambda path, skip, seed: Task("gpqa", gpqa_records(path, "diamond", seed), choice_reward, {},
-                                          ["\nQuestion:"]),
-    "qa": lambda path, skip, seed: Task("qa", qa_records(path, skip), exact_match_reward, {"f1": f1_reward}, ["\n"]),
-    "jsonl": lambda path, skip, seed: Task("jsonl", _jsonl_records(path, skip), _jsonl_reward, {}, []),
+    "gsm8k": lambda path, skip, seed: _task("gsm8k", gsm8k_records(path, skip), math_reward, ["\nQuestion:"]),
+    "math": lambda path, skip, seed: _task("math", math_records(path, skip), math_reward, ["\nProblem:"]),
+    "math500": lambda path, skip, seed: _task("math500", math_records(path, skip), math_reward, ["\nProblem:"]),
+    "gpqa": lambda path, skip, seed: _task("gpqa", (gpqa_records(path, "diamond", seed), []), choice_reward,
+                                           ["\nQuestion:"]),
+    "qa": lambda path, skip, seed: _task("qa", qa_records(path, skip), exact_match_reward, ["\n"], {"f1": f1_reward}),
+    "jsonl": lambda path, skip, seed: _task("jsonl", _jsonl_records(path, skip), _jsonl_reward, []),
 }
 
 
-def _jsonl_records(path: Path, skip: bool) -> list[Record]:
-    records = load_records(path, require_completion=False, skip_malformed=skip).records
-    for r in records:
+def _jsonl_records(path: Path, skip: bool) -> tuple[list[Record], list[str]]:
+    report = load_records(path, require_completion=False, skip_malformed=skip, report=False)
+    for r in report.records:
         if "answer" not in r.columns and r.completion is not None:
             r.columns["answer"] = r.completion
-    return records
+    return report.records, report.skipped
 
 
 def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
@@ -191,6 +201,7 @@ def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: i
         task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"])
     else:
         task = TASKS[name](path, skip_malformed, seed)
+    report_skipped(path, task.skipped)
     if not task.records:
         raise DataError(f"{path}: no usable records for task {name}")
     if limit is not None:

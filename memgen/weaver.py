@@ -40,6 +40,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import MemGenConfig
+from .errors import ConfigError
 from .reasoner import Reasoner, drop_last_slots
 
 ADAPTER_NAME = "weaver"
@@ -73,7 +74,7 @@ class LoraQueryWeaver(Weaver):
     def __init__(self, reasoner: Reasoner, config: MemGenConfig) -> None:
         super().__init__()
         d = reasoner.hidden_size
-        embed_std = float(reasoner.embed_tokens.weight.detach().float().std())
+        embed_norm, embed_std = reasoner.embedding_stats()
         self.prompt_queries = nn.Parameter(torch.randn(config.prompt_latents, d) * embed_std)
         self.inference_queries = nn.Parameter(torch.randn(config.inference_latents, d) * embed_std)
         self.projection = nn.Linear(d, d)
@@ -88,10 +89,11 @@ class LoraQueryWeaver(Weaver):
         if self.anchor_map is not None:
             nn.init.zeros_(self.anchor_map.weight)
             nn.init.zeros_(self.anchor_map.bias)
-        self.register_buffer("target_norm", torch.tensor(reasoner.embedding_norm()), persistent=False)
+        self.register_buffer("target_norm", torch.tensor(embed_norm), persistent=False)
         self._reasoner_model = [reasoner.model]  # a list: not registered as a submodule here
+        targets = list(config.lora_target_modules)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=list(config.lora_target_modules), bias="none")
+                          target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none")
         inject_adapter_in_model(lora, reasoner.model, adapter_name=ADAPTER_NAME)
         # peft leaves its config on the model; drop it so several MemGens can share one base,
         # and hand it back only around state-dict I/O (see _peft_io).
@@ -104,11 +106,16 @@ class LoraQueryWeaver(Weaver):
                 if isinstance(child, LoraLayer):
                     self._sites.append((parent, attr, child, child.get_base_layer()))
         if not self._sites:
-            raise ValueError(f"no reasoner layer matched lora_target_modules={config.lora_target_modules}")
+            raise ConfigError(f"no reasoner layer matched lora_target_modules={config.lora_target_modules}; name "
+                              "this model's linear layers, or use ['all-linear']")
         self.lora_layers = nn.ModuleList([site[2] for site in self._sites])
         for param in reasoner.model.parameters():
             param.requires_grad_(False)
+        # Trainable weights stay float32 on a half-precision base, as peft's get_peft_model does
+        # (autocast_adapter_dtype): in bf16 a small update to a weight of size 0.1 rounds away.
+        # peft's LoRA forward casts its input to the adapter's dtype and the result back.
         for param in self.adapter_parameters():
+            param.data = param.data.float()
             param.requires_grad_(True)
         self._install(False)
 

@@ -17,6 +17,17 @@ def tok():
     return tiny_tokenizer()
 
 
+def toy_task_records(n=64, seed=0):
+    """Copy tasks ("copy abc:" -> " abc, abc.") as memgen Records."""
+    import random
+
+    from memgen.data import Record
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcde") for _ in range(3)) for _ in range(n)]
+    return [Record(f"copy {w}:", f" {w}, {w}.", {"answer": f"{w}, {w}."}) for w in words]
+
+
 def make_base(tok, arch="qwen2", seed=0, **kw):
     kw.setdefault("init_std", 0.2)
     kw.setdefault("hidden_size", 64)
@@ -31,9 +42,17 @@ TEST_DELIMITERS = [",", ".", "\n", " ", "a", "e", "m", "1"]
 def make_memgen(tok, arch="qwen2", seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None,
                 latent_positions="advance", **kw):
     """A MemGen whose weaver/trigger are randomised so they actually change outputs and decisions."""
+    return memgen_on(make_base(tok, arch, seed, **kw), tok, seed, k_prompt, k_infer, randomize, delimiters,
+                     latent_positions)
+
+
+def memgen_on(base, tok, seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None, latent_positions="advance",
+              lora_targets=None):
+    """make_memgen's MemGen on a given base model (any architecture)."""
     config = MemGenConfig(prompt_latents=k_prompt, inference_latents=k_infer, lora_r=4, trigger_hidden=16,
-                          delimiters=delimiters or TEST_DELIMITERS, latent_positions=latent_positions)
-    model = MemGen(make_base(tok, arch, seed, **kw), tok, config)
+                          delimiters=delimiters or TEST_DELIMITERS, latent_positions=latent_positions,
+                          **({"lora_target_modules": lora_targets} if lora_targets else {}))
+    model = MemGen(base, tok, config)
     if randomize:
         g = torch.Generator().manual_seed(seed + 123)
         with torch.no_grad():

@@ -9,7 +9,7 @@ from conftest import ARCHES, PROMPTS, make_memgen
 def recompute_logits(model, prompt_ids, completion):
     """One uncached forward over [prompt, latents, tokens, latents, ...]; logits predicting each completion token."""
     reasoner = model.reasoner
-    embed = reasoner.embed_tokens
+    embed = reasoner.embed
     tied = model.config.latent_positions == "tied"
     pieces, predictors = [embed(torch.tensor(prompt_ids))], []
     positions = list(range(len(prompt_ids)))

@@ -3,6 +3,8 @@
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_memgen
+from memgen import MemGen, MemGenConfig
 from memgen.data import DataError, Record, load_records
 from memgen.tasks import Task
 from memgen.tiny import tiny_causal_lm, tiny_tokenizer
@@ -24,11 +27,12 @@ from memgen.train.trigger_rl import sparsity_penalties
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def toy_records(n=64, seed=0):
+def toy_records(n=64, seed=0, varied=False):
+    """Copy tasks; ``varied`` gives words of 2-6 letters, so completions differ in length."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        w = "".join(rng.choice("abcde") for _ in range(3))
+        w = "".join(rng.choice("abcde") for _ in range(rng.randint(2, 6) if varied else 3))
         out.append(Record(f"copy {w}:", f" {w}, {w}.", {"answer": f"{w}, {w}."}))
     return out
 
@@ -120,8 +124,14 @@ def workspace(tmp_path_factory):
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     with open(root / "sft.jsonl", "w") as handle:
-        for r in toy_records():
-            handle.write(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n")
+        for r in toy_records(varied=True):
+            handle.write(json.dumps({"prompt": r.prompt, "completion": r.completion, "answer": r.columns["answer"]})
+                         + "\n")
+    (root / "toy_rewards.py").write_text(
+        "def digits(prompts, completions, **columns):\n"
+        "    return [sum(ch.isdigit() for ch in c[:8]) / 8 for c in completions]\n")
+    MemGen(tiny_causal_lm(tok, hidden_size=128, num_layers=4), tok,
+           MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4)).save_pretrained(root / "weaver")
     return root
 
 
@@ -156,13 +166,20 @@ def test_killed_run_resumes_to_the_same_parameters(workspace, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / "final").exists()
+    logged_before = [r["step"] for r in read_metrics(killed)]
     resumed = subprocess.run(train_cmd(workspace, killed, *steps, "--resume"), env=ENV, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     a, b = adapter_tensors(straight / "final"), adapter_tensors(killed / "final")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert [r["step"] for r in read_metrics(killed)][-1] == 40
+    # What a real resume implies: it starts after a checkpoint (not at step 0), and every step is logged once.
+    match = re.search(r"resumed from \S*checkpoint-(\d+) at step (\d+)", resumed.stderr)
+    assert match and int(match.group(1)) == int(match.group(2)) >= 8
+    start = int(match.group(2))
+    assert start % 4 == 0 and start <= max(logged_before)
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 41))
+    assert [r["step"] for r in read_metrics(straight)] == list(range(1, 41))
 
 
 def test_existing_checkpoints_need_resume(workspace, tmp_path):
@@ -203,3 +220,71 @@ def test_chat_messages_records(tok):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}], "answer": "x"}]
     record = load_records(rows).records[0]
     assert record.prompt == "user: hi\nassistant:" and record.completion == "hello." and record.columns == {"answer": "x"}
+
+
+def test_resume_refuses_changed_settings(workspace, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(train_cmd(workspace, out, "--max-steps", "3", "--save-every", "2"), env=ENV, check=True,
+                   capture_output=True)
+    shutil.rmtree(out / "final")
+    changed = subprocess.run(train_cmd(workspace, out, "--max-steps", "3", "--resume", "--learning-rate", "5e-3",
+                                       "--seed", "3"), env=ENV, capture_output=True, text=True)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "learning_rate: 0.01 in the checkpoint, 0.005 now" in changed.stderr and "seed: 0" in changed.stderr
+    # Display-only settings may change, and a constant-LR run may be extended.
+    longer = subprocess.run(train_cmd(workspace, out, "--max-steps", "4", "--resume", "--save-every", "1"), env=ENV,
+                            capture_output=True, text=True)
+    assert longer.returncode == 0, longer.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def rl_cmd(ws, out, target, port, *extra):
+    method = ["--method", "grpo", "--num-iterations", "2"] if target == "weaver" else ["--adapter", str(ws / "weaver")]
+    return LAUNCH_2 + ["--main_process_port", str(port), "-m", "memgen", "train", target, *method,
+                       "--model", str(ws / "base"), "--data", str(ws / "sft.jsonl"), "--output-dir", str(out),
+                       "--learning-rate", "5e-2", "--per-device-batch-size", "2", "--num-generations", "4",
+                       "--max-new-tokens", "8", "--reward-funcs", "toy_rewards:digits", "--progress", "false",
+                       "--max-steps", "4", "--prompt-latents", "2", "--inference-latents", "2", "--lora-r", "4", *extra]
+
+
+@pytest.mark.parametrize("target", ["weaver", "trigger"], ids=["grpo-2-iterations", "trigger-rl"])
+def test_two_process_rl_resumes_to_the_uninterrupted_run(workspace, tmp_path, target):
+    """2 processes, interrupted after step 1 (mid-way through GRPO's 2 iterations): every rank gets its own
+    cached rollouts and RNG back, so the resumed run ends where the uninterrupted one does."""
+    env = dict(ENV, PYTHONPATH=str(workspace))
+    straight = subprocess.run(rl_cmd(workspace, tmp_path / "straight", target, 29531), env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = tmp_path / "cut"
+    first = subprocess.run(rl_cmd(workspace, cut, target, 29532, "--save-every", "1", "--save-total-limit", "9"),
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in (cut / "checkpoint-000001" / "ranks").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    for name in ("checkpoint-000002", "checkpoint-000003", "checkpoint-000004", "final"):
+        shutil.rmtree(cut / name, ignore_errors=True)
+    resumed = subprocess.run(rl_cmd(workspace, cut, target, 29533, "--save-every", "1", "--save-total-limit", "9",
+                                    "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 1" in resumed.stderr
+    rows, reference = read_metrics(cut), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in rows] == pytest.approx([r["reward_mean"] for r in reference], abs=1e-6)
+    a, b = adapter_tensors(tmp_path / "straight" / "final"), adapter_tensors(cut / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    if target == "trigger":
+        assert all(r["decisions_per_rollout"] > 0 for r in rows)
+
+
+def test_p_bar_leaves_out_rollouts_that_made_no_decision():
+    # Good rollouts (reward >= median 0.5): one invoked at 1 of 2 delimiters, one had no delimiter at all.
+    penalties, p_bars = sparsity_penalties([1.0, 1.0, 0.0, 0.0], [[True, False], [], [True, True], [True]],
+                                           group=4, lam=1.0)
+    assert p_bars == [0.5]  # counting the empty rollout as rate 0 would give 0.25
+    assert penalties == pytest.approx([0.5, 0.0, 1.0, 0.5])
+    # No good rollout decided anything: none of them invoked memory, so p̄ = 0.
+    penalties, p_bars = sparsity_penalties([1.0, 0.0], [[], [True, False]], group=2, lam=1.0)
+    assert p_bars == [0.0] and penalties == pytest.approx([0.0, 1.0])

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..dataclass_cli import help_field
+from ..dataclass_cli import check_ranges, help_field
 from ..evaluate import EvalConfig, evaluate, format_table
-from ..precision import cpu_capability, cpu_has_native_bf16, resolve_precision
+from ..errors import ConfigError
+from ..precision import PRECISIONS, cpu_capability, cpu_has_native_bf16, resolve_precision
 from . import arms as arm_fns
 from .domains import NOTE_WIDTH, as_task, disjoint_splits
 from .reasoner import ReasonerConfig, get_reasoner
@@ -34,33 +35,38 @@ DOMAINS = {"A": "A (pretraining skill)", "B": "B (new skill)", "C": "C (held-out
 class DemoConfig:
     out: str = help_field("runs/demo", "output directory for results.json, report.md and plots")
     quick: bool = help_field(False, "smaller reasoner and budgets (CI smoke run, < 3 minutes)")
-    seed: int = help_field(0, "seed for data, training and decoding")
-    train_size: int = help_field(2000, "domain-B training problems")
-    test_size: int = help_field(100, "held-out problems per domain")
-    sft_steps: int = help_field(150, "optimizer steps for every SFT arm (same budget for all)")
-    batch_size: int = help_field(16, "SFT batch size (same for all SFT arms)")
-    latents: int = help_field(NOTE_WIDTH, "K latents per insertion")
-    lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline")
+    seed: int = help_field(0, "seed for data, training and decoding", ge=0)
+    train_size: int = help_field(2000, "domain-B training problems", ge=1)
+    test_size: int = help_field(100, "held-out problems per domain", ge=1)
+    sft_steps: int = help_field(150, "optimizer steps for every SFT arm (same budget for all)", ge=1)
+    batch_size: int = help_field(16, "SFT batch size (same for all SFT arms)", ge=1)
+    latents: int = help_field(NOTE_WIDTH, "K latents per insertion", ge=1)
+    lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline", ge=1)
     latent_positions: str = help_field("advance", "position ids of latents: advance (paper) | tied")
     latent_init_text: str = help_field("<::>", "text whose token embeddings new latents start at: the frame of "
                                                 "the reasoner's note channel, with no sign in it")
     delimiters: str = help_field(",", "characters after which memory may be woven (the , ending each step)")
-    weaver_lr: float = help_field(1e-2, "weaver learning rate")
-    lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate")
-    max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer")
-    trigger_steps: int = help_field(30, "trigger RL steps")
-    trigger_lr: float = help_field(3e-2, "trigger learning rate")
-    sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty")
-    grpo_steps: int = help_field(20, "weaver GRPO steps after SFT")
-    grpo_lr: float = help_field(3e-4, "weaver GRPO learning rate")
-    rl_batch_size: int = help_field(8, "prompts per RL step")
-    num_generations: int = help_field(4, "rollouts per prompt in RL")
-    max_new_tokens: int = help_field(48, "longest answer")
-    eval_batch_size: int = help_field(50, "answers decoded together at evaluation")
-    pretrain_steps: int = help_field(650, "reasoner pretraining steps (cached by config)")
+    weaver_lr: float = help_field(1e-2, "weaver learning rate", gt=0)
+    lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate", gt=0)
+    max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer", ge=0)
+    trigger_steps: int = help_field(30, "trigger RL steps", ge=1)
+    trigger_lr: float = help_field(3e-2, "trigger learning rate", gt=0)
+    sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
+    grpo_steps: int = help_field(20, "weaver GRPO steps after SFT", ge=1)
+    grpo_lr: float = help_field(3e-4, "weaver GRPO learning rate", gt=0)
+    rl_batch_size: int = help_field(8, "prompts per RL step", ge=1)
+    num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
+    max_new_tokens: int = help_field(48, "longest answer", ge=1)
+    eval_batch_size: int = help_field(50, "answers decoded together at evaluation", ge=1)
+    pretrain_steps: int = help_field(650, "reasoner pretraining steps (cached by config)", ge=1)
     pretrain_precision: str = help_field("auto", "reasoner pretraining precision: auto (bf16 only where the CPU "
                                                  "runs it natively, else fp32) | fp32 | bf16")
     progress: bool = help_field(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.pretrain_precision not in PRECISIONS:
+            raise ConfigError(f"pretrain_precision must be one of {list(PRECISIONS)}, got {self.pretrain_precision!r}")
 
     def effective(self) -> "DemoConfig":
         if not self.quick:

@@ -6,20 +6,29 @@ import json
 import time
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
+
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int | None = None) -> None:
+        """``resume_step``: the run continues from this step's checkpoint, so later rows are dropped."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is optional
                 self.writer = None
 

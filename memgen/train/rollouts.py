@@ -50,7 +50,7 @@ def resolve_rewards(config, task) -> RewardFn:
 def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **generate_kwargs) -> RolloutBatch:
     config, model = run.config, run.unwrapped
     g = config.num_generations
-    prompts = [run.encode_prompt(r.prompt) for r in records]
+    prompts = [run.encode_prompt(r) for r in records]
     stops = config.stop or run.task.stop
     gen_config = GenerateConfig(
         memory=memory, do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,

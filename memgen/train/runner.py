@@ -20,6 +20,7 @@ import math
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,15 +30,19 @@ import numpy as np
 import torch
 import yaml
 
-from ..checkpoint import atomic_directory
-from ..data import Record
+from ..checkpoint import atomic_directory, atomic_torch_save
+from ..data import Record, prompt_token_ids
 from ..errors import ConfigError
 from ..loading import load_base
 from ..model import MemGen
+from ..precision import resolve_precision
 from ..tasks import Task, load_task
 from .logging import MetricsLogger
 
 STATE_FILE = "trainer_state.pt"
+RANKS_DIR = "ranks"
+# Settings that may differ on --resume: they change what is shown or kept, not what is computed.
+RESUME_FREE_FIELDS = ("resume", "progress", "tensorboard", "save_every", "save_total_limit", "log_every")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -75,6 +80,8 @@ class Run:
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.config = config
+        if config.mixed_precision == "bf16":  # honoured, but warned about where bf16 would be emulated
+            resolve_precision("bf16", "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
@@ -113,12 +120,15 @@ class Run:
                               f"{config.data} has {len(self.records)}")
         self.state = {"step": 0, "epoch": 0, "position": 0, "method": {}}
         self.output_dir = Path(config.output_dir)
-        self.logger = MetricsLogger(self.output_dir, config.tensorboard, self.accelerator.is_main_process)
         if config.resume:
             self._resume()
         elif latest_checkpoint(self.output_dir) is not None:  # every rank checks, so none waits on a raised one
             raise ConfigError(f"{self.output_dir} already holds checkpoints; pass --resume to continue "
                               "or choose another --output-dir")
+        # Rows logged after the step we start from are dropped: those steps run (again) now. A fresh
+        # run starts at 0, so rows left by an earlier attempt that died before its first checkpoint go too.
+        self.logger = MetricsLogger(self.output_dir, config.tensorboard, self.accelerator.is_main_process,
+                                    resume_step=self.state["step"])
 
     # ------------------------------------------------------------------ data
     def _order(self, epoch: int) -> list[int]:
@@ -137,8 +147,9 @@ class Run:
         return [self.records[i] for i in indices], indices
 
     # ------------------------------------------------------------------ helpers for methods
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self.unwrapped.tokenizer(text)["input_ids"]
+    def encode_prompt(self, record: Record) -> list[int]:
+        """A record's prompt ids (through the chat template with ``use_chat_template``), truncated from the left."""
+        ids = prompt_token_ids(record, self.unwrapped.tokenizer, self.config.use_chat_template)
         return ids[-self.config.max_prompt_tokens:]
 
     def global_sum(self, value: float | torch.Tensor) -> float:
@@ -156,24 +167,35 @@ class Run:
         return (self.config.seed * 1_000_003 + self.state["step"] * 101 + micro) * 17 + self.rank
 
     # ------------------------------------------------------------------ checkpoints
+    def _rank_state(self) -> dict:
+        """What differs between processes: method state (e.g. GRPO's cached rollouts) and RNG streams."""
+        return {"method": self.state["method"], "rank": self.rank,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
     def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
-        path = self.output_dir / f"checkpoint-{self.state['step']:06d}"
-        if self.accelerator.is_main_process:
+        """Every rank writes its own state, then the main process assembles the checkpoint and renames it in."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        step = self.state["step"]
+        path = self.output_dir / f"checkpoint-{step:06d}"
+        staging = self.output_dir / f".ranks-{step:06d}"
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self._rank_state(), staging / f"rank-{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
             with atomic_directory(path) as scratch:
                 self.unwrapped.save_pretrained(scratch / "adapter")
                 torch.save({
-                    "state": self.state,
+                    "state": {k: v for k, v in self.state.items() if k != "method"},
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                     "config": asdict(self.config),
                     "world_size": self.world,
                 }, scratch / STATE_FILE)
+                shutil.move(str(staging), str(scratch / RANKS_DIR))
             self._prune_checkpoints()
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return path
 
     def _prune_checkpoints(self) -> None:
@@ -181,22 +203,44 @@ class Run:
         for old in found[: max(0, len(found) - self.config.save_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _check_resume_settings(self, saved: dict, path: Path) -> None:
+        """Refuse settings that would make the resumed run differ from an uninterrupted one."""
+        now = asdict(self.config)
+        free = set(RESUME_FREE_FIELDS)
+        if self.config.lr_scheduler == "constant" and self.config.warmup_steps <= saved["state"]["step"]:
+            free.add("max_steps")  # extending a constant-LR run changes nothing already run
+        changed = [f"{name}: {saved['config'].get(name)!r} in the checkpoint, {value!r} now"
+                   for name, value in now.items() if name not in free and saved["config"].get(name) != value]
+        if saved.get("world_size", 1) != self.world:
+            changed.append(f"processes: {saved.get('world_size', 1)} in the checkpoint, {self.world} now")
+        if changed:
+            raise ConfigError(f"--resume from {path} with changed settings would not continue the same run: "
+                              + "; ".join(changed) + ". Resume with the checkpoint's settings (see "
+                              f"{self.output_dir / 'config.yaml'}) or start a new --output-dir")
+
     def _resume(self) -> None:
         path = latest_checkpoint(self.output_dir)
         if path is None:
             raise ConfigError(f"--resume: no checkpoint in {self.output_dir}")
         saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        self._check_resume_settings(saved, path)
+        rank_file = path / RANKS_DIR / f"rank-{self.rank}.pt"
+        if not rank_file.is_file():
+            raise ConfigError(f"--resume: {path} has no state for process {self.rank} ({rank_file} is missing)")
+        mine = torch.load(rank_file, map_location="cpu", weights_only=False)
         self.unwrapped.load_adapter(path / "adapter")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = saved["state"]
-        rng = saved["rng"]
+        self.state = {**saved["state"], "method": mine["method"]}
+        rng = mine["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = path
+        if self.accelerator.is_main_process:
+            print(f"memgen: resumed from {path} at step {self.state['step']}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ loop
     def train(self, step_fn) -> Path:

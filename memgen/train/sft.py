@@ -19,7 +19,7 @@ import torch
 def sft_example(run, record, index: int, micro: int) -> tuple[list[int], list[int], list[int]]:
     config, model = run.config, run.unwrapped
     tokenizer = model.tokenizer
-    prompt = run.encode_prompt(record.prompt)
+    prompt = run.encode_prompt(record)
     completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"][: config.max_completion_tokens - 1]
     completion = completion + [tokenizer.eos_token_id]
     points = model.delimiter_positions(completion, prompt_end=True)

@@ -4,7 +4,10 @@ During rollouts the trigger's decisions at delimiters are Bernoulli draws
 (``sample_trigger=True``). For each group of G rollouts of one prompt:
 
 - p̄ is the mean activation rate (invocations / decisions) of the rollouts whose task reward
-  is at least the group median: how often memory is invoked when things go well;
+  is at least the group median: how often memory is invoked when things go well. A rollout
+  with no delimiter made no decision, so its rate is 0/0: it is left out of p̄ rather than
+  counted as 0 (which would drag p̄ down for the others because of answers that simply had
+  no delimiter). When no good rollout made a decision, p̄ is 0: none of them invoked memory;
 - each rollout's reward is ``task reward - λ · Σ_j max(0, d_j - p̄)`` over its decisions
   d_j ∈ {0, 1}, so invoking more often than the good rollouts do costs reward;
 - advantages are group-normalised as in GRPO and weight the log-probabilities of the
@@ -31,9 +34,8 @@ def sparsity_penalties(task_rewards: list[float], decisions: list[list[bool]], g
         rewards = task_rewards[start: start + group]
         flags = decisions[start: start + group]
         median = statistics.median(rewards)
-        rates = [sum(f) / len(f) if f else 0.0 for f in flags]
-        good = [rate for rate, r in zip(rates, rewards) if r >= median]
-        p_bar = sum(good) / len(good)
+        good = [sum(f) / len(f) for f, r in zip(flags, rewards) if r >= median and f]
+        p_bar = sum(good) / len(good) if good else 0.0
         p_bars.append(p_bar)
         penalties += [lam * sum(max(0.0, float(d) - p_bar) for d in f) for f in flags]
     return penalties, p_bars
