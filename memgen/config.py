@@ -109,7 +109,8 @@ class GenerateConfig:
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     insert_at_prompt_end: bool = help_field(True, "weave latents at the prompt end (unless memory is off)")
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per row (prompt end not counted)", ge=0)
-    trigger_threshold: float = help_field(0.5, "insert when P(invoke) >= this (memory=trigger, no sampling)", ge=0, le=1)
+    trigger_threshold: float = help_field(0.5, "insert when P(invoke) >= this (memory=trigger, no sampling); above 1 "
+                                               "never inserts but still logs P(invoke)", ge=0)
     sample_trigger: bool = help_field(False, "draw trigger decisions as Bernoulli(P(invoke)) instead of thresholding")
     stop: list[str] = help_field([], "stop strings; a row ends once its text contains one")
     ignore_eos: bool = help_field(False, "keep generating past EOS (benchmarks)")

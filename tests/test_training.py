@@ -65,8 +65,10 @@ def digit_reward(prompts, completions, **columns):
 
 
 def test_weaver_grpo_raises_reward(tok, tmp_path):
-    config = WeaverTrainConfig(**common(tmp_path, "grpo", method="grpo", max_steps=60, per_device_batch_size=4,
-                                        num_generations=8, max_new_tokens=8, learning_rate=5e-2))
+    # 8 prompts x 8 rollouts per step at lr 3e-2: at 4 prompts and lr 5e-2 the gain over 60 steps ranged
+    # 1.4-2.5x across seeds and float noise; this setting gave 4.1-6.0x over seeds 0-2.
+    config = WeaverTrainConfig(**common(tmp_path, "grpo", method="grpo", max_steps=80, per_device_batch_size=8,
+                                        num_generations=8, max_new_tokens=8, learning_rate=3e-2))
     train_weaver(config, model=make_memgen(tok, randomize=False), task=toy_task(), reward_fn=digit_reward)
     rewards = [row["reward_mean"] for row in read_metrics(config.output_dir)]
     assert sum(rewards[-5:]) / 5 > 2 * sum(rewards[:5]) / 5
