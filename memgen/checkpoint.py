@@ -16,7 +16,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
@@ -70,34 +70,27 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+def _atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temporary sibling of ``path``, fsync it, then ``os.replace`` it into place."""
     path = Path(path)
     scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(scratch, "wb") as handle:
-        torch.save(obj, handle)
+    with open(scratch, "wb" if binary else "w") as handle:
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(scratch, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(scratch, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(scratch, path)
+    """Write ``text`` to ``path`` atomically."""
+    _atomic_write(path, lambda handle: handle.write(text))
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(scratch, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(scratch, path)
+    """Write JSON to ``path`` atomically."""
+    _atomic_write(path, lambda handle: json.dump(data, handle, indent=2, sort_keys=True))
