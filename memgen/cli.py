@@ -130,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """memgen's own warnings (skipped data lines, emulated bf16) as ``memgen: warning: ...`` lines."""
-    if "memgen" in str(filename):
+    if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):  # not "memgen" in the path: checkouts are named so
         print(f"memgen: warning: {message}", file=sys.stderr)
     else:
         _default_show_warning(message, category, filename, lineno, file, line)

@@ -41,6 +41,13 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
 
+def skip_or_raise(message: str, skip_malformed: bool, skipped: list[str]) -> None:
+    """A malformed line (``file:line: reason``): stop with it, or record it in ``skipped`` and go on."""
+    if not skip_malformed:
+        raise DataError(message) from None
+    skipped.append(message)
+
+
 def read_jsonl(path: str | Path, skip_malformed: bool = False,
                validate=None) -> tuple[list[tuple[int, dict]], list[str]]:
     """Parse a JSONL file into (line number, object) pairs; blank lines are ignored.
@@ -63,9 +70,7 @@ def read_jsonl(path: str | Path, skip_malformed: bool = False,
                     validate(obj)
             except ValueError as exc:
                 message = f"{path}:{lineno}: {exc}"
-                if not skip_malformed:
-                    raise DataError(message) from None
-                skipped.append(message)
+                skip_or_raise(message, skip_malformed, skipped)
                 continue
             rows.append((lineno, obj))
     return rows, skipped
@@ -161,9 +166,7 @@ def load_records(source: str | Path | Iterable[dict], tokenizer=None, use_chat_t
             records.append(to_record(obj, where, tokenizer, use_chat_template, require_completion))
         except (ValueError, AttributeError, TypeError) as exc:
             message = f"{where}: {exc}"
-            if not skip_malformed:
-                raise DataError(message) from None
-            skipped.append(message)
+            skip_or_raise(message, skip_malformed, skipped)
     if report:
         report_skipped(source, skipped)
     if not records:

@@ -60,13 +60,27 @@ class PrecisionChoice:
                 "cpu_capability": cpu_capability()}
 
 
+def check_precision(requested: str, name: str = "precision") -> None:
+    if requested not in PRECISIONS:
+        raise ConfigError(f"{name} must be one of {list(PRECISIONS)}, got {requested!r}")
+
+
+def describe_device(device: torch.device | str) -> str:
+    device = torch.device(device)
+    return f"cpu (capability {cpu_capability()})" if device.type == "cpu" else str(device)
+
+
+def warn_if_bf16_emulated(device: torch.device | str) -> None:
+    """The warning an explicit bf16 request gets where bf16 is not native (e.g. ``--mixed-precision bf16``)."""
+    if not device_has_native_bf16(device):
+        warn_emulated_bf16(describe_device(device))
+
+
 def resolve_precision(requested: str, device: torch.device | str = "cpu") -> PrecisionChoice:
     """``auto`` -> bf16 where the device runs it natively, else fp32; ``fp32``/``bf16`` as asked (bf16 warned)."""
-    if requested not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {requested!r}")
+    check_precision(requested)
     native = device_has_native_bf16(device)
-    where = f"{torch.device(device).type} (capability {cpu_capability()})" if torch.device(device).type == "cpu" \
-        else str(torch.device(device))
+    where = describe_device(device)
     if requested == "fp32":
         return PrecisionChoice("fp32", requested, "fp32 requested")
     if requested == "bf16":

@@ -57,7 +57,7 @@ class Reasoner:
         self.logit_divisor = float(getattr(text_config, "logits_scaling", 1.0) or 1.0)  # Granite
         self.logit_multiplier = float(getattr(text_config, "logit_scale", 1.0) or 1.0)  # Cohere
         self.mask_kinds, self.sliding_window = self._attention_layout(model, text_config)
-        self._check_head()
+        self._check_against_own_forward()
 
     @staticmethod
     def _attention_layout(model, text_config):
@@ -90,7 +90,7 @@ class Reasoner:
         return tuple(sorted(kinds)), windows.pop()
 
     @torch.no_grad()
-    def _check_head(self) -> None:
+    def _check_against_own_forward(self) -> None:
         """Refuse models whose own forward computes logits differently from memgen's cached decoding.
 
         The probe feeds 5 tokens, then 3 more on the same cache, and compares every logit with one

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import DataError, Record, load_records, read_jsonl, report_skipped
+from .data import DataError, Record, load_records, read_jsonl, report_skipped, skip_or_raise
 from .rewards import (
     RewardFn, choice_reward, exact_match_reward, f1_reward, gsm8k_final, last_boxed, math_reward,
     reference_match_reward,
@@ -61,7 +61,7 @@ def gsm8k_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record
     for lineno, obj in rows:
         final = gsm8k_final(obj["answer"])
         if final is None:
-            _malformed(f"{path}:{lineno}: answer has no '#### <number>' line", skip_malformed, skipped)
+            skip_or_raise(f"{path}:{lineno}: answer has no '#### <number>' line", skip_malformed, skipped)
             continue
         steps = _CALCULATOR.sub("", obj["answer"].split("####")[0]).strip()
         completion = f" {steps}\nThe answer is {final}."
@@ -70,19 +70,13 @@ def gsm8k_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record
     return records, skipped
 
 
-def _malformed(message: str, skip_malformed: bool, skipped: list[str]) -> None:
-    if not skip_malformed:
-        raise DataError(message)
-    skipped.append(message)
-
-
 def math_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], list[str]]:
     records = []
     rows, skipped = _rows(path, ("problem", "solution"), skip_malformed)
     for lineno, obj in rows:
         answer = obj.get("answer") or last_boxed(obj["solution"])
         if not answer:
-            _malformed(f"{path}:{lineno}: solution has no \\boxed{{}} answer", skip_malformed, skipped)
+            skip_or_raise(f"{path}:{lineno}: solution has no \\boxed{{}} answer", skip_malformed, skipped)
             continue
         records.append(Record(f"Problem: {obj['problem']}\nSolution:", " " + obj["solution"],
                               {"answer": str(answer), "level": obj.get("level"),
@@ -134,7 +128,7 @@ def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], 
             aliases = list(dict.fromkeys((answer.get("Aliases") or []) + [answer.get("Value", "")]))
             aliases = [a for a in aliases if a]
             if not item.get("Question") or not aliases:
-                _malformed(f"{path}:Data[{i}]: needs 'Question' and answer aliases", skip_malformed, skipped)
+                skip_or_raise(f"{path}:Data[{i}]: needs 'Question' and answer aliases", skip_malformed, skipped)
                 continue
             records.append(Record(f"Question: {item['Question']}\nAnswer:", " " + aliases[0], {"aliases": aliases},
                                   f"{path}:Data[{i}]"))
@@ -148,7 +142,7 @@ def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], 
             except ValueError:
                 aliases = [aliases]
         if not obj.get("question") or not isinstance(aliases, list) or not aliases:
-            _malformed(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list", skip_malformed, skipped)
+            skip_or_raise(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list", skip_malformed, skipped)
             continue
         records.append(Record(f"Question: {obj['question']}\nAnswer:", " " + str(aliases[0]),
                               {"aliases": [str(a) for a in aliases]}, f"{path}:{lineno}"))

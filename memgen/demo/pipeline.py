@@ -22,8 +22,7 @@ import torch
 
 from ..dataclass_cli import check_ranges, help_field
 from ..evaluate import EvalConfig, evaluate, format_table
-from ..errors import ConfigError
-from ..precision import PRECISIONS, cpu_capability, cpu_has_native_bf16, resolve_precision
+from ..precision import check_precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from . import arms as arm_fns
 from .domains import NOTE_WIDTH, as_task, disjoint_splits
 from .reasoner import ReasonerConfig, get_reasoner
@@ -65,8 +64,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.pretrain_precision not in PRECISIONS:
-            raise ConfigError(f"pretrain_precision must be one of {list(PRECISIONS)}, got {self.pretrain_precision!r}")
+        check_precision(self.pretrain_precision, "pretrain_precision")
 
     def effective(self) -> "DemoConfig":
         if not self.quick:

@@ -35,7 +35,7 @@ from ..data import Record, prompt_token_ids
 from ..errors import ConfigError
 from ..loading import load_base
 from ..model import MemGen
-from ..precision import resolve_precision
+from ..precision import warn_if_bf16_emulated
 from ..tasks import Task, load_task
 from .logging import MetricsLogger
 
@@ -81,7 +81,7 @@ class Run:
 
         self.config = config
         if config.mixed_precision == "bf16":  # honoured, but warned about where bf16 would be emulated
-            resolve_precision("bf16", "cuda" if torch.cuda.is_available() else "cpu")
+            warn_if_bf16_emulated("cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
