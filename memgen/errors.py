@@ -24,3 +24,7 @@ class AdapterError(MemGenError):
 
 class UnsupportedModelError(MemGenError):
     """The base model's architecture cannot carry spliced latents (e.g. sliding-window caches)."""
+
+
+class QualityBarError(MemGenError):
+    """A model trained by memgen (the demo's reasoner) ended below the quality bar it must reach."""

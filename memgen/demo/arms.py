@@ -6,10 +6,17 @@ through memgen's public training API, and is evaluated through ``memgen.evaluate
 | vanilla | nothing | memory off |
 | lora_sft | peft LoRA on the reasoner (merged afterwards) | memory off |
 | memgen_sft | weaver SFT, latents at prompt end + every delimiter | memory always |
-| memgen_trigger | + trigger RL on the SFT weaver (sparsity penalty) | memory trigger |
+| memgen_trigger | + trigger RL on the SFT weaver (sparsity penalty), on a mix of A and B prompts | memory trigger |
 | memgen_random | the SFT weaver with a coin-flip trigger | memory random:0.5 |
 | prompt_only | weaver SFT with latents only at the prompt end (SoftCoT-style) | prompt end only |
 | memgen_grpo | a short weaver GRPO from the SFT weaver | memory always |
+
+The trigger trains on A prompts as well as B: A is where the frozen reasoner already knows the
+skill, so the sparsity penalty should teach it to stay quiet there and spend insertions on B.
+
+The continual stage (:func:`lora_continual`, :func:`memgen_continual`) takes the B-trained LoRA
+and weaver on to a further skill D with the same recipe: one adapter trained in sequence, as in
+the paper's Table 4 (one MemGen trained task after task).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class ArmResult:
     train_seconds: float
     model: MemGen = field(repr=False)
     eval_overrides: dict = field(default_factory=dict)
+    state: object = field(default=None, repr=False)
+    """What a later stage continues from (the peft model of ``lora_sft``)."""
 
 
 def count(params) -> int:
@@ -60,13 +69,10 @@ def vanilla(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
     return ArmResult("vanilla", "off", 0, 0.0, MemGen(base, tokenizer, memgen_config(cfg)))
 
 
-def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
-    """peft LoRA on a copy of the reasoner, completion-only NLL, same batches and steps as weaver SFT."""
-    from peft import LoraConfig, get_peft_model
+def _train_lora(model, tokenizer, cfg, train: Task, desc: str) -> list:
+    """Completion-only NLL on ``model``'s trainable (LoRA) weights, same batches and steps as weaver SFT."""
+    from tqdm.auto import tqdm
 
-    started = time.perf_counter()
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lora_lr, total_steps=cfg.sft_steps, pct_start=0.07,
@@ -74,9 +80,7 @@ def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id
     model.train()
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(cfg.sft_steps), desc="train lora_sft", disable=not cfg.progress, dynamic_ncols=True):
+    for _ in tqdm(range(cfg.sft_steps), desc=desc, disable=not cfg.progress, dynamic_ncols=True):
         picks = torch.randint(len(train.records), (cfg.batch_size,), generator=generator).tolist()
         seqs, labels = [], []
         for i in picks:
@@ -95,9 +99,34 @@ def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    merged = model.merge_and_unload().eval()
+    model.eval()
+    return trainable
+
+
+def _merged(peft_model, tokenizer, cfg) -> MemGen:
+    """A MemGen (memory off) over a merged copy, so the peft model can go on training."""
+    return MemGen(copy.deepcopy(peft_model).merge_and_unload().eval(), tokenizer, memgen_config(cfg))
+
+
+def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
+    """peft LoRA on a copy of the reasoner, completion-only NLL, same batches and steps as weaver SFT."""
+    from peft import LoraConfig, get_peft_model
+
+    started = time.perf_counter()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
+    trainable = _train_lora(model, tokenizer, cfg, train, "train lora_sft")
     seconds = time.perf_counter() - started
-    return ArmResult("lora_sft", "off", count(trainable), seconds, MemGen(merged, tokenizer, memgen_config(cfg)))
+    return ArmResult("lora_sft", "off", count(trainable), seconds, _merged(model, tokenizer, cfg), {}, model)
+
+
+def lora_continual(previous: ArmResult, tokenizer, cfg, train: Task) -> ArmResult:
+    """The B-trained LoRA, trained on on the next skill with the same recipe."""
+    started = time.perf_counter()
+    model = previous.state
+    trainable = _train_lora(model, tokenizer, cfg, train, f"train lora_sft on {train.name}")
+    return ArmResult("lora_sft", "off", count(trainable), time.perf_counter() - started,
+                     _merged(model, tokenizer, cfg), {}, model)
 
 
 def memgen_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
@@ -109,6 +138,7 @@ def memgen_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
 
 
 def memgen_trigger(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
+    """Trigger RL on the frozen SFT weaver; ``train`` is the A+B mix (see the module docstring)."""
     model = MemGen.from_pretrained(out / "adapters" / "memgen_sft", base, tokenizer)
     config = TriggerTrainConfig(model="demo", data="demo", output_dir=str(out / "runs" / "memgen_trigger"),
                                 max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
@@ -145,3 +175,12 @@ def memgen_grpo(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) ->
                                 loss_type="dapo", stop=["\n"]), model=model, task=train)
     return ArmResult("memgen_grpo", "always", count(model.weaver_parameters()),
                      sft.train_seconds + time.perf_counter() - started, model)
+
+
+def memgen_continual(base, tokenizer, cfg, train: Task, out: Path, previous: Path) -> ArmResult:
+    """The weaver saved at ``previous``, trained on by SFT on the next skill with the same recipe."""
+    model = MemGen.from_pretrained(previous, base, tokenizer)
+    started = time.perf_counter()
+    train_weaver(_weaver_config(cfg, out, f"memgen_sft-{train.name}", method="sft", insertion="all"), model=model,
+                 task=train)
+    return ArmResult("memgen_sft", "always", count(model.weaver_parameters()), time.perf_counter() - started, model)

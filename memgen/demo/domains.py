@@ -18,6 +18,8 @@
   reasoner never saw; their meaning is the fact memory can supply.
 - **Domain C** (held out, never trained on by any arm): three-step problems mixing A and B
   verbs, a cross-domain check.
+- **Domain D** (the continual stage's second new skill): the verbs ``wins`` (+) and ``pays``
+  (-), also never seen by the reasoner; arms trained on B go on to D.
 
 Every quantity stays in 0..9 (single digits: what a ~6M character-level model learns in
 minutes on 2 CPU cores).
@@ -34,7 +36,7 @@ from ..tasks import Task
 
 NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim"]
 ITEMS = ["pens", "cups", "eggs", "keys", "hats", "toys", "cards", "books"]
-VERBS = {"A": {"gets": 1, "loses": -1}, "B": {"finds": 1, "drops": -1}}
+VERBS = {"A": {"gets": 1, "loses": -1}, "B": {"finds": 1, "drops": -1}, "D": {"wins": 1, "pays": -1}}
 RESERVED = {v for d in VERBS.values() for v in d}
 ALPHABET = "".join(sorted(set("".join(NAMES) + string.ascii_lowercase + "QA0123456789 .,:+-=<>\n")))
 NOTE_WIDTH = 4
@@ -56,7 +58,7 @@ def _nonce_verbs(rng: random.Random) -> dict[str, int]:
 
 
 def make_problem(rng: random.Random, domain: str) -> Record:
-    """One problem of domain ``A``, ``B``, ``C`` or ``N`` (nonce, pretraining only)."""
+    """One problem of domain ``A``, ``B``, ``C``, ``D`` or ``N`` (nonce, pretraining only)."""
     if domain == "N":
         verbs = _nonce_verbs(rng)
     elif domain == "C":
