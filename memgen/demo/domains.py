@@ -5,7 +5,9 @@
   step per delimiter, sign first (`` 3,+2=5,-1=4,so 4.``), so the sign of each step is
   decided right after a ``,``: where MemGen can weave memory in.
 - **Nonce problems** (pretraining only): the verbs are random made-up words whose meaning
-  differs from problem to problem, so the reasoner cannot know the sign of a step.
+  differs from problem to problem, so the reasoner cannot know the sign of a step. They end
+  in ``s`` like every real verb here: with random letters only, the reasoner learnt that a
+  word ending in ``s`` is a verb it knows, and ignored true notes on the unseen B verbs.
 - **Notes** (pretraining only): short spans such as ``<++>`` placed where MemGen weaves
   latents (after the prompt and after each ``,``), announcing the sign of the next step. They
   sit in the context but are never a training target, so the reasoner learns to *read*
@@ -49,9 +51,10 @@ def note(sign: str) -> str:
 
 
 def _nonce_verbs(rng: random.Random) -> dict[str, int]:
+    """Two made-up verbs shaped like the real ones (a stem plus ``s``), so the word's shape says nothing."""
     verbs = {}
     while len(verbs) < 2:
-        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 6)))
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5))) + "s"
         if word not in RESERVED and word not in verbs:
             verbs[word] = 1 if not verbs else -1
     return verbs

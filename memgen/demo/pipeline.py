@@ -74,7 +74,7 @@ class DemoConfig:
     num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
     max_new_tokens: int = help_field(48, "longest answer", ge=1)
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation", ge=1)
-    pretrain_steps: int = help_field(1500, "reasoner pretraining steps (cached by config)", ge=1)
+    pretrain_steps: int = help_field(2000, "reasoner pretraining steps (cached by config)", ge=1)
     quality_bar: float = help_field(0.9, "greedy accuracy on held-out A the reasoner must reach: below it "
                                          "pretraining continues, then fails", ge=0, le=1)
     pretrain_precision: str = help_field("auto", "reasoner pretraining precision: auto (bf16 only where the CPU "
