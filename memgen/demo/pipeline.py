@@ -362,7 +362,8 @@ def continual_table(continual: dict, seeds: int = 1) -> str:
 
 
 def claims_table(claims: list[dict]) -> str:
-    rows = [{"claim": c["claim"], "measure": c["measure"], "mean ± std": f"{c['mean']:+.2f} ± {c['std']:.2f}",
+    rows = [{"claim": c["claim"], "measure": c["measure"],
+             "mean ± std": f"{c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if len(c["per_seed"]) > 1 else ""),
              "per seed": " ".join(f"{v:+.2f}" for v in c["per_seed"]), "threshold": f"{c['threshold']:+.2f}",
              "holds (mean)": "yes" if c["holds_in_mean"] else "NO",
              "holds (every seed)": "yes" if c["holds_every_seed"] else "NO"} for c in claims]
