@@ -121,7 +121,7 @@ def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
 
 
 def lora_continual(previous: ArmResult, tokenizer, cfg, train: Task) -> ArmResult:
-    """The B-trained LoRA, trained on on the next skill with the same recipe."""
+    """The B-trained LoRA, trained further on the next skill with the same recipe."""
     started = time.perf_counter()
     model = previous.state
     trainable = _train_lora(model, tokenizer, cfg, train, f"train lora_sft on {train.name}")

@@ -75,8 +75,9 @@ class DemoConfig:
     max_new_tokens: int = help_field(48, "longest answer", ge=1)
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation", ge=1)
     pretrain_steps: int = help_field(2000, "reasoner pretraining steps (cached by config)", ge=1)
-    quality_bar: float = help_field(0.9, "greedy accuracy on held-out A the reasoner must reach: below it "
-                                         "pretraining continues, then fails", ge=0, le=1)
+    quality_bar: float = help_field(0.9, "greedy accuracy the reasoner must reach on held-out A and on nonce "
+                                         "problems with true notes: below it pretraining continues, then fails",
+                                    ge=0, le=1)
     pretrain_precision: str = help_field("auto", "reasoner pretraining precision: auto (bf16 only where the CPU "
                                                  "runs it natively, else fp32) | fp32 | bf16")
     progress: bool = help_field(True, "show progress bars")
@@ -248,7 +249,7 @@ def reasoner_summary(runs: list[dict]) -> dict:
     """The reasoners' quality over seeds: held-out A accuracy and note reading, with their spread."""
     quality = [run["reasoner"]["quality"] for run in runs]
     return {"accuracy_A": _spread([q["accuracy_A"] for q in quality]),
-            "note_reading": _spread([q.get("note_reading", float("nan")) for q in quality]),
+            "note_reading": _spread([q["note_reading"] for q in quality]),
             "bar": quality[0]["bar"], "bar_met_every_seed": all(q["met"] for q in quality),
             "steps": [run["reasoner"]["steps"] for run in runs],
             "pretrain_seconds": [round(run["reasoner"]["pretrain_seconds"], 1) for run in runs],

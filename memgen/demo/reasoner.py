@@ -289,7 +289,7 @@ def get_reasoner(config: ReasonerConfig, excluded_prompts: set[str], progress: b
             f"{quality['note_reading']:.2f}, bar {quality['bar']})")
         return model.eval(), tokenizer, info
     log(f"reasoner: pretraining ({config.steps} steps, {config.precision}, quality bar {config.quality_bar} on "
-        f"held-out A); it will be cached at {directory}")
+        f"held-out A and note reading); it will be cached at {directory}")
     model, tokenizer, info = pretrain(config, excluded_prompts, progress, log)
     log(f"reasoner: after {info['steps']} steps, held-out A {info['quality']['accuracy_A']:.2f}, note reading "
         f"{info['quality']['note_reading']:.2f} (bar {config.quality_bar})")
