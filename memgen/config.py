@@ -41,7 +41,8 @@ class MemGenConfig:
                                              "point to every latent (a direct path for context)")
     latent_init_text: str | None = help_field(
         None, "start each latent at the embedding of this text's tokens (cycled over the K slots), like "
-              "PEFT prompt tuning's TEXT init; the context paths then start at zero")
+              "PEFT prompt tuning's TEXT init ('a|b' averages the alternatives slot by slot); the context paths "
+              "then start at zero")
     latent_positions: str = help_field("advance", "advance: latents take the next K positions (paper); "
                                                   "tied: latents share the preceding token's position")
 

@@ -68,10 +68,7 @@ class MemGen(nn.Module):
         self.reasoner = Reasoner(reasoner)
         self.weaver = LoraQueryWeaver(self.reasoner, self.config).to(self.reasoner.device)
         if self.config.latent_init_text:
-            ids = tokenizer(self.config.latent_init_text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise InputError(f"latent_init_text {self.config.latent_init_text!r} encodes to no tokens")
-            self.weaver.init_from_embeddings(self.reasoner.embed(torch.tensor(ids, device=self.device)).detach())
+            self.weaver.init_from_embeddings(self._init_embeddings(self.config.latent_init_text))
         self.trigger = TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
                                    self.config.trigger_init_prob).to(self.reasoner.device)
         self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)
@@ -153,6 +150,24 @@ class MemGen(nn.Module):
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         _, advanced = self.latent_positions(next_positions, rows, k)
         return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), advanced
+
+    def _init_embeddings(self, text: str) -> torch.Tensor:
+        """Token embeddings of ``text``; ``a|b`` averages the alternatives slot by slot.
+
+        An average sits between readings the reasoner knows (a sign-free note), so the first
+        SFT gradients say which way each row should go; a made-up filler can instead be a
+        point where the reasoner ignores the slot altogether.
+        """
+        tables = []
+        for alternative in text.split("|"):
+            ids = self.tokenizer(alternative, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InputError(f"latent_init_text {text!r}: {alternative!r} encodes to no tokens")
+            tables.append(self.reasoner.embed(torch.tensor(ids, device=self.device)).detach())
+        if len({t.shape[0] for t in tables}) > 1:
+            raise InputError(f"latent_init_text {text!r}: the alternatives between '|' must encode to the same "
+                             f"number of tokens, got {[t.shape[0] for t in tables]}")
+        return torch.stack(tables).mean(dim=0)
 
     # ----------------------------------------------------------------- tokenization
     def encode_prompts(self, prompts) -> list[list[int]]:

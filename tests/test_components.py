@@ -86,6 +86,18 @@ def test_latent_init_text_starts_latents_at_its_token_embeddings(tok):
         MemGenConfig(latent_init_text="")
 
 
+def test_latent_init_text_alternatives_average_slot_by_slot(tok):
+    base = make_base(tok)
+    model = MemGen(base, tok, MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4, latent_init_text="ab|cd"))
+    table = model.reasoner.embed_tokens.weight.detach()
+    ab, cd = (table[torch.tensor(tok(t, add_special_tokens=False)["input_ids"])] for t in ("ab", "cd"))
+    torch.testing.assert_close(model.weaver.prompt_offsets.detach(), (ab + cd) / 2)
+    assert not torch.allclose(model.weaver.prompt_offsets.detach(), ab)
+    with pytest.raises(InputError, match="same number of tokens"):
+        MemGen(make_base(tok), tok, MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4,
+                                                 latent_init_text="ab|abc"))
+
+
 def test_trigger_costs_no_extra_forward(tok):
     model = make_memgen(tok)
     calls = []
