@@ -69,7 +69,7 @@ class DemoConfig:
     trigger_lr: float = help_field(3e-2, "trigger learning rate", gt=0)
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
     grpo_steps: int = help_field(20, "weaver GRPO steps after SFT", ge=1)
-    grpo_lr: float = help_field(3e-4, "weaver GRPO learning rate", gt=0)
+    grpo_lr: float = help_field(3e-5, "weaver GRPO learning rate", gt=0)
     rl_batch_size: int = help_field(8, "prompts per RL step", ge=1)
     num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
     max_new_tokens: int = help_field(48, "longest answer", ge=1)

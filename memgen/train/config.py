@@ -134,6 +134,11 @@ class TriggerTrainConfig(RolloutConfig, TrainConfig):
     adapter: str | None = help_field(None, "the trained weaver adapter (required)")
     sparsity_lambda: float = help_field(0.1, "λ of the reward-adaptive sparsity penalty (paper Eqs. 8-9)", ge=0)
     insert_at_prompt_end: bool = help_field(True, "weave at the prompt end during rollouts")
+    # Off by default here, unlike weaver GRPO: in a group whose rollouts tie on task reward
+    # (all right or all wrong, most groups), the std division blows the small sparsity
+    # penalties up to unit advantages, so the trigger learns "invoke less" whatever memory does.
+    scale_rewards: bool = help_field(False, "divide group-centred rewards by the group std (True: GRPO; the "
+                                            "penalty alone then sets full-size advantages in tied groups)")
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)

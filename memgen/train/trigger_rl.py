@@ -10,7 +10,10 @@ During rollouts the trigger's decisions at delimiters are Bernoulli draws
   no delimiter). When no good rollout made a decision, p̄ is 0: none of them invoked memory;
 - each rollout's reward is ``task reward - λ · Σ_j max(0, d_j - p̄)`` over its decisions
   d_j ∈ {0, 1}, so invoking more often than the good rollouts do costs reward;
-- advantages are group-normalised as in GRPO and weight the log-probabilities of the
+- advantages are group-centred (not divided by the group std by default: see
+  ``TriggerTrainConfig.scale_rewards``; measured on the demo, the std division drove the
+  invocation rate from 0.51 to 0.00 in six steps while memory was worth +0.56 on B) and
+  weight the log-probabilities of the
   sampled decisions, log σ(z) for an invocation and log σ(-z) for a skip, with z the
   trigger logit read from the teacher-forced forward at the decision token.
 
