@@ -258,11 +258,11 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
         if budget + config.check_every > config.steps + config.max_extra_steps:
             bar.close()
             raise QualityBarError(
-                f"after {step} steps the demo reasoner has greedy accuracy {accuracy:.2f} on {len(valid)} held-out "
-                f"domain-A problems and {reading:.2f} on {len(valid_notes)} nonce problems with true notes, below "
+                f"after {step} steps the demo reasoner has greedy accuracy {accuracy:.3f} on {len(valid)} held-out "
+                f"domain-A problems and {reading:.3f} on {len(valid_notes)} nonce problems with true notes, below "
                 f"its quality bar {config.quality_bar}; checks: {checks}. Raise --pretrain-steps, or try another "
                 "--seed.")
-        log(f"reasoner: after {step} steps, held-out A {accuracy:.2f}, note reading {reading:.2f}: below the bar "
+        log(f"reasoner: after {step} steps, held-out A {accuracy:.3f}, note reading {reading:.3f}: below the bar "
             f"{config.quality_bar}; training {config.check_every} more")
         budget += config.check_every
         bar.total = budget
