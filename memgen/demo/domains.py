@@ -23,7 +23,7 @@
 - **Domain D** (the continual stage's second new skill): the verbs ``wins`` (+) and ``pays``
   (-), also never seen by the reasoner; arms trained on B go on to D.
 
-Every quantity stays in 0..9 (single digits: what a ~6M character-level model learns in
+Every quantity stays in 0..9 (single digits: what a ~1M-parameter character-level model learns in
 minutes on 2 CPU cores).
 """
 
