@@ -13,9 +13,9 @@ During rollouts the trigger's decisions at delimiters are Bernoulli draws
 - advantages are group-centred (not divided by the group std by default: see
   ``TriggerTrainConfig.scale_rewards``; measured on the demo, the std division drove the
   invocation rate from 0.51 to 0.00 in six steps while memory was worth +0.56 on B) and
-  weight the log-probabilities of the
-  sampled decisions, log σ(z) for an invocation and log σ(-z) for a skip, with z the
-  trigger logit read from the teacher-forced forward at the decision token.
+  weight the log-probabilities of the sampled decisions, log σ(z) for an invocation and
+  log σ(-z) for a skip, with z the trigger logit read from the teacher-forced forward at
+  the decision token.
 
 The authors' code has no such penalty and runs the trigger as a whole extra LLM pass.
 """
