@@ -2,6 +2,7 @@
 
     memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
                     [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
+    memgen experience build|show|search --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experience(args: argparse.Namespace) -> int:
+    from .experience.config import ExperienceConfig, run_experience
+
+    print(run_experience(args.action, _config(ExperienceConfig, args)))
+    return 0
+
+
 def _command(parent, name: str, text: str, cls: type, handler, model: bool = False, json_flag: str | None = None):
     """A subcommand whose flags are the fields of ``cls`` (plus --config YAML, and --model/--adapter)."""
     command = parent.add_parser(name, help=text)
@@ -126,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     _command(targets, "trigger", "trigger RL with the sparsity penalty (weaver frozen)", TriggerTrainConfig, _train)
     _command(sub, "eval", "evaluate on a benchmark task", EvalConfig, _eval, model=True,
              json_flag="print the summary as JSON")
+    from .experience.config import ExperienceConfig
+
+    experience = sub.add_parser("experience", help="build, show or search an experience store")
+    actions = experience.add_subparsers(dest="action", required=True)
+    for action, text in (("build", "add trajectories from a JSONL file (records or `memgen eval --output`)"),
+                         ("show", "count and list the records"), ("search", "the records nearest to --query")):
+        _command(actions, action, text, ExperienceConfig, _experience)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser
 

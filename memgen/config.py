@@ -36,6 +36,9 @@ class MemGenConfig:
         "reasoner linear layers that carry the weaver LoRA (['all-linear']: every linear layer but the head)")
     trigger_hidden: int = help_field(128, "hidden width of the trigger MLP", ge=1)
     trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger", gt=0, lt=1)
+    trigger_at_prompt_end: bool = help_field(False, "the prompt-end insertion is a trigger decision too (read at "
+                                                    "the last prompt token; under memory trigger or random:P), so "
+                                                    "the trigger can leave a whole answer unwoven; off: always woven")
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
     anchor_context: bool = help_field(True, "add a learned linear map of the reasoner's state at the insertion "
                                              "point to every latent (a direct path for context)")

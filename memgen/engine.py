@@ -94,6 +94,9 @@ class DecodeSession:
         self.k_infer = memgen.weaver.num_latents(INFERENCE)
         self.memory_on = config.policy.kind != "off"
         self.prompt_insert = self.memory_on and config.insert_at_prompt_end
+        # A prompt-end decision is drawn per sample, so it comes after the prompt's cache is shared out.
+        self.prompt_decides = self.prompt_insert and memgen.config.trigger_at_prompt_end and config.policy.kind in (
+            "trigger", "random")
         context = reasoner.context_length
         longest = max(len(p) for p in prompts)
         needed = longest + (self.k_prompt if self.prompt_insert else 0)
@@ -174,9 +177,10 @@ class DecodeSession:
             logits = reasoner.logits(hidden[:, -1])
             next_pos = mask.sum(dim=1)
             logs = [[] for _ in self.prompts]
-            if self.prompt_insert:
+            last = hidden[:, -1]
+            if self.prompt_insert and not self.prompt_decides:
                 rows = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
-                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT, hidden[:, -1])
+                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT, last)
                 logits = reasoner.logits(hidden[:, -1])
                 for i in range(len(self.prompts)):
                     logs[i].append(Insertion(0, None, True, latents[i].float().cpu() if cfg.return_latents else None))
@@ -184,8 +188,19 @@ class DecodeSession:
                 g = cfg.num_samples
                 cache.batch_repeat_interleave(g)
                 mask, next_pos = mask.repeat_interleave(g, 0), next_pos.repeat_interleave(g, 0)
-                logits = logits.repeat_interleave(g, 0)
+                logits, last = logits.repeat_interleave(g, 0), last.repeat_interleave(g, 0)
                 logs = [list(logs[i // g]) for i in range(len(logs) * g)]
+            if self.prompt_decides:
+                candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
+                insert, probs = self._decide(candidates, last, decision_gen)
+                latents = None
+                if bool(insert.any()):
+                    latents, lat_hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, PROMPT, last,
+                                                                           allow_subset=True)
+                    logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
+                for r, (inserted, prob) in enumerate(zip(insert.tolist(), probs.tolist())):
+                    keep = latents[r].float().cpu() if (cfg.return_latents and inserted) else None
+                    logs[r].append(Insertion(0, prob, inserted, keep))
             batch = mask.shape[0]
             device = m.device
             finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -80,8 +80,10 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
             for i, (record, completion) in enumerate(zip(batch, output.completions)):
                 row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
                        "reward": float(rewards[i]), "insertions": completion.num_insertions,
-                       "decisions": sum(1 for ins in completion.insertions if ins.position > 0),
-                       "reasoning_insertions": sum(1 for ins in completion.insertions if ins.position > 0 and ins.inserted),
+                       # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
+                       "decisions": sum(1 for ins in completion.insertions if ins.position > 0 or ins.probability is not None),
+                       "decided_insertions": sum(1 for ins in completion.insertions
+                                                 if ins.inserted and (ins.position > 0 or ins.probability is not None)),
                        "insertion_positions": completion.insertion_positions,
                        "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
                 row.update({name: float(values[i]) for name, values in extras.items()})
@@ -105,7 +107,7 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
     }
     decisions = sum(r["decisions"] for r in rows)
     # Share of delimiter decision points where memory was woven (None when memory is off).
-    summary["invocation_rate"] = sum(r["reasoning_insertions"] for r in rows) / decisions if decisions else None
+    summary["invocation_rate"] = sum(r["decided_insertions"] for r in rows) / decisions if decisions else None
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
     return summary

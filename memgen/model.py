@@ -277,7 +277,8 @@ class MemGen(nn.Module):
         directory = Path(directory)
         meta = read_adapter_meta(directory)
         check_base_signature(meta["base"], self.base_signature, directory)
-        if meta["config"] != self.config.to_dict():
+        # Fields added since the adapter was saved take their defaults, as in from_pretrained.
+        if MemGenConfig(**meta["config"]).to_dict() != self.config.to_dict():
             raise AdapterError(f"adapter {directory} has a different MemGen config: {meta['config']} "
                                f"!= {self.config.to_dict()}")
         if self.base_fingerprint != meta["base"]["fingerprint"]:

@@ -33,6 +33,8 @@ class TeacherForcedOutput:
     """(B, L) True on real completion tokens."""
     trigger_logits: torch.Tensor
     """(B, L) invoke logit read at completion token i: the decision about inserting at position i + 1."""
+    prompt_trigger_logits: torch.Tensor
+    """(B,) invoke logit read at the last prompt token: the decision about the prompt-end insertion."""
     latent_norm: torch.Tensor
     """Mean L2 norm of the woven latents (scalar; 0 when none)."""
     token_forwards: int
@@ -127,6 +129,9 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             fed = valid.sum(dim=1)
             next_pos = next_pos + fed
             forwards += batch * span_len
+            if j == 0:  # round 0 holds every row's whole prompt (its chunk ends at or after the prompt)
+                plens = torch.tensor([len(p) - 1 for p in prompts], device=device)
+                prompt_trigger = memgen.trigger(hidden[torch.arange(batch, device=device), plens])
             # Each row's last fed token is the insertion point of an insertion closing this round.
             last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
             anchor = torch.where((fed > 0)[:, None], last, anchor)
@@ -167,4 +172,4 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
         trigger_logits = trigger_logits.index_put((torch.cat(trig_rows), torch.cat(trig_cols)), torch.cat(trig_values))
     mask = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
     latent_norm = torch.stack(latent_norms).mean() if latent_norms else torch.zeros((), device=device)
-    return TeacherForcedOutput(logprobs, mask, trigger_logits, latent_norm, forwards)
+    return TeacherForcedOutput(logprobs, mask, trigger_logits, prompt_trigger, latent_norm, forwards)

@@ -23,9 +23,12 @@ def central_threshold(model) -> float:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("memory", ["off", "always", "trigger"])
+@pytest.mark.parametrize("memory", ["off", "always", "trigger", "trigger+prompt"])
 def test_padded_batch_matches_row_by_row(tok, arch, memory):
     model = make_memgen(tok, arch)
+    # trigger+prompt: the prompt-end insertion is a trigger decision too (some rows weave there, some not).
+    model.config.trigger_at_prompt_end = memory == "trigger+prompt"
+    memory = memory.split("+")[0]
     kw = dict(memory=memory, max_new_tokens=48, max_insertions=4, return_logprobs=True, compact_after=8)
     if memory == "trigger":
         kw["trigger_threshold"] = central_threshold(model)

@@ -31,6 +31,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
             assert len(summary["accuracy_per_seed"]) == 2 and 0.0 <= summary["accuracy"] <= 1.0
             assert abs(summary["accuracy"] - sum(summary["accuracy_per_seed"]) / 2) < 1e-3
     per_run = [next(a for a in run["arms"] if a["arm"] == "memgen_sft")["domains"]["B"]["accuracy"] for run in results["runs"]]
+    # Each seed's run was also written on its own as it finished, so a later seed's failure loses none.
+    for run in results["runs"]:
+        assert json.loads((out / f"seed-{run['seed']}" / "run.json").read_text())["arms"] == run["arms"]
     assert results["arms"][2]["domains"]["B"]["accuracy_per_seed"] == per_run
     params = {a["arm"]: a["trainable_params"] for a in results["arms"]}
     assert params["vanilla"] == 0 and params["lora_sft"] > 0 and params["memgen_trigger"] > params["memgen_sft"]

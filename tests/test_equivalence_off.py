@@ -44,6 +44,26 @@ def test_memory_off_matches_generate(tok, arch, sampling):
     assert hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kw) == reference
 
 
+@pytest.mark.parametrize("sampling", SAMPLING[:2], ids=["greedy", "t0.8-k20-p0.9"])
+def test_trigger_deciding_the_prompt_end_and_never_firing_matches_generate(tok, sampling):
+    """With the prompt end a trigger decision, a trigger that never fires weaves nothing at all: plain generate."""
+    from conftest import memgen_on
+
+    base = make_base(tok)
+    hf_kw = dict(sampling)
+    if hf_kw.get("do_sample"):
+        hf_kw.setdefault("top_k", 0)
+    torch.manual_seed(7)
+    reference = hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kw)
+    model = memgen_on(base, tok)
+    model.config.trigger_at_prompt_end = True
+    out = model.generate(PROMPTS, memory="trigger", trigger_threshold=1.1, max_new_tokens=40, seed=7, **sampling)
+    assert [c.token_ids for c in out.completions] == reference
+    assert all(c.num_insertions == 0 for c in out.completions)
+    # Every row still logged its prompt-end decision, with the trigger's probability.
+    assert all(c.insertions[0].position == 0 and 0 < c.insertions[0].probability < 1 for c in out.completions)
+
+
 def test_reference_outputs_are_nontrivial(tok):
     """Guard: the equivalence above is meaningful only if outputs vary and some rows stop at EOS."""
     base = make_base(tok)

@@ -9,11 +9,13 @@ from conftest import ARCHES, PROMPTS, make_memgen
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("latent_positions", ["advance", "tied"])
-def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_positions):
+@pytest.mark.parametrize("prompt_decides", [False, True], ids=["prompt-woven", "prompt-decided"])
+def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_positions, prompt_decides):
     # float64: the rollout decodes one token per forward and teacher forcing whole chunks, so in
     # float32 their sums differ by ~1e-5 (up to 2e-4 on unlikely tokens); in float64 the two
     # agree to the rounding of the float32 log-probs both report, so any gap is a real mismatch.
     model = make_memgen(tok, arch, latent_positions=latent_positions).double()
+    model.config.trigger_at_prompt_end = prompt_decides
     rollout = model.generate(PROMPTS, memory="random:0.5", max_new_tokens=40, do_sample=True, seed=21,
                              temperature=temperature, max_insertions=4, return_logprobs=True)
     prompts = model.encode_prompts(PROMPTS)
@@ -30,7 +32,15 @@ def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_po
         # The trigger logits read at decision tokens equal the rollout's logged probabilities.
         for ins in c.insertions:
             if ins.probability is not None:
-                assert abs(torch.sigmoid(tf.trigger_logits[r, ins.position - 1]).item() - ins.probability) < 1e-8
+                z = tf.prompt_trigger_logits[r] if ins.position == 0 else tf.trigger_logits[r, ins.position - 1]
+                assert abs(torch.sigmoid(z).item() - ins.probability) < 1e-8
+    prompt_end = [c.insertions[0] for c in rollout.completions]
+    assert all(ins.position == 0 for ins in prompt_end)
+    if prompt_decides:  # a decision per row, and both outcomes occur, so the skipped prompt end is covered
+        assert all(ins.probability is not None for ins in prompt_end)
+        assert {ins.inserted for ins in prompt_end} == {True, False}
+    else:
+        assert all(ins.probability is None and ins.inserted for ins in prompt_end)
 
 
 def test_teacher_forced_cost_is_linear(tok):

@@ -62,6 +62,7 @@ def _weaver_config(cfg, out: Path, name: str, **overrides) -> WeaverTrainConfig:
 def memgen_config(cfg) -> MemGenConfig:
     return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
                         lora_alpha=2 * cfg.lora_r, trigger_hidden=64, latent_positions=cfg.latent_positions,
+                        trigger_at_prompt_end=cfg.trigger_at_prompt_end,
                         delimiters=list(cfg.delimiters), latent_init_text=cfg.latent_init_text or None)
 
 

@@ -66,6 +66,8 @@ class DemoConfig:
     trigger_a_share: float = help_field(0.5, "share of domain-A prompts in the trigger's RL data (the rest are "
                                               "B): A is where memory should stay quiet", ge=0, le=1)
     continual: bool = help_field(True, "run the continual stage: LoRA-SFT and the weaver go on from B to skill D")
+    trigger_at_prompt_end: bool = help_field(False, "the trigger also decides whether to weave at the prompt end "
+                                                    "(off by default: at 30 steps it learnt all-or-nothing; DEMO.md)")
     trigger_lr: float = help_field(3e-2, "trigger learning rate", gt=0)
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
     grpo_steps: int = help_field(20, "weaver GRPO steps after SFT", ge=1)
@@ -123,6 +125,9 @@ def run_demo(config: DemoConfig) -> dict:
             log(f"== seed {seed} ({len(runs) + 1} of {len(seeds)}) ==")
         runs.append(run_seed(replace(cfg, seed=seed), precision.precision, out / f"seed-{seed}", log))
         runs[-1]["reasoner"]["precision_choice"] = precision.as_dict()
+        # Written per seed, so a later seed that stops (e.g. on its quality bar) loses no finished seed.
+        (out / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+        (out / f"seed-{seed}" / "run.json").write_text(json.dumps(runs[-1], indent=2))
 
     total = time.perf_counter() - started
     payload = {

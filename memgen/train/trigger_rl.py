@@ -57,11 +57,14 @@ def trigger_step(run, micro: int):
 
     out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature)
     rows = [r for r, d in enumerate(batch.decisions) for _ in d]
-    cols = [pos - 1 for d in batch.decisions for pos, _ in d]
+    positions = [pos for d in batch.decisions for pos, _ in d]
     taken = torch.tensor([float(x) for f in flags for x in f], device=out.trigger_logits.device)
     global_decisions = run.global_sum(len(rows))
     if rows:
-        z = out.trigger_logits[torch.tensor(rows), torch.tensor(cols)]
+        r_t, pos_t = torch.tensor(rows), torch.tensor(positions)
+        # Position p >= 1 was decided at completion token p - 1; position 0 at the last prompt token.
+        z = torch.where(pos_t.to(taken.device) == 0, out.prompt_trigger_logits[r_t],
+                        out.trigger_logits[r_t, (pos_t - 1).clamp_min(0)])
         logp = taken * F.logsigmoid(z) + (1 - taken) * F.logsigmoid(-z)
         loss = -(advantages[torch.tensor(rows)] * logp).sum() * run.world / max(global_decisions, 1.0)
     else:  # no decision anywhere in this micro-batch: a zero loss that still touches the head

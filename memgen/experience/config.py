@@ -1,0 +1,145 @@
+"""``memgen experience build|show|search``: the config, the loaders behind ``build`` and the command handlers.
+
+``build --from FILE`` reads JSONL lines of either shape:
+
+- experience records (the fields of :class:`ExperienceRecord`, e.g. a store's ``export``), or
+- the per-answer lines ``memgen eval --output`` writes (``prompt``, ``completion``, ``reward``): each
+  becomes a trajectory, a success when its reward reaches ``success_reward``.
+
+A malformed line is reported with ``file:line``; nothing is added from a file with one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dataclass_cli import check_ranges, help_field
+from .records import ExperienceError, ExperienceRecord
+
+EMBEDDERS_HELP = "reasoner (mean-pooled states of --model) | bm25 (lexical) | st:DIR (sentence-transformers model dir)"
+
+
+@dataclass
+class ExperienceConfig:
+    store: str = help_field("", "experience store directory (created by build)")
+    embedder: str = help_field("reasoner", EMBEDDERS_HELP)
+    model: str = help_field("", "reasoner directory for the reasoner embedder")
+    source: str = help_field("", "build: JSONL of experience records or of `memgen eval --output` answers")
+    task: str = help_field("", "build: task name for answers that carry none; show/search: only this task")
+    success_reward: float = help_field(1.0, "build: an answer whose reward reaches this is a success")
+    kind: str = help_field("", "show/search: only this kind (trajectory | insight | workflow)")
+    query: str = help_field("", "search: the text to match")
+    top_k: int = help_field(4, "search: records to return", ge=1)
+    limit: int = help_field(10, "show: records to list", ge=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+def open_embedder(config: ExperienceConfig):
+    """(embedder or None, retriever) for the config's ``--embedder``."""
+    from .embedders import ReasonerEmbedder, SentenceTransformerEmbedder
+
+    if config.embedder == "bm25":
+        return None, "bm25"
+    if config.embedder.startswith("st:"):
+        return SentenceTransformerEmbedder(config.embedder[3:]), "dense"
+    if config.embedder == "reasoner":
+        if not config.model:
+            raise ExperienceError("the reasoner embedder needs --model (the reasoner's directory)")
+        from ..loading import load_base
+
+        model, tokenizer = load_base(config.model)
+        return ReasonerEmbedder(model.eval(), tokenizer), "dense"
+    raise ExperienceError(f"--embedder must be {EMBEDDERS_HELP}; got {config.embedder!r}")
+
+
+def records_from_jsonl(path: str | Path, task: str = "", success_reward: float = 1.0) -> list[ExperienceRecord]:
+    """Experience records from ``path`` (see the module docstring); raises on the first bad line with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperienceError(f"no such file: {path}")
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ExperienceError(f"{where}: not JSON ({err.msg}); nothing was added") from None
+            if not isinstance(obj, dict):
+                raise ExperienceError(f"{where}: expected a JSON object; nothing was added")
+            try:
+                if "prompt" in obj and "completion" in obj:
+                    reward = float(obj.get("reward", 0.0))
+                    out.append(ExperienceRecord(
+                        task=obj.get("task") or task, input=obj["prompt"], trajectory=obj["completion"], reward=reward,
+                        success=reward >= success_reward,
+                        provenance={"file": where, **({"source": obj["source"]} if obj.get("source") else {})}))
+                else:
+                    obj.pop("id", None)  # re-derived from the content, so an edited line cannot keep a stale id
+                    record = ExperienceRecord.from_json(obj)
+                    if not record.task:
+                        record.task = task
+                        record.id = record.content_hash()
+                    out.append(record)
+            except (ExperienceError, TypeError, ValueError) as err:
+                raise ExperienceError(f"{where}: {err}; nothing was added") from None
+    return out
+
+
+def run_experience(command: str, config: ExperienceConfig) -> str:
+    """Run ``build``, ``show`` or ``search``; returns the text to print."""
+    from ..evaluate import format_table
+    from .store import ExperienceStore
+
+    if not config.store:
+        raise ExperienceError("--store is required")
+    if command == "build":  # the file is read before any model loads: a bad line fails fast
+        if not config.source:
+            raise ExperienceError("build needs --source FILE.jsonl")
+        records = records_from_jsonl(config.source, config.task, config.success_reward)
+    embedder, retriever = open_embedder(config) if command != "show" else (None, "bm25")
+    kind, task = config.kind or None, config.task or None
+    if command == "build":
+        with ExperienceStore(config.store, embedder, retriever) as store:
+            added = store.add_many(records)
+            total = len(store)
+        return (f"added {added} of {len(records)} records from {config.source} "
+                f"({len(records) - added} duplicates); {config.store} holds {total}")
+    store = ExperienceStore(config.store, embedder, retriever, create=False, read_only=True)
+    if command == "show":
+        live = store.records(kind=kind, task=task)
+        counts = {}
+        for r in live:
+            counts[(r.task, r.kind, r.success)] = counts.get((r.task, r.kind, r.success), 0) + 1
+        summary = [{"task": t, "kind": k, "success": s, "records": n} for (t, k, s), n in sorted(counts.items())]
+        lines = [f"{config.store}: {len(live)} records, embedder {store.embedder_name or 'none (bm25 only)'}"]
+        if summary:
+            lines.append(format_table(summary, list(summary[0])))
+        if config.limit and live:
+            rows = [_row(r) for r in live[: config.limit]]
+            lines.append(format_table(rows, list(rows[0])))
+        return "\n\n".join(lines)
+    if command == "search":
+        if not config.query:
+            raise ExperienceError("search needs --query TEXT")
+        hits = store.search(config.query, config.top_k, kind=kind, task=task)
+        if not hits:
+            return "no records match"
+        rows = [{"score": round(h.score, 4), **_row(h.record)} for h in hits]
+        return format_table(rows, list(rows[0]))
+    raise ExperienceError(f"unknown experience command {command!r}")
+
+
+def _row(record: ExperienceRecord) -> dict:
+    def clip(text: str, n: int = 60) -> str:
+        text = text.replace("\n", " ")
+        return text if len(text) <= n else text[: n - 3] + "..."
+
+    return {"id": record.id, "task": record.task, "kind": record.kind, "success": record.success,
+            "text": clip(record.search_text), "trajectory": clip(record.trajectory)}
