@@ -12,8 +12,8 @@ Layout of a store directory:
 - ``embeddings.safetensors``: the dense vectors, a cache of the log: written atomically on
   :meth:`ExperienceStore.flush` (and on close), and re-derived on open for any record it lacks.
 
-Search is exact cosine over L2-normalised vectors (one matrix product: ~10 ms for 100k records
-of 384 dims on 2 CPU cores; see ``benchmarks/``), or BM25 with ``retriever="bm25"``. One
+Search is exact cosine over L2-normalised vectors (one matrix product; latency per query at 1k
+and 100k records: ``benchmarks/retrieval.py``), or BM25 with ``retriever="bm25"``. One
 process writes a store at a time (an advisory lock); any number may open it ``read_only``.
 """
 
