@@ -192,16 +192,19 @@ class ExperienceStore:
             self._dirty = True
         self._vectors = vectors
 
-    def _index(self, record: ExperienceRecord) -> None:
-        row = self._row[record.id]
+    def _index(self, records: list[ExperienceRecord]) -> None:
+        """Index newly appended versions; new texts are embedded in one batch."""
+        latest = {r.id: r for r in records}  # a batch may hold two versions of one id: the newest wins
+        rows = [self._row[i] for i in latest]
         if self._bm25 is not None:
-            self._bm25.set(row, record.search_text)
+            for row, record in sorted(zip(rows, latest.values()), key=lambda x: x[0]):
+                self._bm25.set(row, record.search_text)
         if self.embedder is not None:
-            vector = self.embedder.embed([record.search_text])
-            if row == self._vectors.shape[0]:
-                self._vectors = torch.cat([self._vectors, vector])
-            else:
-                self._vectors[row] = vector[0]
+            vectors = self.embedder.embed([r.search_text for r in latest.values()])
+            grow = max(rows) + 1 - self._vectors.shape[0]
+            if grow > 0:
+                self._vectors = torch.cat([self._vectors, self._vectors.new_zeros(grow, self._vectors.shape[1])])
+            self._vectors[torch.tensor(rows)] = vectors
             self._dirty = True
 
     # -- writing --------------------------------------------------------------------------------
@@ -218,7 +221,7 @@ class ExperienceStore:
             os.fsync(handle.fileno())
         for record in records:
             self._apply(record)
-            self._index(record)
+        self._index(records)
 
     def add(self, record: ExperienceRecord) -> bool:
         """Append ``record``; False (and nothing written) when a live record with its id exists."""
