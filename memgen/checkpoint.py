@@ -86,6 +86,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda handle: handle.write(data), binary=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     _atomic_write(path, lambda handle: handle.write(text))

@@ -69,7 +69,8 @@ def read_jsonl(path: str | Path, skip_malformed: bool = False,
                 if validate is not None:
                     validate(obj)
             except ValueError as exc:
-                message = f"{path}:{lineno}: {exc}"
+                reason = f"not JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else exc
+                message = f"{path}:{lineno}: {reason}"
                 skip_or_raise(message, skip_malformed, skipped)
                 continue
             rows.append((lineno, obj))

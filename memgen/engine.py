@@ -160,6 +160,23 @@ class DecodeSession:
             insert = candidates & (probs >= self.cfg.trigger_threshold)
         return insert, probs
 
+    def _weave_prompt_end(self, cache, mask, next_pos, logits, last, logs, insert, probs):
+        """Weave prompt latents for the rows in ``insert`` and log each row's prompt-end entry.
+
+        ``probs`` is each row's P(invoke) where the trigger decided, or None where the prompt end is always woven.
+        Returns the grown mask, the advanced positions and the logits of the next token.
+        """
+        m = self.m
+        latents = None
+        if bool(insert.any()):
+            latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, PROMPT, last,
+                                                               allow_subset=True)
+            logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
+        for r, inserted in enumerate(insert.tolist()):
+            keep = latents[r].float().cpu() if (self.cfg.return_latents and inserted) else None
+            logs[r].append(Insertion(0, None if probs is None else probs[r], inserted, keep))
+        return mask, next_pos, logits
+
     def _hit_stop(self, tokens: list[int]) -> bool:
         tail = self.m.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
         return any(s in tail for s in self.cfg.stop)
@@ -179,11 +196,8 @@ class DecodeSession:
             logs = [[] for _ in self.prompts]
             last = hidden[:, -1]
             if self.prompt_insert and not self.prompt_decides:
-                rows = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
-                latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, rows, PROMPT, last)
-                logits = reasoner.logits(hidden[:, -1])
-                for i in range(len(self.prompts)):
-                    logs[i].append(Insertion(0, None, True, latents[i].float().cpu() if cfg.return_latents else None))
+                every = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
+                mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, every, None)
             if cfg.num_samples > 1:
                 g = cfg.num_samples
                 cache.batch_repeat_interleave(g)
@@ -193,14 +207,8 @@ class DecodeSession:
             if self.prompt_decides:
                 candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
                 insert, probs = self._decide(candidates, last, decision_gen)
-                latents = None
-                if bool(insert.any()):
-                    latents, lat_hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, PROMPT, last,
-                                                                           allow_subset=True)
-                    logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
-                for r, (inserted, prob) in enumerate(zip(insert.tolist(), probs.tolist())):
-                    keep = latents[r].float().cpu() if (cfg.return_latents and inserted) else None
-                    logs[r].append(Insertion(0, prob, inserted, keep))
+                mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, insert,
+                                                                probs.tolist())
             batch = mask.shape[0]
             device = m.device
             finished = torch.zeros(batch, dtype=torch.bool, device=device)

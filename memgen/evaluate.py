@@ -78,12 +78,12 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
             rewards = task.reward(prompts, texts, **columns)
             extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
             for i, (record, completion) in enumerate(zip(batch, output.completions)):
+                # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
+                decided = [ins for ins in completion.insertions if ins.position > 0 or ins.probability is not None]
                 row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
                        "reward": float(rewards[i]), "insertions": completion.num_insertions,
-                       # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
-                       "decisions": sum(1 for ins in completion.insertions if ins.position > 0 or ins.probability is not None),
-                       "decided_insertions": sum(1 for ins in completion.insertions
-                                                 if ins.inserted and (ins.position > 0 or ins.probability is not None)),
+                       "decisions": len(decided),
+                       "decided_insertions": sum(ins.inserted for ins in decided),
                        "insertion_positions": completion.insertion_positions,
                        "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
                 row.update({name: float(values[i]) for name, values in extras.items()})

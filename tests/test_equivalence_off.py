@@ -26,22 +26,30 @@ SAMPLING = [
 ]
 
 
+def hf_kwargs(sampling: dict) -> dict:
+    """``sampling`` for HF generate: memgen's top_k=0 default means "off", HF's default is 50."""
+    hf_kw = dict(sampling)
+    if hf_kw.get("do_sample"):
+        hf_kw.setdefault("top_k", 0)
+    return hf_kw
+
+
+def seeded_reference(base, tok, sampling: dict) -> list[list[int]]:
+    torch.manual_seed(7)
+    return hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kwargs(sampling))
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("sampling", SAMPLING, ids=["greedy", "t0.8-k20-p0.9", "t1.3"])
 def test_memory_off_matches_generate(tok, arch, sampling):
     base = make_base(tok, arch)
-    hf_kw = dict(sampling)
-    if hf_kw.get("do_sample"):
-        hf_kw.setdefault("top_k", 0)
-    torch.manual_seed(7)
-    reference = hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kw)
+    reference = seeded_reference(base, tok, sampling)
     model = MemGen(base, tok)
     out = model.generate(PROMPTS, memory="off", max_new_tokens=40, seed=7, **sampling)
     assert [c.token_ids for c in out.completions] == reference
     assert all(c.insertions == [] for c in out.completions)
     # The LoRA-carrying base (adapter switched off) is still the plain model for HF generate.
-    torch.manual_seed(7)
-    assert hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kw) == reference
+    assert seeded_reference(base, tok, sampling) == reference
 
 
 @pytest.mark.parametrize("sampling", SAMPLING[:2], ids=["greedy", "t0.8-k20-p0.9"])
@@ -50,11 +58,7 @@ def test_trigger_deciding_the_prompt_end_and_never_firing_matches_generate(tok, 
     from conftest import memgen_on
 
     base = make_base(tok)
-    hf_kw = dict(sampling)
-    if hf_kw.get("do_sample"):
-        hf_kw.setdefault("top_k", 0)
-    torch.manual_seed(7)
-    reference = hf_generate(base, tok, PROMPTS, max_new_tokens=40, **hf_kw)
+    reference = seeded_reference(base, tok, sampling)
     model = memgen_on(base, tok)
     model.config.trigger_at_prompt_end = True
     out = model.generate(PROMPTS, memory="trigger", trigger_threshold=1.1, max_new_tokens=40, seed=7, **sampling)

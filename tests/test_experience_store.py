@@ -1,7 +1,6 @@
 """The experience store: persistence across processes, surviving a kill mid-write, dedupe, search, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

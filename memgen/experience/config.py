@@ -6,12 +6,12 @@
 - the per-answer lines ``memgen eval --output`` writes (``prompt``, ``completion``, ``reward``): each
   becomes a trajectory, a success when its reward reaches ``success_reward``.
 
-A malformed line is reported with ``file:line``; nothing is added from a file with one.
+A malformed line is reported with ``file:line`` (by :func:`memgen.data.read_jsonl`, as for every
+data file); nothing is added from a file with one.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,37 +58,27 @@ def open_embedder(config: ExperienceConfig):
 
 def records_from_jsonl(path: str | Path, task: str = "", success_reward: float = 1.0) -> list[ExperienceRecord]:
     """Experience records from ``path`` (see the module docstring); raises on the first bad line with file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperienceError(f"no such file: {path}")
+    from ..data import DataError, read_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ExperienceError(f"{where}: not JSON ({err.msg}); nothing was added") from None
-            if not isinstance(obj, dict):
-                raise ExperienceError(f"{where}: expected a JSON object; nothing was added")
-            try:
-                if "prompt" in obj and "completion" in obj:
-                    reward = float(obj.get("reward", 0.0))
-                    out.append(ExperienceRecord(
-                        task=obj.get("task") or task, input=obj["prompt"], trajectory=obj["completion"], reward=reward,
-                        success=reward >= success_reward,
-                        provenance={"file": where, **({"source": obj["source"]} if obj.get("source") else {})}))
-                else:
-                    obj.pop("id", None)  # re-derived from the content, so an edited line cannot keep a stale id
-                    record = ExperienceRecord.from_json(obj)
-                    if not record.task:
-                        record.task = task
-                        record.id = record.content_hash()
-                    out.append(record)
-            except (ExperienceError, TypeError, ValueError) as err:
-                raise ExperienceError(f"{where}: {err}; nothing was added") from None
+    for number, obj in read_jsonl(path)[0]:
+        where = f"{path}:{number}"
+        try:
+            if "prompt" in obj and "completion" in obj:
+                reward = float(obj.get("reward", 0.0))
+                out.append(ExperienceRecord(
+                    task=obj.get("task") or task, input=obj["prompt"], trajectory=obj["completion"], reward=reward,
+                    success=reward >= success_reward,
+                    provenance={"file": where, **({"source": obj["source"]} if obj.get("source") else {})}))
+            else:
+                obj.pop("id", None)  # re-derived from the content, so an edited line cannot keep a stale id
+                record = ExperienceRecord.from_json(obj)
+                if not record.task:
+                    record.task = task
+                    record.id = record.content_hash()
+                out.append(record)
+        except (TypeError, ValueError) as err:  # ExperienceError is a ValueError
+            raise DataError(f"{where}: {err}; nothing was added") from None
     return out
 
 

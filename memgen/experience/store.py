@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..checkpoint import atomic_write_json
+from ..checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .embedders import BM25Retriever, Embedder
 from .records import ExperienceError, ExperienceRecord
 
@@ -255,16 +255,12 @@ class ExperienceStore:
         """Persist the vectors (atomically); the log itself is always on disk."""
         if self.read_only or self.embedder is None or not self._dirty:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         texts = [self._records[i].search_text for i in self._ids]
         rows = json.dumps([[rid, _text_hash(text)] for rid, text in zip(self._ids, texts)])
-        scratch = self.path / f".embeddings.tmp-{os.getpid()}"
-        save_file({"vectors": self._vectors.contiguous()}, str(scratch),
-                  metadata={"embedder": self.embedder.name, "rows": rows})
-        with open(scratch, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(scratch, self.path / "embeddings.safetensors")
+        data = save({"vectors": self._vectors.contiguous()}, metadata={"embedder": self.embedder.name, "rows": rows})
+        atomic_write_bytes(self.path / "embeddings.safetensors", data)
         self._dirty = False
 
     def close(self) -> None:
@@ -325,8 +321,6 @@ class ExperienceStore:
 
     def export(self, path: str | Path) -> int:
         """Write the live records as JSONL to ``path`` (atomically); returns how many."""
-        from ..checkpoint import atomic_write_text
-
         live = self.records()
         atomic_write_text(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in live))
         return len(live)
