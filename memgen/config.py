@@ -34,7 +34,7 @@ class MemGenConfig:
     lora_target_modules: list[str] = help_field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "reasoner linear layers that carry the weaver LoRA (['all-linear']: every linear layer but the head)")
-    trigger_hidden: int = help_field(128, "hidden width of the trigger MLP", ge=1)
+    trigger_hidden: int = help_field(128, "hidden width of the trigger MLP (0: a linear head)", ge=0)
     trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger", gt=0, lt=1)
     trigger_at_prompt_end: bool = help_field(False, "the prompt-end insertion is a trigger decision too (read at "
                                                     "the last prompt token; under memory trigger or random:P), so "

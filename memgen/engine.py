@@ -144,9 +144,11 @@ class DecodeSession:
         kind = self.cfg.policy.kind
         return kind == "random" or (kind == "trigger" and self.cfg.sample_trigger)
 
-    def _decide(self, candidates: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator):
-        """Per-row (insert?, P(invoke)) for the candidate rows."""
-        probs = torch.sigmoid(self.m.trigger(hidden))
+    def _decide(self, candidates: torch.Tensor, hidden: torch.Tensor, gen: torch.Generator, prompt_end: bool):
+        """Per-row (insert?, P(invoke)) for the candidate rows (P is 0 for the other rows)."""
+        # Only candidates' states reach the head, so what it reads (and records) are decisions.
+        probs = torch.zeros(candidates.shape, device=candidates.device)
+        probs[candidates] = torch.sigmoid(self.m.decision_head(prompt_end)(hidden[candidates]))
         policy = self.cfg.policy
         if policy.kind == "always":
             insert = candidates.clone()
@@ -206,7 +208,7 @@ class DecodeSession:
                 logs = [list(logs[i // g]) for i in range(len(logs) * g)]
             if self.prompt_decides:
                 candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
-                insert, probs = self._decide(candidates, last, decision_gen)
+                insert, probs = self._decide(candidates, last, decision_gen, prompt_end=True)
                 mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, insert,
                                                                 probs.tolist())
             batch = mask.shape[0]
@@ -272,7 +274,7 @@ class DecodeSession:
                     if self.context is not None:
                         candidates &= next_pos + self.k_infer + 1 < self.context
                     if bool(candidates.any()):
-                        insert, probs = self._decide(candidates, hidden[:, -1], decision_gen)
+                        insert, probs = self._decide(candidates, hidden[:, -1], decision_gen, prompt_end=False)
                         latents = None
                         if bool(insert.any()):
                             latents, lat_hidden, mask, next_pos = m.weave_and_feed(

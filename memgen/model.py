@@ -25,7 +25,7 @@ from .config import GenerateConfig, MemGenConfig
 from .delimiters import delimiter_mask, delimiter_token_ids
 from .errors import AdapterError, InputError
 from .reasoner import Reasoner, append_rows_slots, select_rows
-from .trigger import TriggerHead
+from .trigger import TRIGGER_STATS, TriggerHead
 from .weaver import LoraQueryWeaver
 
 CONFIG_FILE = "memgen_config.json"
@@ -69,8 +69,11 @@ class MemGen(nn.Module):
         self.weaver = LoraQueryWeaver(self.reasoner, self.config).to(self.reasoner.device)
         if self.config.latent_init_text:
             self.weaver.init_from_embeddings(self._init_embeddings(self.config.latent_init_text))
-        self.trigger = TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
-                                   self.config.trigger_init_prob).to(self.reasoner.device)
+        self.trigger = self._new_trigger_head()
+        # The last prompt token's state is unlike a delimiter's, and the two decisions pay off differently
+        # (measured on the demo: one shared head learned the same prompt-end probability for prompts where
+        # memory helps and where it hurts), so the prompt-end decision gets its own head.
+        self.prompt_trigger = self._new_trigger_head() if self.config.trigger_at_prompt_end else None
         self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)
         lookup_size = max(self.reasoner.vocab_size, len(tokenizer))
         self.register_buffer("delimiter_lookup", delimiter_mask(self.delimiter_ids, lookup_size).to(self.reasoner.device),
@@ -82,7 +85,19 @@ class MemGen(nn.Module):
         return self.weaver.trainable_parameters()
 
     def trigger_parameters(self) -> list[nn.Parameter]:
-        return list(self.trigger.parameters())
+        return [p for head in self.trigger_heads() for p in head.parameters()]
+
+    def trigger_heads(self) -> list[TriggerHead]:
+        """The delimiter head, then the prompt-end head where ``trigger_at_prompt_end`` made one."""
+        return [self.trigger] + ([self.prompt_trigger] if self.prompt_trigger is not None else [])
+
+    def decision_head(self, prompt_end: bool) -> TriggerHead:
+        """The head that decides an insertion at the prompt end (``prompt_end``) or at a delimiter."""
+        return self.prompt_trigger if prompt_end and self.prompt_trigger is not None else self.trigger
+
+    def _new_trigger_head(self) -> TriggerHead:
+        return TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
+                           self.config.trigger_init_prob).to(self.reasoner.device)
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
         return list(self.reasoner_model.parameters())
@@ -242,7 +257,8 @@ class MemGen(nn.Module):
         directory = Path(directory)
         lora_state = self.weaver.adapter_state_dict()
         modules = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items() if not k.startswith("lora_layers.")}
-        modules.update({f"trigger.{k}": v for k, v in self.trigger.state_dict().items()})
+        for prefix, head in self._named_heads():
+            modules.update({f"{prefix}.{k}": v for k, v in head.state_dict().items()})
         meta = {"memgen_version": __version__, "config": self.config.to_dict(),
                 "base": dict(self.base_signature, fingerprint=self.base_fingerprint)}
         with atomic_directory(directory) as scratch:
@@ -298,7 +314,18 @@ class MemGen(nn.Module):
         bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if not k.startswith("lora_layers.")]
         if bad:
             raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen config: {bad[:4]}")
-        self.trigger.load_state_dict({k[8:]: v for k, v in modules.items() if k.startswith("trigger.")})
+        for prefix, head in self._named_heads():
+            start = len(prefix) + 1
+            incompatible = head.load_state_dict(
+                {k[start:]: v for k, v in modules.items() if k.startswith(prefix + ".")}, strict=False)
+            # Adapters saved before the head standardised its input lack the statistics: they keep the identity.
+            bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if k not in TRIGGER_STATS]
+            if bad:
+                raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen's {prefix} head: "
+                                   f"{bad[:4]}")
+
+    def _named_heads(self) -> list[tuple[str, TriggerHead]]:
+        return list(zip(("trigger", "prompt_trigger"), self.trigger_heads()))
 
 
 def read_adapter_meta(directory: Path) -> dict:

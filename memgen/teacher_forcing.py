@@ -131,7 +131,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             forwards += batch * span_len
             if j == 0:  # round 0 holds every row's whole prompt (its chunk ends at or after the prompt)
                 plens = torch.tensor([len(p) - 1 for p in prompts], device=device)
-                prompt_trigger = memgen.trigger(hidden[torch.arange(batch, device=device), plens])
+                prompt_trigger = memgen.decision_head(prompt_end=True)(hidden[torch.arange(batch, device=device), plens])
             # Each row's last fed token is the insertion point of an insertion closing this round.
             last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
             anchor = torch.where((fed > 0)[:, None], last, anchor)

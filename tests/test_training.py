@@ -174,7 +174,7 @@ def test_killed_run_resumes_to_the_same_parameters(workspace, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = adapter_tensors(straight / "final"), adapter_tensors(killed / "final")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
     # What a real resume implies: it starts after a checkpoint (not at step 0), and every step is logged once.
     match = re.search(r"resumed from \S*checkpoint-(\d+) at step (\d+)", resumed.stderr)
     assert match and int(match.group(1)) == int(match.group(2)) >= 8
@@ -204,7 +204,7 @@ def test_two_processes_match_one_process_with_doubled_batch(workspace, tmp_path)
     assert [r["tokens"] for r in rows_two] == [r["tokens"] for r in rows_one]  # same global batches
     assert [r["loss"] for r in rows_two] == pytest.approx([r["loss"] for r in rows_one], abs=1e-5)
     a, b = adapter_tensors(tmp_path / "one" / "final"), adapter_tensors(tmp_path / "two" / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-4
 
 
 def test_malformed_lines_are_reported_with_file_and_line(tmp_path):
@@ -276,7 +276,7 @@ def test_two_process_rl_resumes_to_the_uninterrupted_run(workspace, tmp_path, ta
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in rows] == pytest.approx([r["reward_mean"] for r in reference], abs=1e-6)
     a, b = adapter_tensors(tmp_path / "straight" / "final"), adapter_tensors(cut / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
     if target == "trigger":
         assert all(r["decisions_per_rollout"] > 0 for r in rows)
 

@@ -17,11 +17,16 @@ During rollouts the trigger's decisions at delimiters are Bernoulli draws
   log σ(-z) for a skip, with z the trigger logit read from the teacher-forced forward at
   the decision token.
 
+Before the first update, each untrained head's input centre and scale are set from the
+decision states of the first rollouts (see ``memgen.trigger``); without it the demo's head
+went to always-invoke within 5 steps.
+
 The authors' code has no such penalty and runs the trigger as a whole extra LLM pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import torch
@@ -44,11 +49,35 @@ def sparsity_penalties(task_rewards: list[float], decisions: list[list[bool]], g
     return penalties, p_bars
 
 
+def calibrate_head(run, head, seen: list[torch.Tensor]) -> None:
+    """Set an untrained head's input statistics from the decision states of every process's first rollouts.
+
+    The head still outputs its initial probability everywhere, so the rollouts just drawn stay on-policy.
+    """
+    d = head.input_mean.numel()
+    states = torch.cat(seen).double() if seen else torch.zeros(0, d, dtype=torch.float64)
+    moments = torch.cat([states.new_tensor([len(states)]), states.sum(0), (states ** 2).sum(0)])
+    moments = run.accelerator.reduce(moments.to(run.accelerator.device), reduction="sum")
+    n = float(moments[0])
+    if n < 2:  # no decision anywhere yet: try again on the next step
+        return
+    mean = moments[1: 1 + d] / n
+    # One scale for all features (their RMS spread), not one per feature: the prompt-end head sees only
+    # one state per prompt in the first step, too few for d per-feature variances.
+    spread = (moments[1 + d:] / n - mean ** 2).clamp_min(0.0).mean().sqrt()
+    head.calibrate(mean.float(), spread.float())
+
+
 def trigger_step(run, micro: int):
     config = run.config
     records, _ = run.next_batch()
-    batch = rollout(run, records, micro, run.reward_fn, "trigger", sample_trigger=True,
-                    insert_at_prompt_end=config.insert_at_prompt_end)
+    heads = [h for h in run.unwrapped.trigger_heads() if not bool(h.calibrated) and h.untrained]
+    with contextlib.ExitStack() as stack:
+        seen = [stack.enter_context(h.recording()) for h in heads]
+        batch = rollout(run, records, micro, run.reward_fn, "trigger", sample_trigger=True,
+                        insert_at_prompt_end=config.insert_at_prompt_end)
+    for head, states in zip(heads, seen):
+        calibrate_head(run, head, states)
     flags = [[inserted for _, inserted in d] for d in batch.decisions]
     task_rewards = batch.rewards.tolist()
     penalties, p_bars = sparsity_penalties(task_rewards, flags, config.num_generations, config.sparsity_lambda)
