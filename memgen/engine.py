@@ -41,6 +41,10 @@ class Insertion:
     probability: float | None
     inserted: bool
     latents: torch.Tensor | None = None
+    retrieved: list[str] | None = None
+    """ids of the experience records the weaver read (retrieval-augmented weaving), best first"""
+    context_ids: list[int] | None = None
+    """the token ids of the retrieved text the weaver read, as teacher forcing replays them"""
 
 
 @dataclass
@@ -60,6 +64,11 @@ class Completion:
     def insertion_positions(self) -> list[int]:
         """Where latents were woven, in the form :meth:`MemGen.teacher_forced` takes."""
         return [ins.position for ins in self.insertions if ins.inserted]
+
+    @property
+    def insertion_contexts(self) -> list[list[int]]:
+        """The retrieved token ids read at each woven insertion (empty without retrieval), for teacher forcing."""
+        return [list(ins.context_ids or []) for ins in self.insertions if ins.inserted]
 
 
 @dataclass
@@ -83,10 +92,13 @@ class TokenEvent:
 class DecodeSession:
     """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
 
-    def __init__(self, memgen, prompts: list[list[int]], config: GenerateConfig, stream_text: bool = False):
+    def __init__(self, memgen, prompts: list[list[int]], config: GenerateConfig, stream_text: bool = False,
+                 experience=None):
         self.m = memgen
         self.cfg = config
         self.prompts = prompts
+        self.reader = experience if self.cfg.policy.kind != "off" else None
+        self.prompt_texts = [memgen.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if self.reader else []
         self.stream_text = stream_text
         self.output: GenerationOutput | None = None
         reasoner = memgen.reasoner
@@ -162,6 +174,31 @@ class DecodeSession:
             insert = candidates & (probs >= self.cfg.trigger_threshold)
         return insert, probs
 
+    def _retrieve(self, insert: torch.Tensor, answer_so_far):
+        """The retrieved text for each inserting row: ((ids, valid) (B, S) or None, per-row Retrieved or None).
+
+        ``answer_so_far(r)`` is row r's completion text so far (queried only for inserting rows).
+        """
+        batch = insert.shape[0]
+        found = [None] * batch
+        if self.reader is None or not bool(insert.any()):
+            return None, found
+        rows = insert.nonzero().squeeze(1).tolist()
+        per_prompt = batch // len(self.prompts)  # samples per prompt once the prompt cache is shared out
+        queries = [self.reader.query_text(self.prompt_texts[r // per_prompt], answer_so_far(r)) for r in rows]
+        for r, got in zip(rows, self.reader.read(queries)):
+            found[r] = got
+        width = max(len(found[r].token_ids) for r in rows)
+        if width == 0:
+            return None, found
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((batch, width), dtype=torch.long)
+        for r in rows:
+            n = len(found[r].token_ids)
+            ids[r, :n] = torch.tensor(found[r].token_ids, dtype=torch.long)
+            valid[r, :n] = 1
+        return (ids.to(self.m.device), valid.to(self.m.device)), found
+
     def _weave_prompt_end(self, cache, mask, next_pos, logits, last, logs, insert, probs):
         """Weave prompt latents for the rows in ``insert`` and log each row's prompt-end entry.
 
@@ -170,13 +207,14 @@ class DecodeSession:
         """
         m = self.m
         latents = None
+        context, found = self._retrieve(insert, lambda r: "")
         if bool(insert.any()):
             latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, PROMPT, last,
-                                                               allow_subset=True)
+                                                               allow_subset=True, context=context)
             logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
         for r, inserted in enumerate(insert.tolist()):
             keep = latents[r].float().cpu() if (self.cfg.return_latents and inserted) else None
-            logs[r].append(Insertion(0, None if probs is None else probs[r], inserted, keep))
+            logs[r].append(_logged(Insertion(0, None if probs is None else probs[r], inserted, keep), found[r]))
         return mask, next_pos, logits
 
     def _hit_stop(self, tokens: list[int]) -> bool:
@@ -276,16 +314,19 @@ class DecodeSession:
                     if bool(candidates.any()):
                         insert, probs = self._decide(candidates, hidden[:, -1], decision_gen, prompt_end=False)
                         latents = None
+                        context, found = self._retrieve(insert, lambda r: m.tokenizer.decode(tokens[r]))
                         if bool(insert.any()):
                             latents, lat_hidden, mask, next_pos = m.weave_and_feed(
-                                cache, mask, next_pos, insert, INFERENCE, hidden[:, -1], allow_subset=True)
+                                cache, mask, next_pos, insert, INFERENCE, hidden[:, -1], allow_subset=True,
+                                context=context)
                             logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
                             n_inserted += insert.long()
                         cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()
                         for r in range(batch):
                             if cand_list[r]:
                                 keep = latents[r].float().cpu() if (cfg.return_latents and ins_list[r]) else None
-                                logs[r].append(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep))
+                                logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep),
+                                                       found[r]))
 
                 slots = mask.shape[1]
                 pad_slots = slots - int(mask.sum(dim=1).max())
@@ -320,3 +361,10 @@ class DecodeSession:
             offsets[0], offsets[1] = read_offset, len(tokens)
             return now[len(before):]
         return ""
+
+
+def _logged(insertion: Insertion, found) -> Insertion:
+    """The insertion with what its weaver retrieved, if it retrieved."""
+    if found is not None and insertion.inserted:
+        insertion.retrieved, insertion.context_ids = list(found.record_ids), list(found.token_ids)
+    return insertion

@@ -35,6 +35,12 @@ class EvalConfig:
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
                                                 "become one user turn)")
+    experience: str | None = help_field(None, "experience store the weaver reads on every invocation "
+                                              "(retrieval-augmented weaving, paper App. E)")
+    experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner | bm25 | st:DIR")
+    retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
+    retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
+    retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
     output: str | None = help_field(None, "per-example JSONL path (default: none)")
     progress: bool = help_field(True, "show a progress bar")
 
@@ -46,8 +52,15 @@ class EvalConfig:
         return self.memory != "off"
 
 
-def evaluate(model, task: Task, config: EvalConfig) -> dict:
+def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
+    """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``."""
     from tqdm.auto import tqdm
+
+    if experience is None and config.experience:
+        from .experience.weaving import RetrievalConfig, open_reader
+
+        experience = open_reader(config.experience, config.experience_embedder, model, RetrievalConfig(
+            top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
 
     records = task.records[: config.limit] if config.limit is not None else task.records
     if not records:
@@ -69,7 +82,7 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
             batch = records[start: start + config.batch_size]
             began = time.perf_counter()
             output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in batch],
-                                    gen)
+                                    gen, experience=experience)
             seconds = time.perf_counter() - began
             total_seconds += seconds
             texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
@@ -87,6 +100,8 @@ def evaluate(model, task: Task, config: EvalConfig) -> dict:
                        "insertion_positions": completion.insertion_positions,
                        "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
                 row.update({name: float(values[i]) for name, values in extras.items()})
+                if experience is not None:  # the records each woven insertion read, in insertion order
+                    row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
                 rows.append(row)
                 if handle:
                     handle.write(json.dumps(row) + "\n")

@@ -116,10 +116,12 @@ class MemGen(nn.Module):
 
     # ----------------------------------------------------------------- shared step
     def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
-                       rows: torch.Tensor, kind: str, anchor: torch.Tensor, allow_subset: bool = False):
+                       rows: torch.Tensor, kind: str, anchor: torch.Tensor, allow_subset: bool = False,
+                       context=None):
         """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
 
-        ``anchor`` (B, d) is each row's reasoner state at the insertion point (the last fed token).
+        ``anchor`` (B, d) is each row's reasoner state at the insertion point (the last fed token);
+        ``context`` is None or (token ids (B, S), valid (B, S)), retrieved text only the weaver reads.
 
         Returns (latents (B, K, d), reasoner hidden states of the latent slots (B, K, d),
         the grown attention mask, the advanced next positions). With ``allow_subset`` and at
@@ -129,10 +131,11 @@ class MemGen(nn.Module):
         if allow_subset:
             index = rows.nonzero().squeeze(1)
             if 0 < index.numel() <= rows.numel() // 2:
-                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor)
+                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor,
+                                                 context)
         k = self.weaver.num_latents(kind)
         positions, advanced = self.latent_positions(next_positions, rows, k)
-        latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor)
+        latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor, context)
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         mask = torch.cat([attention_mask, slots], dim=1)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
@@ -151,12 +154,13 @@ class MemGen(nn.Module):
         positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         return positions, next_positions + k * rows.long()
 
-    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor):
+    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor, context):
         sub_cache = select_rows(cache, index, self.reasoner)
         sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
         sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
+        sub_context = None if context is None else tuple(t.index_select(0, index) for t in context)
         latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,
-                                                    anchor.index_select(0, index))
+                                                    anchor.index_select(0, index), context=sub_context)
         k = latents.shape[1]
         append_rows_slots(cache, sub_cache, index, k)
         batch = rows.numel()
@@ -219,37 +223,44 @@ class MemGen(nn.Module):
         return ([0] if prompt_end else []) + points
 
     # ----------------------------------------------------------------- public API
-    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, **overrides):
+    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, experience=None, **overrides):
         """Batched generation with latent memory. Returns :class:`memgen.engine.GenerationOutput`.
 
         ``overrides`` are :class:`GenerateConfig` fields; ``on_token(event)`` is called for
-        every generated token with a :class:`memgen.engine.TokenEvent`.
+        every generated token with a :class:`memgen.engine.TokenEvent`. ``experience`` (a
+        :class:`memgen.experience.ExperienceReader`) makes every invocation retrieve text the
+        weaver reads (paper App. E).
         """
         from .engine import DecodeSession
 
         session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides),
-                                stream_text=on_token is not None)
+                                stream_text=on_token is not None, experience=experience)
         for event in session:
             if on_token is not None:
                 on_token(event)
         return session.output
 
-    def stream(self, prompts, config: GenerateConfig | None = None, **overrides) -> Iterator:
+    def stream(self, prompts, config: GenerateConfig | None = None, experience=None, **overrides) -> Iterator:
         """Yield :class:`memgen.engine.TokenEvent` per generated token; the generator returns the output."""
         from .engine import DecodeSession
 
-        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides), stream_text=True)
+        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides), stream_text=True,
+                                experience=experience)
         yield from session
         return session.output
 
-    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
-        """Batched log-probs of completions with latents spliced at ``insertions``; see :mod:`memgen.teacher_forcing`."""
+    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None):
+        """Batched log-probs of completions with latents spliced at ``insertions``; see :mod:`memgen.teacher_forcing`.
+
+        ``contexts`` (per row, one token-id list per insertion) is the retrieved text each weaver pass
+        reads, e.g. a rollout's ``Completion.insertion_contexts``.
+        """
         from .teacher_forcing import teacher_forced_forward
 
-        return teacher_forced_forward(self, prompt_ids, completion_ids, insertions, temperature)
+        return teacher_forced_forward(self, prompt_ids, completion_ids, insertions, temperature, contexts)
 
-    def forward(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
-        return self.teacher_forced(prompt_ids, completion_ids, insertions, temperature)
+    def forward(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None):
+        return self.teacher_forced(prompt_ids, completion_ids, insertions, temperature, contexts)
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> Path:

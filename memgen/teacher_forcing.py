@@ -59,16 +59,45 @@ def _validate(prompts, completions, insertions):
             raise InputError(f"example {i}: insertion positions must lie in [0, {len(c) - 1}], got {ins}")
 
 
+def _check_contexts(contexts, insertions):
+    if contexts is None:
+        return None
+    if len(contexts) != len(insertions):
+        raise InputError(f"got {len(contexts)} context lists for {len(insertions)} examples")
+    for i, (ctx, ins) in enumerate(zip(contexts, insertions)):
+        if len(ctx) != len(ins):
+            raise InputError(f"example {i}: {len(ctx)} retrieved contexts for {len(ins)} insertions")
+    return [[list(map(int, c)) for c in ctx] for ctx in contexts]
+
+
+def _context_batch(contexts, rows, j, batch, pad_id, device):
+    """(ids, valid) (B, S) of the retrieved text read by the ``j``-th insertion of ``rows``, or None."""
+    if contexts is None:
+        return None
+    width = max(len(contexts[r][j]) for r in rows)
+    if width == 0:
+        return None
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((batch, width), dtype=torch.long)
+    for r in rows:
+        n = len(contexts[r][j])
+        ids[r, :n] = torch.tensor(contexts[r][j], dtype=torch.long)
+        valid[r, :n] = 1
+    return ids.to(device), valid.to(device)
+
+
 def _to_lists(x):
     if isinstance(x, torch.Tensor):
         return x.tolist()
     return [list(map(int, row)) for row in x]
 
 
-def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0):
+def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0,
+                           contexts=None):
     prompts, completions = _to_lists(prompt_ids), _to_lists(completion_ids)
     insertions = [[int(p) for p in ins] for ins in insertions]
     _validate(prompts, completions, insertions)
+    contexts = _check_contexts(contexts, insertions)
     reasoner, device = memgen.reasoner, memgen.device
     batch = len(prompts)
     lengths = [len(c) for c in completions]
@@ -157,7 +186,9 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
                 continue
             flag = torch.zeros(batch, dtype=torch.bool, device=device)
             flag[torch.tensor(rows, device=device)] = True
-            latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind, anchor)
+            context = _context_batch(contexts, rows, j, batch, pad_id, device)
+            latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind,
+                                                                             anchor, context=context)
             forwards += 2 * batch * latents.shape[1]
             r_t = torch.tensor(rows, device=device)
             latent_norms.append(latents[r_t].float().norm(dim=-1).mean())

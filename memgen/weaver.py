@@ -54,9 +54,10 @@ class Weaver(nn.Module):
         raise NotImplementedError
 
     def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
-              rows: torch.Tensor, kind: str, anchor: torch.Tensor) -> torch.Tensor:
-        """``positions`` (B, K) are the position ids the latents will take (the query slots use them too);
-        ``anchor`` (B, d) is the reasoner's last-layer state at the insertion point."""
+              rows: torch.Tensor, kind: str, anchor: torch.Tensor, context=None) -> torch.Tensor:
+        """``positions`` (B, K) are the position ids the latents will take; ``anchor`` (B, d) is the
+        reasoner's last-layer state at the insertion point; ``context`` is None or (token ids (B, S),
+        valid (B, S)): retrieved text the weaver reads before weaving (left-aligned, pads invalid)."""
         raise NotImplementedError
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -202,15 +203,29 @@ class LoraQueryWeaver(Weaver):
         return z * (self.target_norm / z.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
-              rows: torch.Tensor, kind: str, anchor: torch.Tensor) -> torch.Tensor:
+              rows: torch.Tensor, kind: str, anchor: torch.Tensor, context=None) -> torch.Tensor:
         queries = self.queries(kind)
         batch, k = attention_mask.shape[0], queries.shape[0]
         slots = rows.to(attention_mask.dtype)[:, None].expand(batch, k)
-        mask = torch.cat([attention_mask, slots], dim=1)
         inputs = queries.to(reasoner.dtype)[None].expand(batch, k, -1)
+        extra = 0
+        if context is not None and context[0].shape[1] > 0:
+            # Retrieved text goes in front of the query slots, at the positions the latents would take;
+            # the queries follow it. It is cropped with them, so only the latents carry it on.
+            ids, valid = context
+            extra = ids.shape[1]
+            valid = valid.to(attention_mask.dtype) * rows.to(attention_mask.dtype)[:, None]
+            start = positions[:, :1]
+            text_positions = start + torch.arange(extra, device=positions.device)
+            positions = positions + valid.sum(dim=1, keepdim=True)
+            inputs = torch.cat([reasoner.embed(ids).to(reasoner.dtype), inputs], dim=1)
+            slots = torch.cat([valid, slots], dim=1)
+            positions = torch.cat([text_positions, positions], dim=1)
+        mask = torch.cat([attention_mask, slots], dim=1)
         with self.lora_active():
             hidden = reasoner.hidden(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache)
-        drop_last_slots(cache, k)
+        drop_last_slots(cache, extra + k)
+        hidden = hidden[:, extra:]
         if self.anchor_map is not None:
             hidden = hidden.to(self.anchor_map.weight.dtype) + self.anchor_map(anchor.to(self.anchor_map.weight.dtype))[:, None]
         return self.project(hidden, kind).to(reasoner.dtype)

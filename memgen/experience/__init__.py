@@ -7,6 +7,7 @@ weaving (paper App. E). See :mod:`memgen.experience.store` for the on-disk forma
 from .embedders import BM25Retriever, Embedder, ReasonerEmbedder, SentenceTransformerEmbedder
 from .records import ExperienceError, ExperienceRecord
 from .store import ExperienceStore, Hit
+from .weaving import ExperienceReader, RetrievalConfig, Retrieved
 
-__all__ = ["BM25Retriever", "Embedder", "ExperienceError", "ExperienceRecord", "ExperienceStore", "Hit",
-           "ReasonerEmbedder", "SentenceTransformerEmbedder"]
+__all__ = ["BM25Retriever", "Embedder", "ExperienceError", "ExperienceReader", "ExperienceRecord", "ExperienceStore",
+           "Hit", "ReasonerEmbedder", "RetrievalConfig", "Retrieved", "SentenceTransformerEmbedder"]

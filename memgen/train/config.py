@@ -55,6 +55,13 @@ class TrainConfig:
     latent_init_text: str | None = help_field(None, "start latents at this text's token embeddings (new weavers only)")
     anchor_context: bool = help_field(True, "map the insertion point's state into the latents (new weavers only)")
     max_prompt_tokens: int = help_field(512, "prompts are truncated from the left to this many tokens", ge=1)
+    experience: str | None = help_field(None, "experience store the weaver reads on every invocation "
+                                              "(retrieval-augmented weaving, paper App. E)")
+    experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner (the frozen "
+                                                      "reasoner's pooled states) | bm25 | st:DIR")
+    retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
+    retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
+    retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
 
     def __post_init__(self) -> None:
         if isinstance(self.delimiters, str):

@@ -34,7 +34,8 @@ def grpo_step(run, micro: int):
         if config.num_iterations > 1 and run.unwrapped.reasoner.dtype not in (torch.float32, torch.float64):
             with torch.no_grad():
                 batch.old_logprobs = run.unwrapped.teacher_forced(batch.prompt_ids, batch.completion_ids,
-                                                                  batch.insertions, config.temperature).logprobs
+                                                                  batch.insertions, config.temperature,
+                                                                  batch.contexts).logprobs
         ref = None
         if config.beta > 0:
             with torch.no_grad():
@@ -44,7 +45,7 @@ def grpo_step(run, micro: int):
         cache[micro] = (batch, ref, advantages)
     batch, ref, advantages = cache[micro]
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature)
+    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts)
     mask = out.mask.float()
     if config.mask_truncated_completions:
         mask = mask * (~batch.truncated).float()[:, None]

@@ -3,7 +3,8 @@
 Each prompt is prefilled once and its KV cache shared by its G samples
 (``GenerateConfig.num_samples``). Rewards are computed on the completion text cut at the
 first stop string, by reward functions in TRL's signature; dataset columns are repeated per
-sample and passed as keyword lists.
+sample and passed as keyword lists. With ``--experience`` each insertion's retrieved tokens are
+kept, so the teacher-forced forward replays exactly what the rollout's weaver read.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class RolloutBatch:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     insertions: list[list[int]]
+    contexts: list[list[list[int]]] | None
+    """per rollout, the retrieved token ids each insertion's weaver read (None without --experience)"""
     decisions: list[list[tuple[int, bool]]]
     old_logprobs: torch.Tensor
     rewards: torch.Tensor
@@ -58,7 +61,7 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
         seed=run.rollout_seed(micro), return_logprobs=True, stop=stops, **generate_kwargs)
     was_training = model.training
     model.eval()
-    output = model.generate(prompts, gen_config)
+    output = model.generate(prompts, gen_config, experience=run.experience)
     model.train(was_training)
     completions = output.completions
     texts = [cut_at_stop(c.text, stops) for c in completions]
@@ -75,6 +78,7 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
         prompt_ids=[p for p in prompts for _ in range(g)],
         completion_ids=[c.token_ids for c in completions],
         insertions=[c.insertion_positions for c in completions],
+        contexts=None if run.experience is None else [c.insertion_contexts for c in completions],
         decisions=[[(i.position, i.inserted) for i in c.insertions if i.probability is not None] for c in completions],
         old_logprobs=old.to(model.device),
         rewards=rewards.to(model.device),

@@ -84,7 +84,7 @@ def trigger_step(run, micro: int):
     total = batch.rewards - torch.tensor(penalties, device=batch.rewards.device)
     advantages = group_advantages(total, config.num_generations, config.scale_rewards)
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature)
+    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts)
     rows = [r for r, d in enumerate(batch.decisions) for _ in d]
     positions = [pos for d in batch.decisions for pos, _ in d]
     taken = torch.tensor([float(x) for f in flags for x in f], device=out.trigger_logits.device)

@@ -1,0 +1,115 @@
+"""Retrieval-augmented weaving (paper App. E): what the weaver reads from the experience store.
+
+On each invocation the engine asks an :class:`ExperienceReader` for every inserting row: the
+query is built from the reasoning so far (``RetrievalConfig.query``), the top-P records are
+retrieved and rendered as text, and their tokens, cut to ``max_tokens``, are prefilled in front
+of the weaver's query slots with the weaver adapter on. Those slots, and the text, are cropped
+from the cache with the query slots, so the reasoner only ever sees the latents.
+
+The paper does not say how the weaver reads retrieved memories; its authors never published the
+code. Our choices, stated: the text takes the positions the latents would take and the query
+slots follow it (so they read it as the most recent context), and snippets are whole records in
+rank order, the last one cut at the token budget.
+
+The insertion log keeps, per insertion, the retrieved record ids and the exact token ids read,
+so a teacher-forced forward (training) replays the same context the rollout saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dataclass_cli import check_ranges, help_field
+from ..errors import ConfigError
+from .records import ExperienceRecord
+from .store import ExperienceStore
+
+QUERIES = ("prompt", "context")
+
+
+@dataclass
+class RetrievalConfig:
+    """How the weaver's retrieval is built on each invocation."""
+
+    top_p: int = help_field(3, "P: records retrieved per invocation", ge=1)
+    max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
+    query: str = help_field("context", "query text: prompt (the task input) | context (prompt plus the answer so far)")
+    query_chars: int = help_field(2000, "keep this many trailing characters of the query text", ge=1)
+    successes_only: bool = help_field(True, "retrieve only successful trajectories (insights and workflows always)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.query not in QUERIES:
+            raise ConfigError(f"retrieval query must be one of {', '.join(QUERIES)}, got {self.query!r}")
+
+
+@dataclass
+class Retrieved:
+    record_ids: list[str]
+    token_ids: list[int]
+
+
+def render(record: ExperienceRecord) -> str:
+    """A record as the weaver reads it."""
+    if record.kind == "trajectory":
+        return f"{record.input}{record.trajectory}\n"
+    return f"{record.text}\n"
+
+
+class ExperienceReader:
+    """Queries a store for inserting rows and returns the token ids each row's weaver reads."""
+
+    def __init__(self, store: ExperienceStore, tokenizer, config: RetrievalConfig | None = None):
+        self.store, self.tokenizer = store, tokenizer
+        self.config = config or RetrievalConfig()
+
+    def query_text(self, prompt: str, answer_so_far: str) -> str:
+        text = prompt if self.config.query == "prompt" else prompt + answer_so_far
+        return text[-self.config.query_chars:]
+
+    def read(self, queries: list[str]) -> list[Retrieved]:
+        top = self.config.top_p
+        if self.config.successes_only:  # oversample, then drop failed attempts
+            hits = self.store.search_many(queries, 4 * top)
+            hits = [[h for h in row if h.record.kind != "trajectory" or h.record.success][:top] for row in hits]
+        else:
+            hits = self.store.search_many(queries, top)
+        out = []
+        for row in hits:
+            ids, used = [], []
+            for hit in row:
+                room = self.config.max_tokens - len(ids)
+                if room <= 0:
+                    break
+                ids += self.tokenizer(render(hit.record), add_special_tokens=False)["input_ids"][:room]
+                used.append(hit.record.id)
+            out.append(Retrieved(used, ids))
+        return out
+
+
+def open_reader(store_dir: str, embedder: str, model, config: RetrievalConfig) -> ExperienceReader:
+    """A read-only reader of the store at ``store_dir`` for ``model`` (a MemGen).
+
+    ``embedder``: ``reasoner`` (the model's own frozen reasoner, no second copy), ``bm25`` or ``st:DIR``.
+    """
+    from .embedders import ReasonerEmbedder, SentenceTransformerEmbedder
+
+    if embedder == "bm25":
+        store = ExperienceStore(store_dir, retriever="bm25", create=False, read_only=True)
+    elif embedder == "reasoner":
+        store = ExperienceStore(store_dir, ReasonerEmbedder(model.reasoner_model, model.tokenizer), create=False,
+                                read_only=True)
+    elif embedder.startswith("st:"):
+        store = ExperienceStore(store_dir, SentenceTransformerEmbedder(embedder[3:]), create=False, read_only=True)
+    else:
+        raise ConfigError(f"experience embedder must be reasoner, bm25 or st:DIR, got {embedder!r}")
+    return ExperienceReader(store, model.tokenizer, config)
+
+
+def contexts_at(reader: ExperienceReader | None, prompt_text: str, tokenizer, completion: list[int],
+                insertions: list[int]) -> list[list[int]] | None:
+    """What the weaver reads at each of ``insertions`` of a known completion (SFT), as a rollout would."""
+    if reader is None:
+        return None
+    queries = [reader.query_text(prompt_text, tokenizer.decode(completion[:pos])) for pos in insertions]
+    return [got.token_ids for got in reader.read(queries)] if queries else []
