@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import GenerateConfig, MemoryPolicy
 from .data import prompt_token_ids
-from .errors import MemGenError
+from .errors import ConfigError, MemGenError
 from .dataclass_cli import check_ranges, help_field
 from .tasks import Task
 from .rewards import cut_at_stop
+
+
+MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
 
 
 @dataclass
@@ -35,8 +38,12 @@ class EvalConfig:
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
                                                 "become one user turn)")
-    experience: str | None = help_field(None, "experience store the weaver reads on every invocation "
-                                              "(retrieval-augmented weaving, paper App. E)")
+    experience: str | None = help_field(None, "experience store: read by the weaver (--memory-source "
+                                              "weaver+retrieval) or put in the prompt (expel, awm)")
+    memory_source: str = help_field("weaver", "weaver (latents only) | weaver+retrieval (the weaver reads "
+                                              "--experience) | expel (insights + similar successes in the prompt) "
+                                              "| awm (workflows in the prompt)")
+    experience_task: str = help_field("", "task name of the insights / workflows in --experience (default: --task)")
     experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner | bm25 | st:DIR")
     retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
     retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
@@ -47,6 +54,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
         MemoryPolicy.parse(self.memory)
+        if self.memory_source not in MEMORY_SOURCES:
+            raise ConfigError(f"memory_source must be one of {', '.join(MEMORY_SOURCES)}, got {self.memory_source!r}")
+        if self.memory_source != "weaver" and not self.experience:
+            raise ConfigError(f"--memory-source {self.memory_source} needs --experience STORE")
 
     def policy_needs_adapter(self) -> bool:
         return self.memory != "off"
@@ -56,11 +67,15 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``."""
     from tqdm.auto import tqdm
 
-    if experience is None and config.experience:
+    rewrite = None
+    if experience is None and config.memory_source != "weaver":
         from .experience.weaving import RetrievalConfig, open_reader
 
         experience = open_reader(config.experience, config.experience_embedder, model, RetrievalConfig(
             top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
+    if config.memory_source in ("expel", "awm"):
+        rewrite = _prompt_memory(experience.store, config.memory_source, config.experience_task or task.name)
+        experience = None  # the store feeds the prompt, not the weaver
 
     records = task.records[: config.limit] if config.limit is not None else task.records
     if not records:
@@ -81,7 +96,8 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         for start in range(0, len(records), config.batch_size):
             batch = records[start: start + config.batch_size]
             began = time.perf_counter()
-            output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in batch],
+            shown = [_rewritten(r, rewrite) for r in batch] if rewrite is not None else batch
+            output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
                                     gen, experience=experience)
             seconds = time.perf_counter() - began
             total_seconds += seconds
@@ -126,6 +142,27 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
     return summary
+
+
+def _rewritten(record, rewrite):
+    """The record with its prompt (or its last user message) passed through ``rewrite``."""
+    if record.messages:
+        messages = [dict(m) for m in record.messages]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+        messages[last]["content"] = rewrite(messages[last]["content"])
+        return replace(record, messages=messages)
+    return replace(record, prompt=rewrite(record.prompt))
+
+
+def _prompt_memory(store, source: str, task: str):
+    """prompt -> prompt with ExpeL's insights and examples, or AWM's workflows, from ``store``."""
+    if source == "expel":
+        from .experience.expel import ExpeLConfig, expel_prompt
+
+        return lambda prompt: expel_prompt(store, task, prompt, ExpeLConfig())
+    from .experience.awm import AWMConfig, awm_prompt
+
+    return lambda prompt: awm_prompt(store, task, prompt, AWMConfig())
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
