@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/retrieval_decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
     memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
                     [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
-    memgen experience build|show|search --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
+    memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
 """
 
 from __future__ import annotations
@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
              json_flag="print the summary as JSON")
     from .experience.config import ExperienceConfig
 
-    experience = sub.add_parser("experience", help="build, show or search an experience store")
+    experience = sub.add_parser("experience", help="build, show, search or derive from an experience store")
     actions = experience.add_subparsers(dest="action", required=True)
     for action, text in (("build", "add trajectories from a JSONL file (records or `memgen eval --output`)"),
-                         ("show", "count and list the records"), ("search", "the records nearest to --query")):
+                         ("show", "count and list the records"), ("search", "the records nearest to --query"),
+                         ("insights", "ExpeL: extract insights from the --task trajectories with --model"),
+                         ("workflows", "AWM: induce workflows from the --task successes with --model")):
         _command(actions, action, text, ExperienceConfig, _experience)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser

@@ -44,6 +44,9 @@ class EvalConfig:
                                               "--experience) | expel (insights + similar successes in the prompt) "
                                               "| awm (workflows in the prompt)")
     experience_task: str = help_field("", "task name of the insights / workflows in --experience (default: --task)")
+    experience_template: str = help_field("", "file with the expel / awm test-prompt template (default: the "
+                                              "package's prompts/expel_task.txt or awm_task.txt)")
+    experience_top_k: int = help_field(2, "expel: similar successful trajectories in the prompt", ge=0)
     experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner | bm25 | st:DIR")
     retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
     retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
@@ -74,7 +77,7 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         experience = open_reader(config.experience, config.experience_embedder, model, RetrievalConfig(
             top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
     if config.memory_source in ("expel", "awm"):
-        rewrite = _prompt_memory(experience.store, config.memory_source, config.experience_task or task.name)
+        rewrite = _prompt_memory(experience.store, config, config.experience_task or task.name)
         experience = None  # the store feeds the prompt, not the weaver
 
     records = task.records[: config.limit] if config.limit is not None else task.records
@@ -154,15 +157,18 @@ def _rewritten(record, rewrite):
     return replace(record, prompt=rewrite(record.prompt))
 
 
-def _prompt_memory(store, source: str, task: str):
+def _prompt_memory(store, config: EvalConfig, task: str):
     """prompt -> prompt with ExpeL's insights and examples, or AWM's workflows, from ``store``."""
-    if source == "expel":
+    template = Path(config.experience_template).read_text() if config.experience_template else ""
+    if config.memory_source == "expel":
         from .experience.expel import ExpeLConfig, expel_prompt
 
-        return lambda prompt: expel_prompt(store, task, prompt, ExpeLConfig())
+        expel = ExpeLConfig(top_k=config.experience_top_k, task_template=template)
+        return lambda prompt: expel_prompt(store, task, prompt, expel)
     from .experience.awm import AWMConfig, awm_prompt
 
-    return lambda prompt: awm_prompt(store, task, prompt, AWMConfig())
+    awm = AWMConfig(task_template=template)
+    return lambda prompt: awm_prompt(store, task, prompt, awm)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

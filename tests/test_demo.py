@@ -59,9 +59,20 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert "memgen_grpo" in report and "Continual learning" in report and "claims" in report
     assert "| arm" in first.stdout and " ± " in first.stdout
     # A second run finds the cached reasoner, and replaces the first run's per-seed outputs.
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and "reasoner: cached" in second.stdout
+    # The cached run also runs the experience arms (issue 11): ExpeL, AWM and the weaver reading retrieved text.
+    second = subprocess.run(cmd + ["--experience-arms", "true"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "reasoner: cached" in second.stdout, second.stderr[-3000:]
     assert not (out / "seed-1").exists() and (out / "seed-0").is_dir()
+    results = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in results["arms"]] == ARMS + ["expel", "awm", "memgen_sft_retrieval"]
+    experience = results["runs"][0]["experience"]
+    assert experience["gathered"]["attempts"] == 40 and {"insights", "workflows"} <= set(experience)
+    assert len((out / "seed-0" / "experience" / "records.jsonl").read_text().splitlines()) >= 1
+    retrieval = [json.loads(line) for line in (out / "seed-0" / "answers" / "memgen_sft_retrieval-B.jsonl").open()]
+    assert all(row["retrieved"] for row in retrieval) or not any(r["success"] for r in map(
+        json.loads, (out / "seed-0" / "experience" / "records.jsonl").open()))
+    expel_rows = [json.loads(line) for line in (out / "seed-0" / "answers" / "expel-B.jsonl").open()]
+    assert all(row["insertions"] == 0 for row in expel_rows)  # ExpeL is prompt-only: memory off
 
 
 def test_reasoner_quality_bar_fails_loudly_or_passes_with_its_evidence(tmp_path, monkeypatch):

@@ -203,3 +203,11 @@ def test_experience_cli_builds_from_eval_answers_shows_and_searches(tmp_path):
     lexical = _memgen("experience", "search", "--store", str(store), "--query", "gets 3. loses 2.",
                       "--embedder", "bm25")
     assert lexical.returncode == 0 and PROBLEMS[5] in lexical.stdout.splitlines()[2]
+    # ExpeL and AWM from the CLI, with the reasoner as the LLM: they run and report what they did.
+    for action, key in (("insights", "insights="), ("workflows", "workflows=")):
+        derived = _memgen("experience", action, "--store", str(store), "--task", "demo-B", "--model", str(model_dir),
+                          "--llm-max-new-tokens", "8")
+        assert derived.returncode == 0, derived.stderr
+        assert key in derived.stdout
+    missing = _memgen("experience", "insights", "--store", str(store), "--model", str(model_dir))
+    assert missing.returncode == 2 and "needs --model" in missing.stderr

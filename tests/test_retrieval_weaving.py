@@ -151,3 +151,40 @@ def test_weaver_training_reads_the_store(tok, store, tmp_path):
             train_weaver(grpo, model=model, task=task)
             assert len(read_metrics(grpo.output_dir)) == 2
     assert (weights["with"] - weights["without"]).abs().max() > 1e-4
+
+
+def test_cli_trains_weaver_then_trigger_with_an_experience_store(tmp_path):
+    """The real entry points: `memgen train weaver --experience`, then `memgen train trigger --experience`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import toy_task_records
+    from memgen.tiny import tiny_causal_lm, tiny_tokenizer
+    from memgen.train.logging import read_metrics
+
+    tok = tiny_tokenizer()
+    tiny_causal_lm(tok, hidden_size=64, num_layers=2).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "completion": r.completion, "answer": r.columns["answer"]})
+                            + "\n" for r in toy_task_records(16)))
+    with ExperienceStore(tmp_path / "store", retriever="bm25") as s:
+        s.add_many(ExperienceRecord(task="toy", input=r.prompt, trajectory=r.completion, success=True)
+                   for r in toy_task_records(8, seed=1))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    common = ["--model", str(tmp_path / "base"), "--data", str(data), "--experience", str(tmp_path / "store"),
+              "--experience-embedder", "bm25", "--retrieval-max-tokens", "16", "--max-steps", "2",
+              "--per-device-batch-size", "4", "--progress", "false", "--save-every", "0", "--tensorboard", "false"]
+    weaver = subprocess.run([sys.executable, "-m", "memgen", "train", "weaver", "--output-dir", str(tmp_path / "w"),
+                             "--prompt-latents", "2", "--inference-latents", "2", "--lora-r", "4", *common],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert weaver.returncode == 0, weaver.stderr[-2000:]
+    assert all(0 < r["retrieved_tokens_per_insertion"] <= 16 for r in read_metrics(tmp_path / "w"))
+    trigger = subprocess.run([sys.executable, "-m", "memgen", "train", "trigger", "--adapter",
+                              str(tmp_path / "w" / "final"), "--output-dir", str(tmp_path / "t"),
+                              "--num-generations", "2", "--max-new-tokens", "12", *common],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert trigger.returncode == 0, trigger.stderr[-2000:]
+    assert len(read_metrics(tmp_path / "t")) == 2

@@ -185,3 +185,69 @@ def memgen_continual(base, tokenizer, cfg, train: Task, out: Path, previous: Pat
     train_weaver(_weaver_config(cfg, out, f"memgen_sft-{train.name}", method="sft", insertion="all"), model=model,
                  task=train)
     return ArmResult("memgen_sft", "always", count(model.weaver_parameters()), time.perf_counter() - started, model)
+
+
+# ------------------------------------------------------------------ experience arms (issue 11)
+# The demo's own test-prompt templates: the reasoner is character-level and was pretrained on
+# packed problems, so solved examples go in front of the problem as plain "Q: ... A: ..." lines,
+# which is in its distribution; the package's English templates are not (most of their
+# characters are outside its alphabet). Insights and workflows go in only if the reasoner wrote any.
+EXPEL_TEMPLATE = "{examples}{prompt}"
+EXPEL_TEMPLATE_WITH_INSIGHTS = "{insights}\n{examples}{prompt}"
+AWM_TEMPLATE = "{workflows}\n{prompt}"
+
+
+def build_experience(base, tokenizer, cfg, train: Task, out: Path) -> dict:
+    """ExpeL's gathering (the frozen reasoner attempts B training problems), its insight extraction and
+    AWM's offline induction, all with the reasoner itself as the LLM. Returns what each produced."""
+    from ..experience import ExperienceStore
+    from ..experience.awm import AWMConfig, induce_workflows
+    from ..experience.expel import ExpeLConfig, extract_insights, gather_experience, reasoner_llm
+
+    started = time.perf_counter()
+    model = MemGen(base, tokenizer, memgen_config(cfg))  # memory off: the vanilla reasoner
+    attempts = Task(train.name, train.records[: cfg.experience_size], train.reward, {}, train.stop)
+    expel = ExpeLConfig(attempts=2, max_new_tokens=cfg.max_new_tokens, compare_pairs=10, success_batches=2,
+                        llm_max_new_tokens=64, top_k=cfg.experience_top_k, seed=cfg.seed)
+    llm = reasoner_llm(model, max_new_tokens=64, stop=["\n\n"], batch_size=cfg.eval_batch_size)
+    path = out / "experience"
+    with ExperienceStore(path, retriever="bm25") as store:
+        gathered = gather_experience(model, attempts, store, expel, batch_size=cfg.eval_batch_size, run="demo")
+        insights = extract_insights(store, train.name, llm, expel)
+        successes = store.records(kind="trajectory", success=True, task=train.name)[-16:]
+        workflows = induce_workflows(store, train.name, llm, AWMConfig(induction_batch=8), successes)
+    templates = {"expel": EXPEL_TEMPLATE_WITH_INSIGHTS if insights["insights"] else EXPEL_TEMPLATE,
+                 "awm": AWM_TEMPLATE}
+    for name, text in templates.items():
+        (out / f"{name}_template.txt").write_text(text)
+    return {"store": str(path), "task": train.name, "gathered": gathered, "insights": insights,
+            "workflows": workflows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _prompt_arm(name: str, base, tokenizer, cfg, out: Path, experience: dict) -> ArmResult:
+    return ArmResult(name, "off", 0, experience["seconds"], MemGen(base, tokenizer, memgen_config(cfg)),
+                     {"memory_source": name, "experience": experience["store"], "experience_task": experience["task"],
+                      "experience_template": str(out / f"{name}_template.txt"), "experience_top_k": cfg.experience_top_k})
+
+
+def expel(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmResult:
+    """ExpeL: the frozen reasoner with its insights (if any) and the most similar solved B problems in the prompt."""
+    return _prompt_arm("expel", base, tokenizer, cfg, out, experience)
+
+
+def awm(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmResult:
+    """AWM: the frozen reasoner with the workflows it induced (if any) in front of the prompt."""
+    return _prompt_arm("awm", base, tokenizer, cfg, out, experience)
+
+
+def memgen_sft_retrieval(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmResult:
+    """Weaver SFT in which every insertion also reads the most similar solved problems from the store."""
+    model = MemGen(base, tokenizer, memgen_config(cfg))
+    retrieval = dict(experience=experience["store"], experience_embedder="bm25", retrieval_top_p=cfg.experience_top_k,
+                     retrieval_max_tokens=cfg.retrieval_max_tokens, retrieval_query="prompt")
+    started = time.perf_counter()
+    train_weaver(_weaver_config(cfg, out, "memgen_sft_retrieval", method="sft", insertion="all", **retrieval),
+                 model=model, task=train)
+    return ArmResult("memgen_sft_retrieval", "always", count(model.weaver_parameters()),
+                     experience["seconds"] + time.perf_counter() - started, model,
+                     {"memory_source": "weaver+retrieval", **retrieval})

@@ -40,6 +40,9 @@ from .reasoner import ReasonerConfig, get_reasoner
 DOMAINS = {"A": "A (pretraining skill)", "B": "B (new skill)", "C": "C (held-out mix)"}
 CONTINUAL = {"A": "A (pretraining skill)", "B": "B (first new skill)", "D": "D (second new skill)"}
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "memgen_random", "prompt_only", "memgen_grpo"]
+EXPERIENCE_ARMS = ["expel", "awm", "memgen_sft_retrieval"]
+EXPERIENCE_EVAL_KEYS = ("memory_source", "experience", "experience_task", "experience_template", "experience_top_k",
+                        "experience_embedder", "retrieval_top_p", "retrieval_max_tokens", "retrieval_query")
 
 
 @dataclass
@@ -66,6 +69,13 @@ class DemoConfig:
     trigger_a_share: float = help_field(0.5, "share of domain-A prompts in the trigger's RL data (the rest are "
                                               "B): A is where memory should stay quiet", ge=0, le=1)
     continual: bool = help_field(True, "run the continual stage: LoRA-SFT and the weaver go on from B to skill D")
+    experience_arms: bool = help_field(False, "also run the experience arms: expel, awm and memgen_sft_retrieval "
+                                              "(issue 11; DEMO.md gives their cost)")
+    experience_size: int = help_field(200, "B training problems the reasoner attempts (twice) to gather experience",
+                                      ge=1)
+    experience_top_k: int = help_field(1, "solved problems retrieved into the prompt (expel) or the weaver "
+                                          "(memgen_sft_retrieval)", ge=1)
+    retrieval_max_tokens: int = help_field(96, "most retrieved tokens the weaver reads per insertion", ge=1)
     trigger_at_prompt_end: bool = help_field(True, "the trigger also decides whether to weave at the prompt end "
                                                    "(seed 0: prompt-end latents alone cost A 0.42; DEMO.md)")
     trigger_lr: float = help_field(3e-3, "trigger learning rate", gt=0)
@@ -91,7 +101,7 @@ class DemoConfig:
     def effective(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return replace(self, train_size=200, test_size=20, sft_steps=12, batch_size=8, trigger_steps=3,
+        return replace(self, train_size=200, test_size=20, sft_steps=12, batch_size=8, trigger_steps=3, experience_size=20,
                        grpo_steps=2, rl_batch_size=2, num_generations=2, pretrain_steps=40, quality_bar=0.0)
 
     def reasoner(self, precision: str) -> ReasonerConfig:
@@ -183,10 +193,14 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
     train_task = as_task("B-train", trains["B"])
 
     def score(arm, domain: str, tag: str) -> dict:
+        # Experience arms read their store through evaluate's own options (BM25: no embedder model).
+        extra = {k: v for k, v in arm.eval_overrides.items() if k in EXPERIENCE_EVAL_KEYS}
+        if extra:
+            extra.setdefault("experience_embedder", "bm25")
         eval_config = EvalConfig(memory=arm.memory, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                                  max_insertions=arm.eval_overrides.get("max_insertions", cfg.max_insertions),
                                  seed=cfg.seed, output=str(out / "answers" / f"{tag}-{domain}.jsonl"),
-                                 progress=cfg.progress)
+                                 progress=cfg.progress, **extra)
         summary = evaluate(arm.model, as_task(domain, tests[domain]), eval_config)
         return {k: summary[k] for k in ("accuracy", "mean_insertions", "invocation_rate", "seconds_per_answer", "n")}
 
@@ -208,10 +222,26 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
         rows.append(row)
         log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
 
+    experience = None
+    if cfg.experience_arms:
+        log("experience: the reasoner gathers attempts on B, then writes insights and workflows")
+        experience = arm_fns.build_experience(base, tokenizer, cfg, train_task, out)
+        log(f"experience: {experience['gathered']}, insights {experience['insights']['insights']}, "
+            f"workflows {experience['workflows']['workflows']}")
+        for index, name in enumerate(EXPERIENCE_ARMS):
+            torch.manual_seed(cfg.seed * len(ARMS) + len(ARMS) + 2 + index)
+            log(f"arm {name}: training")
+            arm = getattr(arm_fns, name)(base, tokenizer, cfg, train_task, out, experience)
+            row = {"arm": name, "memory": arm.memory, "trainable_params": arm.trainable_params,
+                   "train_seconds": round(arm.train_seconds, 1), "domains": {d: score(arm, d, name) for d in DOMAINS}}
+            rows.append(row)
+            log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
+
     continual = None
     if cfg.continual:
         continual = run_continual(cfg, base, tokenizer, arms, rows, trains, score, out, log)
-    return {"seed": cfg.seed, "reasoner": reasoner_info, "arms": rows, "continual": continual}
+    return {"seed": cfg.seed, "reasoner": reasoner_info, "arms": rows, "continual": continual,
+            "experience": experience}
 
 
 def run_continual(cfg, base, tokenizer, arms: dict, rows: list, trains: dict, score, out: Path, log) -> dict:

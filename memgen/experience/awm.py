@@ -36,6 +36,8 @@ class AWMConfig:
     max_workflows: int = help_field(8, "newest workflows put in the test prompt", ge=1)
     induce_every: int = help_field(4, "online: induce after this many new successes", ge=1)
     llm_max_new_tokens: int = help_field(256, "longest LLM answer when inducing", ge=1)
+    task_template: str = help_field("", "test-prompt template with {workflows} and {prompt} "
+                                        "(default: prompts/awm_task.txt)")
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -70,7 +72,7 @@ def awm_prompt(store: ExperienceStore, task: str, prompt: str, config: AWMConfig
     """The test-time prompt: the task's newest workflows, then the task."""
     workflows = store.records(kind="workflow", task=task)[-config.max_workflows:]
     body = "\n\n".join(r.text for r in workflows) or "(none yet)"
-    return prompt_template("awm_task").format(workflows=body, prompt=prompt)
+    return (config.task_template or prompt_template("awm_task")).format(workflows=body, prompt=prompt)
 
 
 class OnlineAWM:

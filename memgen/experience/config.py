@@ -1,4 +1,7 @@
-"""``memgen experience build|show|search``: the config, the loaders behind ``build`` and the command handlers.
+"""``memgen experience build|show|search|insights|workflows``: the config, loaders and command handlers.
+
+``insights`` runs ExpeL's insight extraction and ``workflows`` AWM's offline induction over the
+store's trajectories of ``--task``, with the ``--model`` reasoner as the LLM.
 
 ``build --from FILE`` reads JSONL lines of either shape:
 
@@ -33,6 +36,8 @@ class ExperienceConfig:
     query: str = help_field("", "search: the text to match")
     top_k: int = help_field(4, "search: records to return", ge=1)
     limit: int = help_field(10, "show: records to list", ge=0)
+    llm_max_new_tokens: int = help_field(256, "insights/workflows: longest answer of the LLM (the --model reasoner)",
+                                         ge=1)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -89,6 +94,8 @@ def run_experience(command: str, config: ExperienceConfig) -> str:
 
     if not config.store:
         raise ExperienceError("--store is required")
+    if command in ("insights", "workflows"):
+        return _derive(command, config)
     if command == "build":  # the file is read before any model loads: a bad line fails fast
         if not config.source:
             raise ExperienceError("build needs --source FILE.jsonl")
@@ -124,6 +131,27 @@ def run_experience(command: str, config: ExperienceConfig) -> str:
         rows = [{"score": round(h.score, 4), **_row(h.record)} for h in hits]
         return format_table(rows, list(rows[0]))
     raise ExperienceError(f"unknown experience command {command!r}")
+
+
+def _derive(command: str, config: ExperienceConfig) -> str:
+    """``insights`` (ExpeL) or ``workflows`` (AWM, offline) over the store's trajectories of ``--task``."""
+    from ..loading import load_base
+    from ..model import MemGen
+    from .awm import AWMConfig, induce_workflows
+    from .expel import ExpeLConfig, extract_insights, reasoner_llm
+    from .store import ExperienceStore
+
+    if not config.model or not config.task:
+        raise ExperienceError(f"{command} needs --model (the LLM that writes them) and --task")
+    base, tokenizer = load_base(config.model)
+    llm = reasoner_llm(MemGen(base.eval(), tokenizer), config.llm_max_new_tokens)
+    embedder, retriever = open_embedder(config)
+    with ExperienceStore(config.store, embedder, retriever, create=False) as store:
+        if command == "insights":
+            got = extract_insights(store, config.task, llm, ExpeLConfig(llm_max_new_tokens=config.llm_max_new_tokens))
+        else:
+            got = induce_workflows(store, config.task, llm, AWMConfig(llm_max_new_tokens=config.llm_max_new_tokens))
+    return " ".join(f"{k}={v}" for k, v in got.items())
 
 
 def _row(record: ExperienceRecord) -> dict:

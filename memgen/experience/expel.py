@@ -17,7 +17,8 @@ Departures: ExpeL gathers with Reflexion retries and picks pairs from them; here
 are independent samples (the trigger-free reasoner, or any memory policy), which gives the
 same success/failure pairs without a reflection prompt. The LLM is any ``texts -> texts``
 callable: :func:`reasoner_llm` wraps the frozen reasoner itself (what the paper's comparison
-uses); a stronger model can be passed instead. The prompts are our own wording of ExpeL's.
+uses); a stronger model can be passed instead. The prompts are our own wording of ExpeL's
+(sources: ``prompts/SOURCES.md``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class ExpeLConfig:
     max_operations: int = help_field(4, "operations the LLM may write per call", ge=1)
     llm_max_new_tokens: int = help_field(256, "longest LLM answer when extracting insights", ge=1)
     top_k: int = help_field(2, "similar successful trajectories in the test prompt", ge=0)
+    task_template: str = help_field("", "test-prompt template with {insights}, {examples} and {prompt} "
+                                        "(default: prompts/expel_task.txt)")
     seed: int = help_field(0, "seed for sampling attempts and picking pairs", ge=0)
 
     def __post_init__(self) -> None:
@@ -179,8 +182,8 @@ def expel_prompt(store: ExperienceStore, task: str, prompt: str, config: ExpeLCo
     if config.top_k:
         hits = store.search(prompt, 4 * config.top_k, kind="trajectory", success=True, task=task)
         examples = [render(h.record) for h in hits if h.record.input != prompt][: config.top_k]
-    return prompt_template("expel_task").format(insights=_numbered(ranked), examples="".join(examples) or "(none)\n",
-                                               prompt=prompt)
+    template = config.task_template or prompt_template("expel_task")
+    return template.format(insights=_numbered(ranked), examples="".join(examples) or "(none)\n", prompt=prompt)
 
 
 def gather_experience(model, task, store: ExperienceStore, config: ExpeLConfig, memory: str = "off",
@@ -210,11 +213,19 @@ def gather_experience(model, task, store: ExperienceStore, config: ExpeLConfig, 
 
 
 def reasoner_llm(model, max_new_tokens: int = 256, stop: list[str] | None = None, batch_size: int = 8) -> LLM:
-    """The frozen reasoner as the insight/workflow LLM: greedy, memory off."""
+    """The frozen reasoner as the insight/workflow LLM: greedy, memory off.
+
+    A prompt longer than the model's context (less ``max_new_tokens``) keeps its last tokens: the
+    instructions and the answer cue sit at the end of every template, the oldest trajectory text first.
+    """
+    context = model.reasoner.context_length
+    room = None if context is None else max(context - max_new_tokens - 1, 1)
+
     def call(prompts: list[str]) -> list[str]:
+        ids = [p if room is None else p[-room:] for p in model.encode_prompts(list(prompts))]
         out = []
-        for start in range(0, len(prompts), batch_size):
-            result = model.generate(prompts[start: start + batch_size], memory="off", max_new_tokens=max_new_tokens,
+        for start in range(0, len(ids), batch_size):
+            result = model.generate(ids[start: start + batch_size], memory="off", max_new_tokens=max_new_tokens,
                                     stop=stop or [])
             out += result.texts
         return out
