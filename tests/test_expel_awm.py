@@ -74,6 +74,7 @@ def test_extraction_compares_pairs_then_summarises_successes(store):
     assert "Failed attempt:\n abd." in seen[0] and "Successful attempt:\n abc, abc." in seen[0]
     assert "1. Copy the word twice." in seen[1]  # the second call sees the list the first one built
     assert [(r.text, r.votes) for r in insights(store, "t")] == [("Copy the word twice.", 3)]
+    assert expel_prompt(store, "other", "copy abc:", ExpeLConfig()) == "copy abc:"  # nothing stored for it
     prompt = expel_prompt(store, "t", "copy abc:", ExpeLConfig(top_k=2))
     assert "1. Copy the word twice." in prompt and prompt.endswith("Now the task.\ncopy abc:")
     examples = prompt.split("Solved examples of similar tasks:")[1].split("Now the task.")[0]
@@ -94,7 +95,7 @@ def test_workflows_are_induced_offline_and_online(store):
     assert len(workflow.provenance["from"]) == 2
     assert "copy twice" in awm_prompt(store, "t", "copy xyz:", AWMConfig())
     online = OnlineAWM(store, "u", lambda p: ["## Workflow: w\n1. step"], AWMConfig(induce_every=2))
-    assert "(none yet)" in online.prompt("copy q:")
+    assert online.prompt("copy q:") == "copy q:"  # no workflow yet: the agent's own prompt
     online.observe("copy q:", " q, q.", True)
     online.observe("copy r:", " r.", False)
     assert online.stats["inductions"] == 0

@@ -10,6 +10,9 @@ through memgen's public training API, and is evaluated through ``memgen.evaluate
 | memgen_random | the SFT weaver with a coin-flip trigger | memory random:0.5 |
 | prompt_only | weaver SFT with latents only at the prompt end (SoftCoT-style) | prompt end only |
 | memgen_grpo | a short weaver GRPO from the SFT weaver | memory always |
+| expel (``--experience-arms``) | nothing: the reasoner's own B attempts gathered, insights extracted by it | off, ExpeL prompt |
+| awm (``--experience-arms``) | nothing: workflows induced by the reasoner from its B successes | off, AWM prompt |
+| memgen_sft_retrieval (``--experience-arms``) | weaver SFT, each insertion reading retrieved solved problems | always + retrieval |
 
 The trigger trains on A prompts as well as B: A is where the frozen reasoner already knows the
 skill, so the sparsity penalty should teach it to stay quiet there and spend insertions on B.

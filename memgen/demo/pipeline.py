@@ -70,7 +70,7 @@ class DemoConfig:
                                               "B): A is where memory should stay quiet", ge=0, le=1)
     continual: bool = help_field(True, "run the continual stage: LoRA-SFT and the weaver go on from B to skill D")
     experience_arms: bool = help_field(False, "also run the experience arms: expel, awm and memgen_sft_retrieval "
-                                              "(issue 11; DEMO.md gives their cost)")
+                                              "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)")
     experience_size: int = help_field(200, "B training problems the reasoner attempts (twice) to gather experience",
                                       ge=1)
     experience_top_k: int = help_field(1, "solved problems retrieved into the prompt (expel) or the weaver "

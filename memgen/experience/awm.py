@@ -69,9 +69,12 @@ def induce_workflows(store: ExperienceStore, task: str, llm: LLM, config: AWMCon
 
 
 def awm_prompt(store: ExperienceStore, task: str, prompt: str, config: AWMConfig) -> str:
-    """The test-time prompt: the task's newest workflows, then the task."""
+    """The test-time prompt: the task's newest workflows, then the task; with no workflow, the task alone
+    (an empty memory leaves the agent as it was, rather than adding an empty header)."""
     workflows = store.records(kind="workflow", task=task)[-config.max_workflows:]
-    body = "\n\n".join(r.text for r in workflows) or "(none yet)"
+    if not workflows:
+        return prompt
+    body = "\n\n".join(r.text for r in workflows)
     return (config.task_template or prompt_template("awm_task")).format(workflows=body, prompt=prompt)
 
 

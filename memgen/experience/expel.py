@@ -176,12 +176,15 @@ def extract_insights(store: ExperienceStore, task: str, llm: LLM, config: ExpeLC
 
 
 def expel_prompt(store: ExperienceStore, task: str, prompt: str, config: ExpeLConfig) -> str:
-    """The test-time prompt: insights (most votes first) and the top-k similar successful trajectories."""
+    """The test-time prompt: insights (most votes first) and the top-k similar successful trajectories;
+    the prompt unchanged when the store has neither."""
     ranked = sorted(insights(store, task), key=lambda r: -r.votes)[: config.max_insights]
     examples = []
     if config.top_k:
         hits = store.search(prompt, 4 * config.top_k, kind="trajectory", success=True, task=task)
         examples = [render(h.record) for h in hits if h.record.input != prompt][: config.top_k]
+    if not ranked and not examples:  # an empty memory leaves the agent as it was
+        return prompt
     template = config.task_template or prompt_template("expel_task")
     return template.format(insights=_numbered(ranked), examples="".join(examples) or "(none)\n", prompt=prompt)
 
