@@ -26,7 +26,7 @@ from .config import GenerateConfig
 from .errors import InputError
 from .sampling import select_tokens, token_logprobs
 from .reasoner import compact_cache
-from .weaver import INFERENCE, PROMPT
+from .weaver import INFERENCE, PROMPT, pack_context
 
 
 # Insertion decisions draw from their own generator, seeded ``seed + DECISION_SEED_OFFSET``.
@@ -97,14 +97,14 @@ class DecodeSession:
         self.m = memgen
         self.cfg = config
         self.prompts = prompts
-        self.reader = experience if self.cfg.policy.kind != "off" else None
-        self.prompt_texts = [memgen.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if self.reader else []
         self.stream_text = stream_text
         self.output: GenerationOutput | None = None
         reasoner = memgen.reasoner
         self.k_prompt = memgen.weaver.num_latents(PROMPT)
         self.k_infer = memgen.weaver.num_latents(INFERENCE)
         self.memory_on = config.policy.kind != "off"
+        self.reader = experience if self.memory_on else None
+        self.prompt_texts = [memgen.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if self.reader else []
         self.prompt_insert = self.memory_on and config.insert_at_prompt_end
         # A prompt-end decision is drawn per sample, so it comes after the prompt's cache is shared out.
         self.prompt_decides = self.prompt_insert and memgen.config.trigger_at_prompt_end and config.policy.kind in (
@@ -188,16 +188,7 @@ class DecodeSession:
         queries = [self.reader.query_text(self.prompt_texts[r // per_prompt], answer_so_far(r)) for r in rows]
         for r, got in zip(rows, self.reader.read(queries)):
             found[r] = got
-        width = max(len(found[r].token_ids) for r in rows)
-        if width == 0:
-            return None, found
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((batch, width), dtype=torch.long)
-        for r in rows:
-            n = len(found[r].token_ids)
-            ids[r, :n] = torch.tensor(found[r].token_ids, dtype=torch.long)
-            valid[r, :n] = 1
-        return (ids.to(self.m.device), valid.to(self.m.device)), found
+        return pack_context({r: found[r].token_ids for r in rows}, batch, self.pad_id, self.m.device), found
 
     def _weave_prompt_end(self, cache, mask, next_pos, logits, last, logs, insert, probs):
         """Weave prompt latents for the rows in ``insert`` and log each row's prompt-end entry.

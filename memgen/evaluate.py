@@ -72,10 +72,9 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
 
     rewrite = None
     if experience is None and config.memory_source != "weaver":
-        from .experience.weaving import RetrievalConfig, open_reader
+        from .experience.weaving import open_reader
 
-        experience = open_reader(config.experience, config.experience_embedder, model, RetrievalConfig(
-            top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
+        experience = open_reader(config, model)
     if config.memory_source in ("expel", "awm"):
         rewrite = _prompt_memory(experience.store, config, config.experience_task or task.name)
         experience = None  # the store feeds the prompt, not the weaver

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .weaver import INFERENCE, PROMPT
+from .weaver import INFERENCE, PROMPT, pack_context
 
 
 @dataclass
@@ -68,22 +68,6 @@ def _check_contexts(contexts, insertions):
         if len(ctx) != len(ins):
             raise InputError(f"example {i}: {len(ctx)} retrieved contexts for {len(ins)} insertions")
     return [[list(map(int, c)) for c in ctx] for ctx in contexts]
-
-
-def _context_batch(contexts, rows, j, batch, pad_id, device):
-    """(ids, valid) (B, S) of the retrieved text read by the ``j``-th insertion of ``rows``, or None."""
-    if contexts is None:
-        return None
-    width = max(len(contexts[r][j]) for r in rows)
-    if width == 0:
-        return None
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    valid = torch.zeros((batch, width), dtype=torch.long)
-    for r in rows:
-        n = len(contexts[r][j])
-        ids[r, :n] = torch.tensor(contexts[r][j], dtype=torch.long)
-        valid[r, :n] = 1
-    return ids.to(device), valid.to(device)
 
 
 def _to_lists(x):
@@ -186,7 +170,9 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
                 continue
             flag = torch.zeros(batch, dtype=torch.bool, device=device)
             flag[torch.tensor(rows, device=device)] = True
-            context = _context_batch(contexts, rows, j, batch, pad_id, device)
+            # The retrieved text the j-th insertion of each of these rows read, as the rollout did.
+            context = None if contexts is None else pack_context({r: contexts[r][j] for r in rows}, batch, pad_id,
+                                                                 device)
             latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind,
                                                                              anchor, context=context)
             forwards += 2 * batch * latents.shape[1]

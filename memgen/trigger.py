@@ -5,8 +5,9 @@ as a whole extra LLM forward. Here it reads the hidden state the reasoner alread
 for the delimiter token, so a decision costs one tiny MLP and no extra model forward.
 
 The head centres and scales its input with statistics measured on the decision states of the
-first trigger-RL rollouts (``calibrate``), as RL libraries normalise observations. Why: a reasoner's hidden states share a large common component, and a
-policy-gradient step on raw states moves every state's logit together along it. On the demo
+first trigger-RL rollouts (``calibrate``), as RL libraries normalise observations. Why: a
+reasoner's hidden states share a large common component, and a policy-gradient step on raw
+states moves every state's logit together along it. On the demo
 that saturated the head to always- or never-invoke within 10-15 steps, although a linear
 probe separates the states where memory helps from those where it hurts. Until calibrated
 the statistics are the identity; the output layer starts at zero, so calibrating an

@@ -47,6 +47,20 @@ ADAPTER_NAME = "weaver"
 PROMPT, INFERENCE = "prompt", "inference"
 
 
+def pack_context(rows: dict[int, list[int]], batch: int, pad_id: int, device) -> tuple | None:
+    """``weave``'s ``context``: rows' token lists (row -> ids), left-aligned in (ids, valid) (B, S); None
+    when every list is empty. Rows not in ``rows`` get only pad slots."""
+    width = max((len(ids) for ids in rows.values()), default=0)
+    if width == 0:
+        return None
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((batch, width), dtype=torch.long)
+    for r, tokens in rows.items():
+        ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        valid[r, : len(tokens)] = 1
+    return ids.to(device), valid.to(device)
+
+
 class Weaver(nn.Module):
     """Interface: ``weave`` returns latents (B, K, d) in the reasoner's dtype for the rows flagged in ``rows``."""
 

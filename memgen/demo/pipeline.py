@@ -205,6 +205,13 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
         return {k: summary[k] for k in ("accuracy", "mean_insertions", "invocation_rate", "seconds_per_answer", "n")}
 
     rows, arms = [], {}
+
+    def add_row(name: str, arm) -> None:
+        row = {"arm": name, "memory": arm.memory, "trainable_params": arm.trainable_params,
+               "train_seconds": round(arm.train_seconds, 1), "domains": {d: score(arm, d, name) for d in DOMAINS}}
+        rows.append(row)
+        log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
+
     for index, name in enumerate(ARMS):
         fn = getattr(arm_fns, name)
         # Each arm gets its own seed, so its initial weaver/trigger does not depend on which arms ran before.
@@ -217,10 +224,7 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
         else:
             arm = fn(base, tokenizer, cfg, train_task, out)
         arms[name] = arm
-        row = {"arm": name, "memory": arm.memory, "trainable_params": arm.trainable_params,
-               "train_seconds": round(arm.train_seconds, 1), "domains": {d: score(arm, d, name) for d in DOMAINS}}
-        rows.append(row)
-        log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
+        add_row(name, arm)
 
     experience = None
     if cfg.experience_arms:
@@ -231,11 +235,7 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
         for index, name in enumerate(EXPERIENCE_ARMS):
             torch.manual_seed(cfg.seed * len(ARMS) + len(ARMS) + 2 + index)
             log(f"arm {name}: training")
-            arm = getattr(arm_fns, name)(base, tokenizer, cfg, train_task, out, experience)
-            row = {"arm": name, "memory": arm.memory, "trainable_params": arm.trainable_params,
-                   "train_seconds": round(arm.train_seconds, 1), "domains": {d: score(arm, d, name) for d in DOMAINS}}
-            rows.append(row)
-            log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
+            add_row(name, getattr(arm_fns, name)(base, tokenizer, cfg, train_task, out, experience))
 
     continual = None
     if cfg.continual:

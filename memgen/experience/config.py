@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..dataclass_cli import check_ranges, help_field
+from .embedders import EMBEDDERS_HELP
 from .records import ExperienceError, ExperienceRecord
-
-EMBEDDERS_HELP = "reasoner (mean-pooled states of --model) | bm25 (lexical) | st:DIR (sentence-transformers model dir)"
 
 
 @dataclass
@@ -45,20 +44,17 @@ class ExperienceConfig:
 
 def open_embedder(config: ExperienceConfig):
     """(embedder or None, retriever) for the config's ``--embedder``."""
-    from .embedders import ReasonerEmbedder, SentenceTransformerEmbedder
+    from .embedders import embedder_for
 
-    if config.embedder == "bm25":
-        return None, "bm25"
-    if config.embedder.startswith("st:"):
-        return SentenceTransformerEmbedder(config.embedder[3:]), "dense"
-    if config.embedder == "reasoner":
+    def reasoner():
         if not config.model:
             raise ExperienceError("the reasoner embedder needs --model (the reasoner's directory)")
         from ..loading import load_base
 
         model, tokenizer = load_base(config.model)
-        return ReasonerEmbedder(model.eval(), tokenizer), "dense"
-    raise ExperienceError(f"--embedder must be {EMBEDDERS_HELP}; got {config.embedder!r}")
+        return model.eval(), tokenizer
+
+    return embedder_for(config.embedder, reasoner)
 
 
 def records_from_jsonl(path: str | Path, task: str = "", success_reward: float = 1.0) -> list[ExperienceRecord]:

@@ -123,3 +123,20 @@ class BM25Retriever:
             self._index.index(self._tokenize(self._texts), show_progress=False)
         tokens = self._tokenize([query], return_ids=False)[0]
         return torch.from_numpy(self._index.get_scores(tokens)).float()
+
+
+EMBEDDERS_HELP = "reasoner (mean-pooled states of --model) | bm25 (lexical) | st:DIR (sentence-transformers model dir)"
+
+
+def embedder_for(spec: str, reasoner) -> tuple[Embedder | None, str]:
+    """(embedder or None, retriever) for an embedder spec (see ``EMBEDDERS_HELP``).
+
+    ``reasoner()`` gives the (model, tokenizer) the ``reasoner`` spec embeds with; it is called only then.
+    """
+    if spec == "bm25":
+        return None, "bm25"
+    if spec.startswith("st:"):
+        return SentenceTransformerEmbedder(spec[3:]), "dense"
+    if spec == "reasoner":
+        return ReasonerEmbedder(*reasoner()), "dense"
+    raise ExperienceError(f"--embedder must be {EMBEDDERS_HELP}; got {spec!r}")

@@ -87,23 +87,19 @@ class ExperienceReader:
         return out
 
 
-def open_reader(store_dir: str, embedder: str, model, config: RetrievalConfig) -> ExperienceReader:
-    """A read-only reader of the store at ``store_dir`` for ``model`` (a MemGen).
+def open_reader(config, model) -> ExperienceReader:
+    """A read-only reader of ``config.experience`` for ``model`` (a MemGen).
 
-    ``embedder``: ``reasoner`` (the model's own frozen reasoner, no second copy), ``bm25`` or ``st:DIR``.
+    ``config`` is any config with the retrieval options (``TrainConfig``, ``EvalConfig``):
+    ``experience``, ``experience_embedder`` (``reasoner`` embeds with the model's own frozen
+    reasoner, no second copy), ``retrieval_top_p``, ``retrieval_max_tokens``, ``retrieval_query``.
     """
-    from .embedders import ReasonerEmbedder, SentenceTransformerEmbedder
+    from .embedders import embedder_for
 
-    if embedder == "bm25":
-        store = ExperienceStore(store_dir, retriever="bm25", create=False, read_only=True)
-    elif embedder == "reasoner":
-        store = ExperienceStore(store_dir, ReasonerEmbedder(model.reasoner_model, model.tokenizer), create=False,
-                                read_only=True)
-    elif embedder.startswith("st:"):
-        store = ExperienceStore(store_dir, SentenceTransformerEmbedder(embedder[3:]), create=False, read_only=True)
-    else:
-        raise ConfigError(f"experience embedder must be reasoner, bm25 or st:DIR, got {embedder!r}")
-    return ExperienceReader(store, model.tokenizer, config)
+    embedder, retriever = embedder_for(config.experience_embedder, lambda: (model.reasoner_model, model.tokenizer))
+    store = ExperienceStore(config.experience, embedder, retriever, create=False, read_only=True)
+    return ExperienceReader(store, model.tokenizer, RetrievalConfig(
+        top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
 
 
 def contexts_at(reader: ExperienceReader | None, prompt_text: str, tokenizer, completion: list[int],

@@ -99,10 +99,9 @@ class Run:
         model.to(self.accelerator.device)
         self.experience = None
         if config.experience:
-            from ..experience.weaving import RetrievalConfig, open_reader
+            from ..experience.weaving import open_reader
 
-            self.experience = open_reader(config.experience, config.experience_embedder, model, RetrievalConfig(
-                top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
+            self.experience = open_reader(config, model)
         self.task = task or load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
         self.records: list[Record] = self.task.records
         params = model.weaver_parameters() if trainable == "weaver" else model.trigger_parameters()

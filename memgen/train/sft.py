@@ -1,10 +1,10 @@
 """Weaver SFT: completion-token NLL with latents at the prompt end and at the completion's delimiters.
 
 The reasoner is frozen and the trigger unused. With ``--experience`` every insertion reads what
-a rollout would retrieve there (the query built from the gold prefix up to that point). Insertion points are every delimiter
-(``insertion="all"``) or each kept with probability ``insertion_prob`` (``"random"``), then
-capped at ``max_insertions`` keeping the earliest, which is what the engine's cap does at
-inference. Subsets are drawn per (seed, step, example), so they do not depend on how the
+a rollout would retrieve there (the query built from the gold prefix up to that point).
+Insertion points are every delimiter (``insertion="all"``) or each kept with probability
+``insertion_prob`` (``"random"``), then capped at ``max_insertions`` keeping the earliest, which
+is what the engine's cap does at inference. Subsets are drawn per (seed, step, example), so they do not depend on how the
 batch is split across processes. The loss is the token-mean NLL over the *global* batch
 (the token count is summed across processes), so DDP's gradient averaging reproduces a
 single-process run with the same global batch.
