@@ -75,18 +75,44 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, format_table
     from .tasks import load_task
 
+    from .agents.tasks import is_env_task
+
     config = _config(EvalConfig, args)
-    if not config.data:
+    if not config.data and config.task != "ledger":
         raise MemGenError("--data is required")
-    task = load_task(config.task, config.data, config.skip_malformed, config.seed)  # evaluate() applies --limit
+    if is_env_task(config.task):
+        from .agents.evaluate import evaluate_agent
+        from .agents.tasks import load_env_task
+
+        if config.memory_source != "weaver":
+            raise MemGenError("agent tasks evaluate with --memory-source weaver")
+        task = load_env_task(config.task, config.data, config.split, None, config.max_turns or None,
+                             config.step_timeout)
+    else:
+        task = load_task(config.task, config.data, config.skip_malformed, config.seed)  # evaluate() applies --limit
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
-    summary = evaluate(model, task, config)
+    if is_env_task(config.task):
+        summary = evaluate_agent(model, task, config)
+    else:
+        summary = evaluate(model, task, config)
     if args.json:
         print(json.dumps(summary))
     else:
         print(format_table([summary], list(summary)))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from .agents.play import ExpertConfig, PlayConfig, format_replay, play, replay_split
+
+    if args.action == "expert":
+        summary = replay_split(_config(ExpertConfig, args))
+        print(format_replay(summary))
+        return 0 if not summary["failed"] else 1
+    model, _ = load_model(args.model, args.adapter)
+    play(model, _config(PlayConfig, args))
     return 0
 
 
@@ -143,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                          ("insights", "ExpeL: extract insights from the --task trajectories with --model"),
                          ("workflows", "AWM: induce workflows from the --task successes with --model")):
         _command(actions, action, text, ExperienceConfig, _experience)
+    from .agents.play import ExpertConfig, PlayConfig
+
+    agent = sub.add_parser("agent", help="multi-turn agents: watch an episode, or replay the ALFWorld expert")
+    agent_actions = agent.add_subparsers(dest="action", required=True)
+    _command(agent_actions, "play", "play one episode and show it turn by turn", PlayConfig, _agent, model=True)
+    _command(agent_actions, "expert", "replay the ALFWorld expert on a split (exit 1 if any game fails)",
+             ExpertConfig, _agent)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser
 

@@ -89,6 +89,29 @@ class TokenEvent:
     finished: bool
 
 
+@dataclass
+class _Rows:
+    """The batch's decoding state: the shared cache and, per row, its mask, next position and next-token logits."""
+
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+    last: torch.Tensor
+    """(B, d) each row's reasoner state at its last fed token (where a prompt-end decision reads)"""
+    logs: list[list[Insertion]]
+    token_gen: torch.Generator | None
+    decision_gen: torch.Generator
+    stats: dict
+    tokens: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    turn_logs: list[list[Insertion]] = field(default_factory=list)
+    turn_start: list[int] = field(default_factory=list)
+    """per row, where its current turn's entries begin in ``logs``"""
+
+
 class DecodeSession:
     """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
 
@@ -190,10 +213,11 @@ class DecodeSession:
             found[r] = got
         return pack_context({r: found[r].token_ids for r in rows}, batch, self.pad_id, self.m.device), found
 
-    def _weave_prompt_end(self, cache, mask, next_pos, logits, last, logs, insert, probs):
+    def _weave_prompt_end(self, cache, mask, next_pos, logits, last, logs, insert, probs, rows=None):
         """Weave prompt latents for the rows in ``insert`` and log each row's prompt-end entry.
 
         ``probs`` is each row's P(invoke) where the trigger decided, or None where the prompt end is always woven.
+        ``rows`` (default: all) are the rows that reached a prompt end; only they are logged.
         Returns the grown mask, the advanced positions and the logits of the next token.
         """
         m = self.m
@@ -204,6 +228,8 @@ class DecodeSession:
                                                                allow_subset=True, context=context)
             logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
         for r, inserted in enumerate(insert.tolist()):
+            if rows is not None and not rows[r]:
+                continue
             keep = latents[r].float().cpu() if (self.cfg.return_latents and inserted) else None
             logs[r].append(_logged(Insertion(0, None if probs is None else probs[r], inserted, keep), found[r]))
         return mask, next_pos, logits
@@ -214,133 +240,167 @@ class DecodeSession:
 
     # ------------------------------------------------------------------ main loop
     def __iter__(self):
-        cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
         started = time.perf_counter()
-        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 2
         with torch.inference_mode():
-            token_gen, decision_gen = self._generators()
-            ids, mask, positions = self._prefill_batch()
-            cache = reasoner.new_cache()
-            hidden = reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+            state = self._open()
+            yield from self._decode(state)
+        self.output = self._close(state, started)
+
+    def _open(self) -> "_Rows":
+        """Prefill the prompts, weave at the prompt end, share the cache out to the samples."""
+        cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
+        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 2
+        token_gen, decision_gen = self._generators()
+        ids, mask, positions = self._prefill_batch()
+        cache = reasoner.new_cache()
+        hidden = reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+        logits = reasoner.logits(hidden[:, -1])
+        next_pos = mask.sum(dim=1)
+        logs = [[] for _ in self.prompts]
+        last = hidden[:, -1]
+        if self.prompt_insert and not self.prompt_decides:
+            every = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
+            mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, every, None)
+        if cfg.num_samples > 1:
+            g = cfg.num_samples
+            cache.batch_repeat_interleave(g)
+            mask, next_pos = mask.repeat_interleave(g, 0), next_pos.repeat_interleave(g, 0)
+            logits, last = logits.repeat_interleave(g, 0), last.repeat_interleave(g, 0)
+            logs = [list(logs[i // g]) for i in range(len(logs) * g)]
+        state = _Rows(cache, mask, next_pos, logits, last, logs, token_gen, decision_gen,
+                      {"steps": 0, "compactions": 0, "max_cache_slots": int(mask.shape[1]), "max_pad_slots": 0},
+                      turn_start=[0] * mask.shape[0])
+        if self.prompt_decides:
+            candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
+            self._decide_prompt_end(state, candidates)
+        return state
+
+    def _decide_prompt_end(self, state: "_Rows", candidates: torch.Tensor) -> None:
+        insert, probs = self._decide(candidates, state.last, state.decision_gen, prompt_end=True)
+        state.mask, state.next_pos, state.logits = self._weave_prompt_end(
+            state.cache, state.mask, state.next_pos, state.logits, state.last, state.logs, insert, probs.tolist(),
+            rows=candidates.tolist())
+
+    def _decode(self, state: "_Rows", active: list[bool] | None = None):
+        """Decode until every row in ``active`` (default: all) has finished; yield a TokenEvent per token.
+
+        Leaves each row's tokens, log-probs and finish reason in ``state``; its last token is not fed.
+        """
+        cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
+        device = m.device
+        batch = state.mask.shape[0]
+        if active is None:
+            active = [True] * batch
+        finished = ~torch.tensor(active, dtype=torch.bool, device=device)
+        reasons = [""] * batch
+        n_inserted = torch.zeros(batch, dtype=torch.long, device=device)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        step_logits: list[torch.Tensor] = []
+        offsets = [[0, 0] for _ in range(batch)]
+        pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
+        stats, logits, logs = state.stats, state.logits, state.logs
+
+        for step in range(cfg.max_new_tokens):
+            chosen = select_tokens(logits, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, state.token_gen)
+            chosen = torch.where(finished, pad, chosen)
+            if cfg.output_logits:
+                step_logits.append(logits.float().cpu())
+            lp = token_logprobs(logits, chosen, cfg.temperature).tolist() if cfg.return_logprobs else None
+            was_active = (~finished).tolist()
+            chosen_list = chosen.tolist()
+            is_eos = torch.isin(chosen, self.eos_ids) & ~finished
+            now_done = is_eos.clone()
+            if self.context is not None:
+                now_done |= state.next_pos + 1 >= self.context
+            if step == cfg.max_new_tokens - 1:
+                now_done |= ~finished
+            eos_list = is_eos.tolist()
+            for r in range(batch):
+                if not was_active[r]:
+                    continue
+                tokens[r].append(chosen_list[r])
+                if lp is not None:
+                    logprobs[r].append(lp[r])
+                if eos_list[r]:
+                    reasons[r] = "eos"
+                elif cfg.stop and self._hit_stop(tokens[r]):
+                    reasons[r] = "stop"
+                    now_done[r] = True
+                elif now_done[r]:
+                    reasons[r] = "length"
+            stats["steps"] += 1
+            newly_done = now_done & ~finished
+            finished = finished | now_done
+            for r in range(batch):
+                if was_active[r]:
+                    yield TokenEvent(r, chosen_list[r], self._delta(tokens[r], offsets[r]) if self.stream_text else "",
+                                     bool(newly_done[r]))
+            if bool(finished.all()):
+                break
+
+            running = ~finished
+            feed = torch.where(running, chosen, pad)
+            state.mask = torch.cat([state.mask, running.long()[:, None]], dim=1)
+            hidden = reasoner.hidden(input_ids=feed[:, None], attention_mask=state.mask,
+                                     position_ids=state.next_pos[:, None], cache=state.cache)
+            state.next_pos = state.next_pos + running.long()
             logits = reasoner.logits(hidden[:, -1])
-            next_pos = mask.sum(dim=1)
-            logs = [[] for _ in self.prompts]
-            last = hidden[:, -1]
-            if self.prompt_insert and not self.prompt_decides:
-                every = torch.ones(len(self.prompts), dtype=torch.bool, device=m.device)
-                mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, every, None)
-            if cfg.num_samples > 1:
-                g = cfg.num_samples
-                cache.batch_repeat_interleave(g)
-                mask, next_pos = mask.repeat_interleave(g, 0), next_pos.repeat_interleave(g, 0)
-                logits, last = logits.repeat_interleave(g, 0), last.repeat_interleave(g, 0)
-                logs = [list(logs[i // g]) for i in range(len(logs) * g)]
-            if self.prompt_decides:
-                candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
-                insert, probs = self._decide(candidates, last, decision_gen, prompt_end=True)
-                mask, next_pos, logits = self._weave_prompt_end(cache, mask, next_pos, logits, last, logs, insert,
-                                                                probs.tolist())
-            batch = mask.shape[0]
-            device = m.device
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
-            reasons = [""] * batch
-            n_inserted = torch.zeros(batch, dtype=torch.long, device=device)
-            tokens: list[list[int]] = [[] for _ in range(batch)]
-            logprobs: list[list[float]] = [[] for _ in range(batch)]
-            step_logits: list[torch.Tensor] = []
-            offsets = [[0, 0] for _ in range(batch)]
-            pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
-            stats = {"steps": 0, "compactions": 0, "max_cache_slots": int(mask.shape[1]), "max_pad_slots": 0}
 
-            for step in range(cfg.max_new_tokens):
-                chosen = select_tokens(logits, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, token_gen)
-                chosen = torch.where(finished, pad, chosen)
-                if cfg.output_logits:
-                    step_logits.append(logits.float().cpu())
-                lp = token_logprobs(logits, chosen, cfg.temperature).tolist() if cfg.return_logprobs else None
-                was_active = (~finished).tolist()
-                chosen_list = chosen.tolist()
-                is_eos = torch.isin(chosen, self.eos_ids) & ~finished
-                now_done = is_eos.clone()
+            if self.memory_on and cfg.max_insertions > 0:
+                candidates = running & m.delimiter_lookup[feed] & (n_inserted < cfg.max_insertions)
                 if self.context is not None:
-                    now_done |= next_pos + 1 >= self.context
-                if step == cfg.max_new_tokens - 1:
-                    now_done |= ~finished
-                eos_list = is_eos.tolist()
-                for r in range(batch):
-                    if not was_active[r]:
-                        continue
-                    tokens[r].append(chosen_list[r])
-                    if lp is not None:
-                        logprobs[r].append(lp[r])
-                    if eos_list[r]:
-                        reasons[r] = "eos"
-                    elif cfg.stop and self._hit_stop(tokens[r]):
-                        reasons[r] = "stop"
-                        now_done[r] = True
-                    elif now_done[r]:
-                        reasons[r] = "length"
-                stats["steps"] = step + 1
-                newly_done = now_done & ~finished
-                finished = finished | now_done
-                for r in range(batch):
-                    if was_active[r]:
-                        yield TokenEvent(r, chosen_list[r], self._delta(tokens[r], offsets[r]) if self.stream_text else "",
-                                         bool(newly_done[r]))
-                if bool(finished.all()):
-                    break
+                    candidates &= state.next_pos + self.k_infer + 1 < self.context
+                if bool(candidates.any()):
+                    insert, probs = self._decide(candidates, hidden[:, -1], state.decision_gen, prompt_end=False)
+                    latents = None
+                    context, found = self._retrieve(insert, lambda r: m.tokenizer.decode(tokens[r]))
+                    if bool(insert.any()):
+                        latents, lat_hidden, state.mask, state.next_pos = m.weave_and_feed(
+                            state.cache, state.mask, state.next_pos, insert, INFERENCE, hidden[:, -1],
+                            allow_subset=True, context=context)
+                        logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
+                        n_inserted += insert.long()
+                    cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()
+                    for r in range(batch):
+                        if cand_list[r]:
+                            keep = latents[r].float().cpu() if (cfg.return_latents and ins_list[r]) else None
+                            logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep),
+                                                   found[r]))
 
-                active = ~finished
-                feed = torch.where(active, chosen, pad)
-                mask = torch.cat([mask, active.long()[:, None]], dim=1)
-                hidden = reasoner.hidden(input_ids=feed[:, None], attention_mask=mask,
-                                         position_ids=next_pos[:, None], cache=cache)
-                next_pos = next_pos + active.long()
-                logits = reasoner.logits(hidden[:, -1])
+            slots = state.mask.shape[1]
+            pad_slots = slots - int(state.mask.sum(dim=1).max())
+            stats["max_cache_slots"] = max(stats["max_cache_slots"], slots)
+            stats["max_pad_slots"] = max(stats["max_pad_slots"], pad_slots)
+            if cfg.compact_after and pad_slots >= cfg.compact_after:
+                state.mask = compact_cache(state.cache, state.mask)
+                stats["compactions"] += 1
 
-                if self.memory_on and cfg.max_insertions > 0:
-                    candidates = active & m.delimiter_lookup[feed] & (n_inserted < cfg.max_insertions)
-                    if self.context is not None:
-                        candidates &= next_pos + self.k_infer + 1 < self.context
-                    if bool(candidates.any()):
-                        insert, probs = self._decide(candidates, hidden[:, -1], decision_gen, prompt_end=False)
-                        latents = None
-                        context, found = self._retrieve(insert, lambda r: m.tokenizer.decode(tokens[r]))
-                        if bool(insert.any()):
-                            latents, lat_hidden, mask, next_pos = m.weave_and_feed(
-                                cache, mask, next_pos, insert, INFERENCE, hidden[:, -1], allow_subset=True,
-                                context=context)
-                            logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
-                            n_inserted += insert.long()
-                        cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()
-                        for r in range(batch):
-                            if cand_list[r]:
-                                keep = latents[r].float().cpu() if (cfg.return_latents and ins_list[r]) else None
-                                logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep),
-                                                       found[r]))
+        state.logits = logits
+        state.tokens, state.logprobs, state.reasons = tokens, logprobs, [r or "length" for r in reasons]
+        state.step_logits = step_logits
+        state.turn_logs = [log[start:] for log, start in zip(logs, state.turn_start)]
 
-                slots = mask.shape[1]
-                pad_slots = slots - int(mask.sum(dim=1).max())
-                stats["max_cache_slots"] = max(stats["max_cache_slots"], slots)
-                stats["max_pad_slots"] = max(stats["max_pad_slots"], pad_slots)
-                if cfg.compact_after and pad_slots >= cfg.compact_after:
-                    mask = compact_cache(cache, mask)
-                    stats["compactions"] += 1
-
-        stats["seconds"] = time.perf_counter() - started
-        stats["new_tokens"] = sum(len(t) for t in tokens)
-        logits_by_row = torch.stack(step_logits, dim=1) if step_logits else None
-        completions = []
-        for r in range(batch):
-            completions.append(Completion(
-                token_ids=tokens[r],
-                text=m.tokenizer.decode(tokens[r], skip_special_tokens=True),
-                finish_reason=reasons[r] or "length",
-                insertions=logs[r],
-                logprobs=logprobs[r] if cfg.return_logprobs else None,
-                logits=logits_by_row[r, : len(tokens[r])] if logits_by_row is not None else None,
+    def _completions(self, state: "_Rows", rows=None) -> list[Completion]:
+        cfg = self.cfg
+        logits_by_row = torch.stack(state.step_logits, dim=1) if state.step_logits else None
+        out = []
+        for r in (range(len(state.tokens)) if rows is None else rows):
+            out.append(Completion(
+                token_ids=state.tokens[r],
+                text=self.m.tokenizer.decode(state.tokens[r], skip_special_tokens=True),
+                finish_reason=state.reasons[r],
+                insertions=state.turn_logs[r],
+                logprobs=state.logprobs[r] if cfg.return_logprobs else None,
+                logits=logits_by_row[r, : len(state.tokens[r])] if logits_by_row is not None else None,
             ))
-        self.output = GenerationOutput(completions, stats)
+        return out
+
+    def _close(self, state: "_Rows", started: float) -> GenerationOutput:
+        stats = state.stats
+        stats["seconds"] = time.perf_counter() - started
+        stats["new_tokens"] = sum(len(t) for t in state.tokens)
+        return GenerationOutput(self._completions(state), stats)
 
     def _delta(self, tokens: list[int], offsets: list[int]) -> str:
         """Incremental detokenisation: hold back text until it decodes cleanly (no partial UTF-8)."""
@@ -359,3 +419,91 @@ def _logged(insertion: Insertion, found) -> Insertion:
     if found is not None and insertion.inserted:
         insertion.retrieved, insertion.context_ids = list(found.record_ids), list(found.token_ids)
     return insertion
+
+
+class TurnSession(DecodeSession):
+    """Multi-turn decoding for agents: one KV cache per row lives across turns.
+
+    :meth:`first_turn` decodes the first assistant turn of every row (prompts prefilled once,
+    shared by ``num_samples``). :meth:`next_turn` appends each continuing row's segment (the
+    previous turn's last token, which decoding never feeds, then the observation and the next
+    turn's header) with masked pad slots for the other rows, weaves at the new turn's start as at a
+    prompt end (a trigger decision with ``trigger_at_prompt_end``), and decodes that turn. Latents
+    woven in earlier turns stay in the cache, so later turns are conditioned on them, and nothing is
+    re-prefilled. A row listed in ``restart`` first has every cached slot masked and starts again
+    at position 0 from its segment (how the agent runner truncates old turns).
+    """
+
+    def first_turn(self, on_token=None) -> list[Completion]:
+        self._started = time.perf_counter()
+        with torch.inference_mode():
+            self.state = self._open()
+            for event in self._decode(self.state):
+                if on_token is not None:
+                    on_token(event)
+        return self._completions(self.state)
+
+    def next_turn(self, segments: dict[int, list[int]], restart: set[int] = frozenset(),
+                  on_token=None) -> dict[int, Completion]:
+        """Feed ``segments`` (row -> token ids) and decode one turn for those rows; returns row -> Completion."""
+        state, m = self.state, self.m
+        batch = state.mask.shape[0]
+        rows = sorted(segments)
+        if not rows:
+            return {}
+        bad = [r for r in rows if not 0 <= r < batch or not segments[r]]
+        if bad:
+            raise InputError(f"rows {bad}: a segment needs a row in 0..{batch - 1} and at least one token")
+        k = self.k_prompt if self.prompt_insert else 0
+        with torch.inference_mode():
+            for r in restart:
+                state.mask[r] = 0
+                state.next_pos[r] = 0
+            if self.context is not None:
+                over = [r for r in rows if int(state.next_pos[r]) + len(segments[r]) + k + 1 >= self.context]
+                if over:
+                    raise InputError(f"rows {over}: the next turn does not fit the model's context of "
+                                     f"{self.context} positions; truncate old turns first")
+            self._feed(state, {r: segments[r] for r in rows})
+            for r in rows:
+                state.turn_start[r] = len(state.logs[r])
+            chosen = torch.zeros(batch, dtype=torch.bool, device=m.device)
+            chosen[torch.tensor(rows, device=m.device)] = True
+            if self.prompt_insert and self.prompt_decides:
+                self._decide_prompt_end(state, chosen)
+            elif self.prompt_insert:
+                state.mask, state.next_pos, state.logits = self._weave_prompt_end(
+                    state.cache, state.mask, state.next_pos, state.logits, state.last, state.logs, chosen, None,
+                    rows=chosen.tolist())
+            for event in self._decode(state, active=chosen.tolist()):
+                if on_token is not None:
+                    on_token(event)
+        return dict(zip(rows, self._completions(state, rows)))
+
+    def _feed(self, state: _Rows, segments: dict[int, list[int]]) -> None:
+        """Append each row's tokens to the cache (right-padded with masked slots) and read its next-token logits."""
+        reasoner, device = self.m.reasoner, self.m.device
+        batch = state.mask.shape[0]
+        width = max(len(t) for t in segments.values())
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((batch, width), dtype=torch.long)
+        for r, toks in segments.items():
+            ids[r, : len(toks)] = torch.tensor(toks)
+            valid[r, : len(toks)] = 1
+        ids, valid = ids.to(device), valid.to(device)
+        positions = state.next_pos[:, None] + (valid.cumsum(dim=1) - 1).clamp_min(0)
+        state.mask = torch.cat([state.mask, valid], dim=1)
+        hidden = reasoner.hidden(input_ids=ids, attention_mask=state.mask, position_ids=positions, cache=state.cache)
+        fed = valid.sum(dim=1)
+        state.next_pos = state.next_pos + fed
+        last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
+        was_fed = (fed > 0)[:, None]
+        state.last = torch.where(was_fed, last, state.last)
+        state.logits = torch.where(was_fed, reasoner.logits(last), state.logits)
+
+    def close(self) -> dict:
+        """Decoding stats over every turn."""
+        stats = self.state.stats
+        stats["seconds"] = time.perf_counter() - self._started
+        return stats
+

@@ -249,18 +249,20 @@ class MemGen(nn.Module):
         yield from session
         return session.output
 
-    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None):
+    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None,
+                       kinds=None):
         """Batched log-probs of completions with latents spliced at ``insertions``; see :mod:`memgen.teacher_forcing`.
 
         ``contexts`` (per row, one token-id list per insertion) is the retrieved text each weaver pass
-        reads, e.g. a rollout's ``Completion.insertion_contexts``.
+        reads, e.g. a rollout's ``Completion.insertion_contexts``. ``kinds`` (per row, ``"prompt"`` or
+        ``"inference"`` per insertion) places prompt-query insertions past position 0, as agent episodes do.
         """
         from .teacher_forcing import teacher_forced_forward
 
-        return teacher_forced_forward(self, prompt_ids, completion_ids, insertions, temperature, contexts)
+        return teacher_forced_forward(self, prompt_ids, completion_ids, insertions, temperature, contexts, kinds)
 
-    def forward(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None):
-        return self.teacher_forced(prompt_ids, completion_ids, insertions, temperature, contexts)
+    def forward(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None, kinds=None):
+        return self.teacher_forced(prompt_ids, completion_ids, insertions, temperature, contexts, kinds)
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> Path:

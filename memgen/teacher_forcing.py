@@ -3,7 +3,10 @@
 Insertion positions use the engine's convention: ``p`` means the latents sit before
 completion token ``p``; ``0`` is the prompt end (prompt queries), ``p >= 1`` follows
 completion token ``p - 1`` (in-reasoning queries). A rollout's
-``Completion.insertion_positions`` can be passed straight in.
+``Completion.insertion_positions`` can be passed straight in. ``kinds`` overrides which queries
+an insertion uses: a multi-turn episode (:mod:`memgen.agents`) is one long completion whose
+later turns start with prompt-query insertions at positions > 0, and whose observation tokens
+are context the caller masks out of the loss.
 
 Cost: each row's sequence is cut at its insertion points into chunks. Round ``j`` feeds every
 row's ``j``-th chunk in one batched pass on top of the shared KV cache (rows whose chunk is
@@ -35,6 +38,9 @@ class TeacherForcedOutput:
     """(B, L) invoke logit read at completion token i: the decision about inserting at position i + 1."""
     prompt_trigger_logits: torch.Tensor
     """(B,) invoke logit read at the last prompt token: the decision about the prompt-end insertion."""
+    turn_trigger_logits: torch.Tensor | None
+    """(B, L) with ``kinds``: the prompt-end head's invoke logit read at completion token i, the decision
+    about a turn-start insertion at i + 1 (None without ``kinds``)."""
     latent_norm: torch.Tensor
     """Mean L2 norm of the woven latents (scalar; 0 when none)."""
     token_forwards: int
@@ -70,6 +76,17 @@ def _check_contexts(contexts, insertions):
     return [[list(map(int, c)) for c in ctx] for ctx in contexts]
 
 
+def _check_kinds(kinds, insertions):
+    if kinds is None:
+        return [[PROMPT if p == 0 else INFERENCE for p in ins] for ins in insertions]
+    if len(kinds) != len(insertions) or any(len(k) != len(i) for k, i in zip(kinds, insertions)):
+        raise InputError("kinds must give one query kind per insertion of every example")
+    for i, row in enumerate(kinds):
+        if any(k not in (PROMPT, INFERENCE) for k in row):
+            raise InputError(f"example {i}: insertion kinds must be {PROMPT!r} or {INFERENCE!r}, got {row}")
+    return [list(row) for row in kinds]
+
+
 def _to_lists(x):
     if isinstance(x, torch.Tensor):
         return x.tolist()
@@ -77,11 +94,13 @@ def _to_lists(x):
 
 
 def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0,
-                           contexts=None):
+                           contexts=None, kinds=None):
     prompts, completions = _to_lists(prompt_ids), _to_lists(completion_ids)
     insertions = [[int(p) for p in ins] for ins in insertions]
     _validate(prompts, completions, insertions)
     contexts = _check_contexts(contexts, insertions)
+    read_turns = kinds is not None
+    kinds = _check_kinds(kinds, insertions)
     reasoner, device = memgen.reasoner, memgen.device
     batch = len(prompts)
     lengths = [len(c) for c in completions]
@@ -100,7 +119,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
     rounds = max(len(ch) for ch in chunks)
 
     values, rows_idx, cols_idx = [], [], []
-    trig_values, trig_rows, trig_cols = [], [], []
+    trig_values, trig_rows, trig_cols, turn_values = [], [], [], []
     latent_norms = []
     cache = reasoner.new_cache()
     attention = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -155,7 +174,10 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
                         torch.tensor(tgt_cols, device=device))
             if trg_r:
                 r_t = torch.tensor(trg_r, device=device)
-                trig_values.append(memgen.trigger(hidden[r_t, torch.tensor(trg_c, device=device)]))
+                states = hidden[r_t, torch.tensor(trg_c, device=device)]
+                trig_values.append(memgen.trigger(states))
+                if read_turns:
+                    turn_values.append(memgen.decision_head(prompt_end=True)(states))
                 trig_rows.append(r_t)
                 trig_cols.append(torch.tensor(trg_k, device=device))
 
@@ -163,7 +185,7 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
         for kind in (PROMPT, INFERENCE):
             rows, targets = [], []
             for r, ins in enumerate(insertions):
-                if j < len(ins) and (ins[j] == 0) == (kind == PROMPT):
+                if j < len(ins) and kinds[r][j] == kind:
                     rows.append(r)
                     targets.append(ins[j])
             if not rows:
@@ -187,6 +209,11 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
     trigger_logits = torch.zeros(batch, width, device=device)
     if trig_values:
         trigger_logits = trigger_logits.index_put((torch.cat(trig_rows), torch.cat(trig_cols)), torch.cat(trig_values))
+    turn_logits = None
+    if read_turns:
+        turn_logits = torch.zeros(batch, width, device=device)
+        if turn_values:
+            turn_logits = turn_logits.index_put((torch.cat(trig_rows), torch.cat(trig_cols)), torch.cat(turn_values))
     mask = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
     latent_norm = torch.stack(latent_norms).mean() if latent_norms else torch.zeros((), device=device)
-    return TeacherForcedOutput(logprobs, mask, trigger_logits, prompt_trigger, latent_norm, forwards)
+    return TeacherForcedOutput(logprobs, mask, trigger_logits, prompt_trigger, turn_logits, latent_norm, forwards)

@@ -69,6 +69,9 @@ class DemoConfig:
     trigger_a_share: float = help_field(0.5, "share of domain-A prompts in the trigger's RL data (the rest are "
                                               "B): A is where memory should stay quiet", ge=0, le=1)
     continual: bool = help_field(True, "run the continual stage: LoRA-SFT and the weaver go on from B to skill D")
+    agent_stage: bool = help_field(True, "run the agent stage: vanilla, memgen_sft and memgen_trigger play held-out "
+                                         "multi-turn ledger episodes (memgen.agents) in domains A and B")
+    agent_episodes: int = help_field(100, "held-out ledger episodes per domain in the agent stage", ge=1)
     experience_arms: bool = help_field(False, "also run the experience arms: expel, awm and memgen_sft_retrieval "
                                               "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)")
     experience_size: int = help_field(200, "B training problems the reasoner attempts (twice) to gather experience",
@@ -101,7 +104,7 @@ class DemoConfig:
     def effective(self) -> "DemoConfig":
         if not self.quick:
             return self
-        return replace(self, train_size=200, test_size=20, sft_steps=12, batch_size=8, trigger_steps=3, experience_size=20,
+        return replace(self, train_size=200, test_size=20, sft_steps=12, agent_episodes=10, batch_size=8, trigger_steps=3, experience_size=20,
                        grpo_steps=2, rl_batch_size=2, num_generations=2, pretrain_steps=40, quality_bar=0.0)
 
     def reasoner(self, precision: str) -> ReasonerConfig:
@@ -143,6 +146,7 @@ def run_demo(config: DemoConfig) -> dict:
     payload = {
         "config": asdict(cfg), "seeds": seeds, "reasoner": reasoner_summary(runs), "arms": aggregate_arms(runs),
         "continual": aggregate_continual(runs) if cfg.continual else None, "claims": check_claims(runs, cfg),
+        "agent": aggregate_agent(runs) if cfg.agent_stage else None,
         "runs": runs, "total_seconds": round(total, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
@@ -152,10 +156,12 @@ def run_demo(config: DemoConfig) -> dict:
     tables = {"arms": results_table(payload["arms"], len(seeds)), "claims": claims_table(payload["claims"])}
     if payload["continual"]:
         tables["continual"] = continual_table(payload["continual"], len(seeds))
+    if payload["agent"]:
+        tables["agent"] = agent_table(payload["agent"], len(seeds))
     write_plots(payload, out)
     write_report(payload, tables, out)
     print()
-    for name in ("arms", "continual", "claims"):
+    for name in ("arms", "agent", "continual", "claims"):
         if name in tables:
             print(tables[name] + "\n")
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots in {total:.0f} s")
@@ -237,11 +243,41 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
             log(f"arm {name}: training")
             add_row(name, getattr(arm_fns, name)(base, tokenizer, cfg, train_task, out, experience))
 
+    agent = run_agent_stage(cfg, arms, out, log) if cfg.agent_stage else None
     continual = None
     if cfg.continual:
         continual = run_continual(cfg, base, tokenizer, arms, rows, trains, score, out, log)
     return {"seed": cfg.seed, "reasoner": reasoner_info, "arms": rows, "continual": continual,
-            "experience": experience}
+            "experience": experience, "agent": agent}
+
+
+AGENT_ARMS = ("vanilla", "memgen_sft", "memgen_trigger")
+AGENT_DOMAINS = ("A", "B")
+
+
+def run_agent_stage(cfg, arms: dict, out: Path, log) -> dict:
+    """Held-out ledger episodes (two turns, each restating the count) played by the trained arms, no agent training.
+
+    The weaver was trained on single B problems; here it weaves at the start of every turn of a
+    multi-turn episode, so a success needs the B skill in every turn.
+    """
+    from ..agents.evaluate import evaluate_agent
+    from ..agents.tasks import load_env_task
+
+    result = {}
+    for name in AGENT_ARMS:
+        arm = arms[name]
+        result[name] = {}
+        for domain in AGENT_DOMAINS:
+            task = load_env_task("ledger", domain, "test", cfg.agent_episodes)
+            summary = evaluate_agent(arm.model, task, EvalConfig(
+                task="ledger", memory=arm.memory, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                max_insertions=cfg.max_insertions, seed=cfg.seed, progress=cfg.progress,
+                output=str(out / "answers" / f"agent-{name}-{domain}.jsonl")))
+            result[name][domain] = {k: summary[k] for k in ("success", "mean_turns", "mean_insertions",
+                                                             "seconds_per_episode", "n")}
+        log(f"agent {name}: " + ", ".join(f"{d}={result[name][d]['success']:.2f}" for d in AGENT_DOMAINS))
+    return result
 
 
 def run_continual(cfg, base, tokenizer, arms: dict, rows: list, trains: dict, score, out: Path, log) -> dict:
@@ -397,6 +433,30 @@ def continual_table(continual: dict, seeds: int = 1) -> str:
     return format_table(rows, list(rows[0]))
 
 
+def aggregate_agent(runs: list[dict]) -> dict:
+    """Per agent arm and domain: episode success (mean, std, per seed) and mean insertions per episode."""
+    out = {}
+    for name in runs[0]["agent"]:
+        out[name] = {}
+        for domain in runs[0]["agent"][name]:
+            cells = [run["agent"][name][domain] for run in runs]
+            out[name][domain] = {"success": _spread([c["success"] for c in cells]),
+                                 "mean_insertions": round(statistics.fmean(c["mean_insertions"] for c in cells), 2),
+                                 "n": cells[0]["n"]}
+    return out
+
+
+def agent_table(agent: dict, seeds: int = 1) -> str:
+    rows = []
+    for name, domains in agent.items():
+        row = {"arm": name}
+        for d, cell in domains.items():
+            row[f"success {d}"] = _cell(cell["success"]["mean"], cell["success"]["std"], seeds)
+            row[f"insertions/episode {d}"] = f"{cell['mean_insertions']:.1f}"
+        rows.append(row)
+    return format_table(rows, list(rows[0]))
+
+
 def claims_table(claims: list[dict]) -> str:
     rows = [{"claim": c["claim"], "measure": c["measure"],
              "mean ± std": f"{c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if len(c["per_seed"]) > 1 else ""),
@@ -496,6 +556,14 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
         "![insertions and invocation rate](invocation.png)",
         "",
     ]
+    if "agent" in tables:
+        n = next(iter(next(iter(payload["agent"].values())).values()))["n"]
+        lines += ["## Agents: multi-turn ledger episodes", "",
+                  f"{n} held-out episodes per domain of the ledger world (memgen.agents): two turns, each stating the "
+                  "count and two events; the agent answers with its steps, a wrong count ends the episode, success is "
+                  "both turns right. No arm was trained on episodes: the weaver trained on single B problems weaves at "
+                  "the start of every turn and at its delimiters (memgen_trigger: where its trigger decides).", "",
+                  tables["agent"], ""]
     if "continual" in tables:
         lines += ["## Continual learning: A -> B -> D", "",
                   "Each method is trained on B, then on D, with the same recipe; every skill is evaluated after "

@@ -20,8 +20,12 @@ def train_weaver(config: WeaverTrainConfig, model=None, task=None, reward_fn=Non
 
     run = Run(config, "weaver", model=model, task=task)
     if config.method == "sft":
+        if getattr(run.task, "episodic", False):
+            from ..agents.training import episode_sft_step
+
+            return run.train(episode_sft_step)
         return run.train(sft_step)
-    run.reward_fn = reward_fn or resolve_rewards(config, run.task)
+    run.reward_fn = reward_fn or _rewards(config, run.task)
     return run.train(grpo_step)
 
 
@@ -33,8 +37,13 @@ def train_trigger(config: TriggerTrainConfig, model=None, task=None, reward_fn=N
     if model is None and not config.adapter:
         raise ConfigError("trigger training needs the trained weaver: pass --adapter DIR")
     run = Run(config, "trigger", model=model, task=task)
-    run.reward_fn = reward_fn or resolve_rewards(config, run.task)
+    run.reward_fn = reward_fn or _rewards(config, run.task)
     return run.train(trigger_step)
+
+
+def _rewards(config, task):
+    """The reward function of a prompt task; agent episodes are rewarded by the environment instead."""
+    return None if getattr(task, "episodic", False) else resolve_rewards(config, task)
 
 
 __all__ = ["TrainConfig", "WeaverTrainConfig", "TriggerTrainConfig", "train_weaver", "train_trigger",

@@ -24,8 +24,12 @@ class TrainConfig:
     model: str = help_field("", "base model directory (save_pretrained) or hub name")
     adapter: str | None = help_field(None, "start from this memgen adapter (e.g. the SFT weaver before GRPO)")
     output_dir: str = help_field("runs/memgen", "where checkpoints, metrics.jsonl and the final adapter go")
-    task: str = help_field("jsonl", "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl")
-    data: str = help_field("", "training data file (see --task)")
+    task: str = help_field("jsonl", "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl, or an agent "
+                                    "task: alfworld | ledger")
+    data: str = help_field("", "training data file (see --task); alfworld: the directory of the game archives; "
+                               "ledger: demo domains, e.g. B")
+    max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
+    step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
     limit: int | None = help_field(None, "use only the first N records", ge=1)
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .rollouts import group_advantages, rollout
+from .rollouts import collect, group_advantages
 
 
 def grpo_step(run, micro: int):
@@ -30,23 +30,26 @@ def grpo_step(run, micro: int):
     cache = run.state["method"].setdefault("rollouts", {})
     if run.state["step"] % config.num_iterations == 0 or micro not in cache:
         records, _ = run.next_batch()
-        batch = rollout(run, records, micro, run.reward_fn, config.memory)
+        batch = collect(run, records, micro, config.memory)
         if config.num_iterations > 1 and run.unwrapped.reasoner.dtype not in (torch.float32, torch.float64):
             with torch.no_grad():
                 batch.old_logprobs = run.unwrapped.teacher_forced(batch.prompt_ids, batch.completion_ids,
                                                                   batch.insertions, config.temperature,
-                                                                  batch.contexts).logprobs
+                                                                  batch.contexts, batch.kinds).logprobs
         ref = None
         if config.beta > 0:
             with torch.no_grad():
                 ref = run.unwrapped.teacher_forced(batch.prompt_ids, batch.completion_ids,
                                                    [[] for _ in batch.completion_ids], config.temperature).logprobs
-        advantages = group_advantages(batch.rewards, config.num_generations, config.scale_rewards)
+        advantages = batch.per_row(group_advantages(batch.rewards, config.num_generations, config.scale_rewards))
         cache[micro] = (batch, ref, advantages)
     batch, ref, advantages = cache[micro]
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts)
+    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts,
+                    batch.kinds)
     mask = out.mask.float()
+    if batch.loss_mask is not None:  # agent episodes: observations are context, not actions
+        mask = mask * batch.loss_mask
     if config.mask_truncated_completions:
         mask = mask * (~batch.truncated).float()[:, None]
     logp = out.logprobs

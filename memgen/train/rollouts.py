@@ -17,6 +17,7 @@ import torch
 from ..config import GenerateConfig
 from ..errors import ConfigError
 from ..rewards import RewardFn, combine_rewards, cut_at_stop
+from ..weaver import INFERENCE, PROMPT
 
 
 @dataclass
@@ -26,11 +27,23 @@ class RolloutBatch:
     insertions: list[list[int]]
     contexts: list[list[list[int]]] | None
     """per rollout, the retrieved token ids each insertion's weaver read (None without --experience)"""
-    decisions: list[list[tuple[int, bool]]]
+    decisions: list[list[tuple[int, bool, str]]]
+    """per row, (position, inserted, query kind) of every trigger decision"""
     old_logprobs: torch.Tensor
     rewards: torch.Tensor
+    """per rollout (per episode for agent tasks, whose episodes may span several rows)"""
     truncated: torch.Tensor
     texts: list[str]
+    kinds: list[list[str]] | None = None
+    """agent episodes: the query kind of each insertion (turn starts use prompt queries)"""
+    loss_mask: torch.Tensor | None = None
+    """agent episodes: (rows, L) 1 on assistant tokens, 0 on observations"""
+    row_episode: torch.Tensor | None = None
+    """agent episodes: the rollout (index into ``rewards``) each row belongs to"""
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-rollout values (e.g. advantages) spread to the rows."""
+        return values if self.row_episode is None else values[self.row_episode]
 
 
 def resolve_rewards(config, task) -> RewardFn:
@@ -79,12 +92,22 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
         completion_ids=[c.token_ids for c in completions],
         insertions=[c.insertion_positions for c in completions],
         contexts=None if run.experience is None else [c.insertion_contexts for c in completions],
-        decisions=[[(i.position, i.inserted) for i in c.insertions if i.probability is not None] for c in completions],
+        decisions=[[(i.position, i.inserted, PROMPT if i.position == 0 else INFERENCE) for i in c.insertions
+                    if i.probability is not None] for c in completions],
         old_logprobs=old.to(model.device),
         rewards=rewards.to(model.device),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], device=model.device),
         texts=texts,
     )
+
+
+def collect(run, records, micro: int, memory: str, **generate_kwargs) -> RolloutBatch:
+    """Rollouts of ``records``: sampled answers, or for agent tasks sampled episodes (:mod:`memgen.agents`)."""
+    if getattr(run.task, "episodic", False):
+        from ..agents.training import episode_rollout
+
+        return episode_rollout(run, records, micro, memory, **generate_kwargs)
+    return rollout(run, records, micro, run.reward_fn, memory, **generate_kwargs)
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +72,16 @@ def _lr_lambda(config) -> Callable[[int], float]:
     return factor
 
 
+def _load_task(config):
+    """The config's task: prompts and a reward, or for agent tasks the training split's episodes."""
+    from ..agents.tasks import is_env_task, load_env_task
+
+    if is_env_task(config.task):
+        return load_env_task(config.task, config.data, "train", config.limit, config.max_turns or None,
+                             config.step_timeout)
+    return load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+
+
 class Run:
     """One training run. ``trainable`` is 'weaver' or 'trigger'; the other groups stay frozen."""
 
@@ -102,7 +112,7 @@ class Run:
             from ..experience.weaving import open_reader
 
             self.experience = open_reader(config, model)
-        self.task = task or load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+        self.task = task or _load_task(config)
         self.records: list[Record] = self.task.records
         params = model.weaver_parameters() if trainable == "weaver" else model.trigger_parameters()
         frozen = model.trigger_parameters() if trainable == "weaver" else model.weaver_parameters()
@@ -214,8 +224,11 @@ class Run:
         free = set(RESUME_FREE_FIELDS)
         if self.config.lr_scheduler == "constant" and self.config.warmup_steps <= saved["state"]["step"]:
             free.add("max_steps")  # extending a constant-LR run changes nothing already run
+        defaults = {f.name: f.default for f in fields(self.config)}
+        # A field added after the checkpoint was written counts as unchanged at its default.
         changed = [f"{name}: {saved['config'].get(name)!r} in the checkpoint, {value!r} now"
-                   for name, value in now.items() if name not in free and saved["config"].get(name) != value]
+                   for name, value in now.items() if name not in free and saved["config"].get(name, defaults.get(
+                       name) if name not in saved["config"] else None) != value]
         if saved.get("world_size", 1) != self.world:
             changed.append(f"processes: {saved.get('world_size', 1)} in the checkpoint, {self.world} now")
         if changed:

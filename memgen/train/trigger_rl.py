@@ -32,7 +32,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .rollouts import group_advantages, rollout
+from .rollouts import collect, group_advantages
+from ..weaver import PROMPT
 
 
 def sparsity_penalties(task_rewards: list[float], decisions: list[list[bool]], group: int, lam: float):
@@ -74,26 +75,34 @@ def trigger_step(run, micro: int):
     heads = [h for h in run.unwrapped.trigger_heads() if not bool(h.calibrated) and h.untrained]
     with contextlib.ExitStack() as stack:
         seen = [stack.enter_context(h.recording()) for h in heads]
-        batch = rollout(run, records, micro, run.reward_fn, "trigger", sample_trigger=True,
+        batch = collect(run, records, micro, "trigger", sample_trigger=True,
                         insert_at_prompt_end=config.insert_at_prompt_end)
     for head, states in zip(heads, seen):
         calibrate_head(run, head, states)
-    flags = [[inserted for _, inserted in d] for d in batch.decisions]
+    owner = batch.row_episode.tolist() if batch.row_episode is not None else list(range(len(batch.decisions)))
+    flags = [[] for _ in range(len(batch.rewards))]  # per rollout (an episode's rows, in order)
+    for r, d in enumerate(batch.decisions):
+        flags[owner[r]] += [inserted for _, inserted, _ in d]
     task_rewards = batch.rewards.tolist()
     penalties, p_bars = sparsity_penalties(task_rewards, flags, config.num_generations, config.sparsity_lambda)
     total = batch.rewards - torch.tensor(penalties, device=batch.rewards.device)
-    advantages = group_advantages(total, config.num_generations, config.scale_rewards)
+    advantages = batch.per_row(group_advantages(total, config.num_generations, config.scale_rewards))
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts)
+    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts,
+                    batch.kinds)
     rows = [r for r, d in enumerate(batch.decisions) for _ in d]
-    positions = [pos for d in batch.decisions for pos, _ in d]
-    taken = torch.tensor([float(x) for f in flags for x in f], device=out.trigger_logits.device)
+    positions = [pos for d in batch.decisions for pos, _, _ in d]
+    turn_starts = [kind == PROMPT and pos > 0 for d in batch.decisions for pos, _, kind in d]
+    taken = torch.tensor([float(ins) for d in batch.decisions for _, ins, _ in d], device=out.trigger_logits.device)
     global_decisions = run.global_sum(len(rows))
     if rows:
         r_t, pos_t = torch.tensor(rows), torch.tensor(positions)
-        # Position p >= 1 was decided at completion token p - 1; position 0 at the last prompt token.
-        z = torch.where(pos_t.to(taken.device) == 0, out.prompt_trigger_logits[r_t],
-                        out.trigger_logits[r_t, (pos_t - 1).clamp_min(0)])
+        before = (pos_t - 1).clamp_min(0)
+        # Position p >= 1 was decided at completion token p - 1 (by the prompt-end head at an agent turn's
+        # start), position 0 at the last prompt token.
+        z = torch.where(pos_t.to(taken.device) == 0, out.prompt_trigger_logits[r_t], out.trigger_logits[r_t, before])
+        if any(turn_starts):
+            z = torch.where(torch.tensor(turn_starts, device=z.device), out.turn_trigger_logits[r_t, before], z)
         logp = taken * F.logsigmoid(z) + (1 - taken) * F.logsigmoid(-z)
         loss = -(advantages[torch.tensor(rows)] * logp).sum() * run.world / max(global_decisions, 1.0)
     else:  # no decision anywhere in this micro-batch: a zero loss that still touches the head

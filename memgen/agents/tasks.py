@@ -1,0 +1,88 @@
+"""Agent tasks: which environments a task's records stand for, how to build them, and how to talk to them.
+
+| task | ``--data`` | records | format |
+| --- | --- | --- | --- |
+| ``alfworld`` | the directory with ``<split>.tar.xz`` (e.g. ``../shared/data/alfworld``) | one per game of the split | transcript, or the chat template with ``use_chat_template`` |
+| ``ledger`` | the demo domain(s) whose verbs the ledger uses, e.g. ``B`` or ``AB`` | 512 seeded episodes per domain (train: seeds from 0, every other split: from 1,000,000) | the demo's transcript |
+
+A record's ``columns`` name its environment (``game`` or ``domain`` + ``seed``); the reward
+of an episode is the environment's success (``won``), so custom ``--reward-funcs`` do not
+apply to agent tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..data import DataError, Record
+from ..errors import ConfigError
+from .dialogue import ChatFormat, TranscriptFormat
+from .ledger import LedgerEnv, ledger_format
+
+ENV_TASKS = ("alfworld", "ledger")
+LEDGER_EPISODES = 512
+LEDGER_HELD_OUT = 1_000_000
+
+
+@dataclass
+class EnvTask:
+    """A multi-turn task: records are episodes to play, not prompts to answer."""
+
+    name: str
+    records: list[Record]
+    make_env: Callable[[Record], object]
+    """a fresh environment for a record (reset it with ``record.columns.get('seed')``)"""
+    make_format: Callable[..., object]
+    """``make_format(tokenizer, use_chat_template)``: the episode's text format"""
+    max_turns: int
+    keep_task: bool = True
+    skipped: list[str] = field(default_factory=list)
+    episodic: bool = True
+    stop: list[str] = field(default_factory=list)
+
+    def seed_of(self, record: Record):
+        return record.columns.get("seed")
+
+
+def is_env_task(name: str) -> bool:
+    return name in ENV_TASKS
+
+
+def alfworld_format(tokenizer, use_chat_template: bool):
+    return ChatFormat(tokenizer) if use_chat_template else TranscriptFormat()
+
+
+def load_env_task(name: str, data: str, split: str = "train", limit: int | None = None, max_turns: int | None = None,
+                  step_timeout: float = 30.0) -> EnvTask:
+    """The records of agent task ``name`` (see the module table)."""
+    if name == "alfworld":
+        from .alfworld import alfworld_env, list_games, task_type
+
+        turns = max_turns or 50
+        games = list_games(data, split)
+        records = [Record(str(g), None, {"game": str(g), "task_type": task_type(g)}, str(g)) for g in games]
+
+        def make_env(record: Record):
+            return alfworld_env(record.columns["game"], max_steps=turns, timeout=step_timeout)
+
+        task = EnvTask("alfworld", records, make_env, alfworld_format, turns, keep_task=True)
+    elif name == "ledger":
+        domains = list(data or "B")
+        bad = [d for d in domains if d not in "ABD"]
+        if bad:
+            raise DataError(f"ledger --data names demo domains (A, B, D), got {data!r}")
+        offset = 0 if split == "train" else LEDGER_HELD_OUT
+        records = [Record(f"ledger {d} {offset + i}", None, {"domain": d, "seed": offset + i, "task_type": d},
+                          f"ledger:{d}:{offset + i}") for i in range(LEDGER_EPISODES) for d in domains]
+
+        def make_env(record: Record):
+            return LedgerEnv(record.columns["domain"])
+
+        task = EnvTask("ledger", records, make_env, lambda tok, chat=False: ledger_format(tok), max_turns or 2,
+                       keep_task=False)
+    else:
+        raise ConfigError(f"unknown agent task {name!r}; choose one of {list(ENV_TASKS)}")
+    if limit is not None:
+        task.records = task.records[:limit]
+    return task

@@ -1,0 +1,199 @@
+"""Agents: multi-turn episodes through one engine (memgen.agents), on tiny models and the ledger world.
+
+The equivalences of the single-turn engine, for episodes: teacher-forced log-probs of a whole
+multi-turn episode equal the rollout's, a padded batch of episodes equals one at a time, and a
+never-firing trigger plays the same episode as memory off.
+"""
+
+import time
+
+import pytest
+import torch
+
+from conftest import make_memgen
+from memgen.agents.dialogue import TranscriptFormat
+from memgen.agents.env import ActionError, EnvTimeout, ProcessEnv, parse_action
+from memgen.agents.episode import training_rows
+from memgen.agents.ledger import LedgerEnv, ledger_format
+from memgen.agents.runner import AgentConfig, run_episodes
+
+
+class TalkEnv:
+    """Accepts any action; answers with observations of different lengths; ends after ``turns`` turns."""
+
+    def __init__(self, turns=3, name="talk"):
+        self.turns, self.name = turns, name
+
+    def reset(self, seed=None):
+        self.seed, self.t = seed or 0, 0
+        return f"room {self.seed}: a door, a key.", {"admissible": ["open door", "take key"], "won": False}
+
+    def step(self, action):
+        self.t += 1
+        done = self.t >= self.turns
+        obs = "You see " + ", ".join(["a box"] * ((self.seed + self.t) % 3 + 1)) + "."
+        return obs, float(done), done, {"admissible": ["look"], "won": done}
+
+
+class SleepyEnv(TalkEnv):
+    def step(self, action):
+        time.sleep(60)
+
+
+def _fmt():
+    return TranscriptFormat(preamble="Play.\n")
+
+
+def _play(model, envs, **kw):
+    kw.setdefault("max_turn_tokens", 12)
+    kw.setdefault("progress", False)
+    return run_episodes(model, envs, _fmt(), AgentConfig(**kw), seeds=list(range(len(envs))))
+
+
+@pytest.mark.parametrize("prompt_decides", [False, True], ids=["turn-start-woven", "turn-start-decided"])
+@pytest.mark.parametrize("budget", [None, 150], ids=["whole-history", "truncated"])
+def test_multi_turn_teacher_forcing_matches_rollout(tok, prompt_decides, budget):
+    model = make_memgen(tok).double()
+    model.config.trigger_at_prompt_end = prompt_decides
+    if prompt_decides:
+        model.prompt_trigger = model._new_trigger_head().double()
+    episodes = _play(model, [TalkEnv(4) for _ in range(3)], memory="random:0.5", do_sample=True, seed=3,
+                     temperature=0.8, return_logprobs=True, max_context_tokens=budget)
+    rows = [row for e in episodes for row in training_rows(e)]
+    assert all(len(e.turns) == 4 for e in episodes)
+    if budget is None:
+        assert len(rows) == 3
+    else:
+        assert len(rows) > 3 and any(t.restarted for e in episodes for t in e.turns)
+    kinds = [r.kinds for r in rows]
+    assert any("prompt" in k[1:] for k in kinds), "later turns must start with prompt-query insertions"
+    tf = model.teacher_forced([r.prompt_ids for r in rows], [r.completion_ids for r in rows],
+                              [r.insertions for r in rows], 0.8, None, kinds)
+    for i, row in enumerate(rows):
+        n = len(row.completion_ids)
+        mask = torch.tensor(row.loss_mask)
+        torch.testing.assert_close(tf.logprobs[i, :n][mask], torch.tensor(row.logprobs, dtype=tf.logprobs.dtype)[mask],
+                                   atol=1e-8, rtol=0)
+    # The trigger logits at every decision equal the probabilities the rollout logged.
+    logged = [ins.probability for e in episodes for t in e.turns for ins in t.completion.insertions
+              if ins.probability is not None]
+    read = []
+    for i, row in enumerate(rows):
+        for pos, _, kind in row.decisions:
+            if pos == 0:
+                z = tf.prompt_trigger_logits[i]
+            elif kind == "prompt":
+                z = tf.turn_trigger_logits[i, pos - 1]
+            else:
+                z = tf.trigger_logits[i, pos - 1]
+            read.append(torch.sigmoid(z).item())
+    assert len(read) == len(logged) > 0
+    assert max(abs(a - b) for a, b in zip(read, logged)) < 1e-8
+
+
+def test_padded_batch_of_episodes_matches_one_at_a_time(tok):
+    model = make_memgen(tok)
+    batch = _play(model, [TalkEnv(3) for _ in range(3)], memory="always", seed=5)
+    for i in range(3):
+        alone = run_episodes(model, [TalkEnv(3)], _fmt(), AgentConfig(memory="always", max_turn_tokens=12,
+                                                                      progress=False, seed=5), seeds=[i])[0]
+        assert [t.completion.token_ids for t in alone.turns] == [t.completion.token_ids for t in batch[i].turns]
+        assert [t.completion.insertion_positions for t in alone.turns] == [
+            t.completion.insertion_positions for t in batch[i].turns]
+
+
+def test_never_firing_trigger_plays_the_memory_off_episode(tok):
+    model = make_memgen(tok)
+    model.config.trigger_at_prompt_end = True
+    model.prompt_trigger = model._new_trigger_head()
+    off = _play(model, [TalkEnv(3) for _ in range(2)], memory="off")
+    never = _play(model, [TalkEnv(3) for _ in range(2)], memory="trigger", trigger_threshold=1.1)
+    for a, b in zip(off, never):
+        assert [t.completion.token_ids for t in a.turns] == [t.completion.token_ids for t in b.turns]
+        assert all(t.completion.num_insertions == 0 for t in b.turns)
+        assert all(t.completion.insertions[0].probability is not None for t in b.turns)  # each turn start decided
+
+
+def test_one_turn_episode_equals_plain_generate(tok):
+    model = make_memgen(tok)
+    episodes = _play(model, [TalkEnv(1) for _ in range(2)], memory="always", seed=1)
+    prompts = [_fmt().first_prompt(*TalkEnv(1).reset(i)[:1], ["open door", "take key"]) for i in range(2)]
+    out = model.generate(prompts, memory="always", max_new_tokens=12, stop=["\n"], seed=1, max_insertions=4)
+    assert [e.turns[0].completion.token_ids for e in episodes] == [c.token_ids for c in out.completions]
+
+
+def test_ledger_expert_wins_and_wrong_answers_end_the_episode():
+    env = LedgerEnv("B")
+    obs, info = env.reset(7)
+    assert obs.startswith("Q: ") and obs.endswith("\nA:") and ("finds" in obs or "drops" in obs)
+    done = False
+    while not done:
+        obs, reward, done, info = env.step(env.parse_action(info["expert"]))
+    assert reward == 1.0 and info["won"]
+    env.reset(7)
+    _, reward, done, info = env.step("99")
+    assert done and reward == 0.0 and not info["won"]
+    with pytest.raises(ActionError, match="so N"):
+        env.parse_action("no number here")
+
+
+def test_ledger_format_matches_the_demo_pretraining_rows():
+    from memgen.demo.reasoner import demo_tokenizer
+
+    tok = demo_tokenizer()
+    fmt = ledger_format(tok)
+    env = LedgerEnv("A")
+    obs, info = env.reset(0)
+    assert fmt.first_prompt(obs) == obs
+    text = fmt.transition(info["expert"], "eos", "Q: Ann has 2 eggs. gets 1. loses 1.\nA:")
+    assert text == "<bos>Q: Ann has 2 eggs. gets 1. loses 1.\nA:"
+    assert tok(text, add_special_tokens=False)["input_ids"][0] == tok.bos_token_id
+
+
+def test_strict_action_parser():
+    assert parse_action("  go to desk 1\nthen more") == "go to desk 1"
+    assert parse_action("think <action>take key</action> x <action> open   door </action>") == "open door"
+    with pytest.raises(ActionError, match="empty"):
+        parse_action(" \n ")
+    with pytest.raises(ActionError, match="limit is 200"):
+        parse_action("go " * 100)
+
+
+def test_unparsable_or_overlong_actions_get_a_failure_observation(tok):
+    model = make_memgen(tok)
+    episodes = _play(model, [TalkEnv(2)], memory="off", max_turn_tokens=3, max_turns=2)
+    turns = episodes[0].turns
+    assert len(turns) == 2
+    for turn in turns:
+        if turn.action is None:
+            assert turn.feedback.startswith("Invalid action")
+
+
+def test_step_timeout_ends_the_episode_and_the_batch_goes_on(tok):
+    model = make_memgen(tok)
+    slow = ProcessEnv(SleepyEnv, timeout=1.0, name="sleepy")
+    started = time.time()
+    try:
+        episodes = run_episodes(model, [slow, TalkEnv(2)], _fmt(),
+                                AgentConfig(memory="off", max_turn_tokens=4, progress=False), seeds=[0, 1],
+                                env_ids=["sleepy", "talk"])
+    finally:
+        slow.close()
+    assert time.time() - started < 30
+    assert episodes[0].end_reason == "timeout" and not episodes[0].success
+    assert "longer than 1 s" in episodes[0].turns[-1].feedback
+    assert episodes[1].end_reason in ("done", "max_turns") and len(episodes[1].turns) == 2
+    assert not slow._process.is_alive()
+    with pytest.raises(EnvTimeout):
+        slow2 = ProcessEnv(SleepyEnv, timeout=0.5)
+        slow2.reset(0)
+        slow2.step("x")
+
+
+def test_episode_log_is_json_ready(tok):
+    import json
+
+    model = make_memgen(tok)
+    episode = _play(model, [TalkEnv(2)], memory="always")[0]
+    log = json.loads(json.dumps(episode.as_log()))
+    assert log["turns"] == 2 and len(log["log"]) == 2 and "insertions" in log["log"][0]
