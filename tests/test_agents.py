@@ -197,3 +197,58 @@ def test_episode_log_is_json_ready(tok):
     episode = _play(model, [TalkEnv(2)], memory="always")[0]
     log = json.loads(json.dumps(episode.as_log()))
     assert log["turns"] == 2 and len(log["log"]) == 2 and "insertions" in log["log"][0]
+
+
+class OneTurnEnv:
+    """One turn; success when the action holds an 'a' (so random tiny models succeed sometimes)."""
+
+    def reset(self, seed=None):
+        self.seed = seed
+        return f"say a word {seed}", {"won": False}
+
+    def step(self, action):
+        won = "a" in action
+        return "bye", float(won), True, {"won": won}
+
+
+def _a_reward(prompts, completions, **_):
+    scores = []
+    for text in completions:
+        try:
+            scores.append(float("a" in parse_action(text)))
+        except ActionError:
+            scores.append(0.0)
+    return scores
+
+
+def test_episode_grpo_with_one_turn_equals_single_turn_grpo(tok, tmp_path):
+    from memgen.agents.tasks import EnvTask
+    from memgen.data import Record
+    from memgen.tasks import Task
+    from memgen.train import WeaverTrainConfig, train_weaver
+    from memgen.train.logging import read_metrics
+
+    fmt = _fmt()
+    seeds = list(range(8))
+    episodic = EnvTask("one-turn", [Record(f"game {s}", None, {"seed": s}, f"game:{s}") for s in seeds],
+                       lambda record: OneTurnEnv(), lambda tokenizer, chat=False: fmt, max_turns=1)
+    single = Task("one-turn", [Record(fmt.first_prompt(OneTurnEnv().reset(s)[0]), None, {}, f"game:{s}")
+                               for s in seeds], _a_reward, {}, list(fmt.stop))
+    results = {}
+    for name, task in (("episodes", episodic), ("single", single)):
+        model = make_memgen(tok)
+        config = WeaverTrainConfig(model="tiny", data="tiny", method="grpo", max_steps=3, per_device_batch_size=2,
+                                   num_generations=4, max_new_tokens=8, max_insertions=2, learning_rate=1e-2,
+                                   output_dir=str(tmp_path / name), progress=False, save_every=0, tensorboard=False,
+                                   temperature=1.5)
+        train_weaver(config, model=model, task=task)
+        results[name] = (read_metrics(tmp_path / name), [p.detach().clone() for p in model.weaver_parameters()])
+    ep_rows, single_rows = results["episodes"][0], results["single"][0]
+    assert any(r["reward_std"] > 0 for r in single_rows), "some group must have a nonzero advantage"
+    for a, b in zip(ep_rows, single_rows):
+        for key in ("loss", "reward_mean", "reward_std", "tokens", "insertions_per_rollout"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    for p, q in zip(*(results[k][1] for k in ("episodes", "single"))):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    fresh = make_memgen(tok).weaver_parameters()
+    assert max((p - q).abs().max().item() for p, q in zip(results["episodes"][1], fresh)) > 1e-4, "GRPO must train"

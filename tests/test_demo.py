@@ -52,11 +52,21 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         assert [s["stage"] for s in stages] == ["A", "B", "D"]
         assert all(set(s) == {"stage", "A", "B", "D"} for s in stages)
     assert results["continual"]["lora_sft"][0] == results["continual"]["memgen_sft"][0]
+    # The agent stage: held-out multi-turn ledger episodes per arm and domain, played through memgen.agents.
+    assert set(results["agent"]) == {"vanilla", "memgen_sft", "memgen_trigger"}
+    for name, domains in results["agent"].items():
+        assert set(domains) == {"A", "B"} and all(d["n"] == 10 for d in domains.values())
+        assert all(len(d["success"]["per_seed"]) == 2 and 0 <= d["success"]["mean"] <= 1 for d in domains.values())
+    assert all(d["mean_insertions"] == 0 for d in results["agent"]["vanilla"].values())
+    assert all(d["mean_insertions"] >= 1 for d in results["agent"]["memgen_sft"].values())
+    episodes = [json.loads(line) for line in (out / "seed-0" / "answers" / "agent-memgen_sft-B.jsonl").open()]
+    assert len(episodes) == 10 and all(1 <= e["turns"] <= 2 for e in episodes)
     for claim in results["claims"]:
         assert claim["holds_every_seed"] == all(v >= claim["threshold"] for v in claim["per_seed"])
         assert claim["holds_in_mean"] == (claim["mean"] >= claim["threshold"])
     report = (out / "report.md").read_text()
     assert "memgen_grpo" in report and "Continual learning" in report and "claims" in report
+    assert "Agents: multi-turn ledger episodes" in report
     assert "| arm" in first.stdout and " ± " in first.stdout
     # A second run finds the cached reasoner, and replaces the first run's per-seed outputs.
     # The cached run also runs the experience arms (issue 11): ExpeL, AWM and the weaver reading retrieved text.
