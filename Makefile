@@ -10,10 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned first: a bare `torch` requirement would pull the newest CUDA build.
+# The venv's bin goes first on PATH: alfworld's Fast Downward build runs `python build.py`, which
+# otherwise finds a python without the build's modules.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,demo]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,8 +27,9 @@ demo: $(STAMP)
 example: $(STAMP)
 	$(PY) examples/quickstart.py
 
+# MEMGEN_REQUIRE_AGENTS: the ALFWorld tests fail, rather than skip, if the [agents] extra is missing.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	MEMGEN_REQUIRE_AGENTS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
@@ -34,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/retrieval_decode.py
+	$(PY) benchmarks/agents.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,8 +13,8 @@ from .runner import AgentConfig, run_episodes
 
 def agent_config_from_eval(config, task) -> AgentConfig:
     return AgentConfig(memory=config.memory, max_turns=task.max_turns, max_turn_tokens=config.max_new_tokens,
-                       keep_task=task.keep_task, max_insertions=config.max_insertions, seed=config.seed,
-                       progress=False)
+                       keep_task=task.keep_task, max_context_tokens=task.max_context_tokens,
+                       max_insertions=config.max_insertions, seed=config.seed, progress=False)
 
 
 def evaluate_agent(model, task, config, experience=None) -> dict:

@@ -38,7 +38,8 @@ def play(model, config: PlayConfig, out=sys.stdout) -> dict:
     record = task.records[config.index]
     env = task.make_env(record)
     agent = AgentConfig(memory=config.memory, max_turns=task.max_turns, max_turn_tokens=config.max_turn_tokens,
-                        keep_task=task.keep_task, seed=config.seed, progress=False)
+                        keep_task=task.keep_task, max_context_tokens=task.max_context_tokens, seed=config.seed,
+                        progress=False)
 
     def show(_row, turn) -> None:
         marks = "".join("*" if i.inserted else "." for i in turn.completion.insertions)

@@ -22,6 +22,7 @@ assistant turn's start and at delimiters inside turns follows its description.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +32,7 @@ from ..config import GenerateConfig
 from ..dataclass_cli import check_ranges, help_field
 from ..engine import TurnSession
 from ..errors import ConfigError, InputError
-from .env import ActionError, EnvError, EnvTimeout, parse_action
+from .env import ActionError, EnvError, EnvTimeout, ProcessEnv, parse_action
 from .episode import Episode, Turn
 
 
@@ -132,24 +133,16 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
         bar.set_postfix(success=f"{tally[1] / tally[0]:.2f}")
 
     completions = dict(enumerate(session.first_turn()))
+    pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
     while completions:
         following: dict[int, list[int]] = {}
         restart: set[int] = set()
+        outcomes = _step_all(envs, completions, pool)
         for i, c in completions.items():
-            env, episode = envs[i], episodes[i]
-            parser = getattr(env, "parse_action", None) or parse_action
-            reward, done, end = 0.0, False, ""
-            try:
-                action = parser(c.text)
-            except ActionError as exc:
-                action, feedback = None, str(exc)
-            if action is not None:
-                try:
-                    feedback, reward, done, info = env.step(action)
-                    infos[i] = info or {}
-                except EnvError as exc:  # the episode fails, the batch goes on
-                    feedback, done = f"The environment failed: {exc}", True
-                    end = "timeout" if isinstance(exc, EnvTimeout) else "error"
+            episode = episodes[i]
+            action, feedback, reward, done, info, end = outcomes[i]
+            if info is not None:
+                infos[i] = info
             turn = Turn(observations[i], segments[i], c, action, feedback, float(reward), i in restarted)
             episode.turns.append(turn)
             episode.reward += float(reward)
@@ -163,7 +156,7 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
                 finish(i, "max_turns")
                 continue
             observations[i] = feedback
-            admissible = infos[i].get("admissible") if action is not None else None
+            admissible = infos[i].get("admissible")
             text = fmt.transition(tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason, feedback,
                                   admissible)
             history[i].append((c.token_ids, text))
@@ -181,8 +174,34 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
         restarted = restart
         completions = session.next_turn(following, restart) if following else {}
     bar.close()
+    if pool is not None:
+        pool.shutdown()
     session.close()
     return episodes
+
+
+def _step_all(envs: list, completions: dict, pool) -> dict:
+    """Parse every reply and step its environment (concurrently for child-process environments).
+
+    Returns row -> (action, feedback, reward, done, info or None, end reason if the environment failed).
+    """
+    def one(i: int):
+        env = envs[i]
+        parser = getattr(env, "parse_action", None) or parse_action
+        try:
+            action = parser(completions[i].text)
+        except ActionError as exc:
+            return None, str(exc), 0.0, False, None, ""
+        try:
+            feedback, reward, done, info = env.step(action)
+        except EnvError as exc:  # the episode fails, the batch goes on
+            return action, f"The environment failed: {exc}", 0.0, True, None, (
+                "timeout" if isinstance(exc, EnvTimeout) else "error")
+        return action, feedback, float(reward), bool(done), info or {}, ""
+
+    rows = list(completions)
+    results = pool.map(one, rows) if pool is not None else map(one, rows)
+    return dict(zip(rows, results))
 
 
 def _rebuild(tok, fmt, first: str, turns: list[tuple[list[int], str]], observation: str, admissible, room: int,

@@ -3,7 +3,7 @@
 | task | ``--data`` | records | format |
 | --- | --- | --- | --- |
 | ``alfworld`` | the directory with ``<split>.tar.xz`` (e.g. ``../shared/data/alfworld``) | one per game of the split | transcript, or the chat template with ``use_chat_template`` |
-| ``ledger`` | the demo domain(s) whose verbs the ledger uses, e.g. ``B`` or ``AB`` | 512 seeded episodes per domain (train: seeds from 0, every other split: from 1,000,000) | the demo's transcript |
+| ``ledger`` | the demo domain(s) whose verbs the ledger uses, e.g. ``B`` or ``AB`` | 512 seeded episodes per domain (train: seeds from 0, every other split: from 1,000,000) | the demo's transcript, a 128-token budget, its pretraining row length (each turn restarts from its observation) |
 
 A record's ``columns`` name its environment (``game`` or ``domain`` + ``seed``); the reward
 of an episode is the environment's success (``won``), so custom ``--reward-funcs`` do not
@@ -23,6 +23,7 @@ from .ledger import LedgerEnv, ledger_format
 ENV_TASKS = ("alfworld", "ledger")
 LEDGER_EPISODES = 512
 LEDGER_HELD_OUT = 1_000_000
+LEDGER_CONTEXT = 128
 
 
 @dataclass
@@ -37,6 +38,8 @@ class EnvTask:
     """``make_format(tokenizer, use_chat_template)``: the episode's text format"""
     max_turns: int
     keep_task: bool = True
+    max_context_tokens: int | None = None
+    """the episode's context budget (see :mod:`memgen.agents.runner`); None: the model's context"""
     skipped: list[str] = field(default_factory=list)
     episodic: bool = True
     stop: list[str] = field(default_factory=list)
@@ -79,8 +82,11 @@ def load_env_task(name: str, data: str, split: str = "train", limit: int | None 
         def make_env(record: Record):
             return LedgerEnv(record.columns["domain"])
 
+        # The demo's reasoner is pretrained on rows of 128 characters, so a second turn stacked on the first
+        # (and its latents) would run past every position it knows: the budget makes each turn restart from
+        # its own observation (the runner's truncation rule), the way the reasoner saw problems.
         task = EnvTask("ledger", records, make_env, lambda tok, chat=False: ledger_format(tok), max_turns or 2,
-                       keep_task=False)
+                       keep_task=False, max_context_tokens=LEDGER_CONTEXT)
     else:
         raise ConfigError(f"unknown agent task {name!r}; choose one of {list(ENV_TASKS)}")
     if limit is not None:

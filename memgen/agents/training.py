@@ -45,8 +45,8 @@ def expert_rows(run, record) -> list[EpisodeRow]:
     model, config, task = run.unwrapped, run.config, run.task
     tok, fmt = model.tokenizer, episode_format(run)
     env = task.make_env(record)
-    budget = min(b for b in (config.max_prompt_tokens + config.max_completion_tokens, model.reasoner.context_length)
-                 if b)
+    budget = min(b for b in (config.max_prompt_tokens + config.max_completion_tokens, model.reasoner.context_length,
+                             task.max_context_tokens) if b)
     rows: list[EpisodeRow] = []
     try:
         obs, info = env.reset(task.seed_of(record))
@@ -132,7 +132,8 @@ def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool 
     g = config.num_generations
     envs = [task.make_env(r) for r in records for _ in range(g)]
     agent = AgentConfig(memory=memory, max_turns=task.max_turns, max_turn_tokens=config.max_new_tokens,
-                        keep_task=task.keep_task, max_insertions=config.max_insertions, do_sample=True,
+                        keep_task=task.keep_task, max_context_tokens=task.max_context_tokens,
+                        max_insertions=config.max_insertions, do_sample=True,
                         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                         sample_trigger=sample_trigger, seed=run.rollout_seed(micro), return_logprobs=True,
                         progress=False)
