@@ -252,3 +252,51 @@ def test_episode_grpo_with_one_turn_equals_single_turn_grpo(tok, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     fresh = make_memgen(tok).weaver_parameters()
     assert max((p - q).abs().max().item() for p, q in zip(results["episodes"][1], fresh)) > 1e-4, "GRPO must train"
+
+
+def test_chat_format_renders_the_same_conversation_as_the_template():
+    from memgen.agents.dialogue import ChatFormat
+    from memgen.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}<eos>\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    fmt = ChatFormat(tok, system="Be brief.")
+    first = fmt.first_prompt("You see a desk.", ["go to desk 1", "look"])
+    reply = "go to desk 1"
+    whole = tok.apply_chat_template([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "You see a desk.\nAdmissible commands: go to desk 1, look"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "On the desk 1, you see a pen.\nAdmissible commands: take pen"}],
+        tokenize=False, add_generation_prompt=True)
+    # The reply ended at the template's EOS, which the model generated: the transition does not repeat it.
+    ended = first + reply + "<eos>" + fmt.transition(reply, "eos", "On the desk 1, you see a pen.", ["take pen"])
+    cut = first + reply + fmt.transition(reply, "length", "On the desk 1, you see a pen.", ["take pen"])
+    assert ended == whole and cut == whole
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    with pytest.raises(Exception, match="rewrites message contents"):
+        ChatFormat(tok)
+
+
+def test_a_first_prompt_that_cannot_fit_the_budget_is_refused(tok):
+    from memgen import InputError
+
+    model = make_memgen(tok)
+    with pytest.raises(InputError, match="does not fit the context budget of 40 tokens"):
+        _play(model, [TalkEnv(2)], memory="always", max_context_tokens=40)
+
+
+def test_episode_reward_is_success_with_optional_shaping(tok):
+    from memgen.agents.training import episode_reward
+
+    class Picky(TalkEnv):
+        def parse_action(self, text):
+            raise ActionError("Invalid action: say 'please'.")
+
+    model = make_memgen(tok)
+    episode = _play(model, [Picky(3)], memory="off", max_turn_tokens=2, max_turns=3)[0]
+    assert episode.end_reason == "max_turns" and not episode.success
+    assert [t.feedback for t in episode.turns] == ["Invalid action: say 'please'."] * 3
+    assert episode_reward(episode) == 0.0
+    assert episode_reward(episode, 0.1) == pytest.approx(-0.3)

@@ -59,7 +59,7 @@ class TranscriptFormat:
 class ChatFormat:
     """Turns as chat messages through ``tokenizer.apply_chat_template``; the reply ends at the template's EOS."""
 
-    USER, REPLY, NEXT = "\x01USER\x01", "\x01REPLY\x01", "\x01NEXT\x01"
+    USER, REPLY, NEXT = "\x01User\x01", "\x01Reply\x01", "\x01Next\x01"  # mixed case: catches case rewrites
 
     def __init__(self, tokenizer, system: str | None = ALFWORLD_INSTRUCTIONS, show_admissible: bool = True) -> None:
         if not getattr(tokenizer, "chat_template", None):

@@ -6,8 +6,8 @@
   (at most ``max_insertions`` per turn, the earliest, as the engine caps them). The loss covers
   assistant tokens only. Expert episodes are played once per record and kept for the run.
 - **GRPO / trigger RL** (:func:`episode_rollout`): G episodes per record, played by the batched
-  runner with sampling; an episode's reward is its success, shared by all its tokens (no
-  per-step shaping). Each episode becomes one teacher-forcing row per context span
+  runner with sampling; an episode's reward is its success, shared by all its tokens (per-step
+  shaping is off by default; ``invalid_action_penalty`` subtracts a penalty per turn without an action). Each episode becomes one teacher-forcing row per context span
   (:func:`memgen.agents.episode.training_rows`), so the existing GRPO and trigger losses run
   unchanged on a loss mask; with one turn and no restart an episode is exactly a single-turn
   rollout.
@@ -121,6 +121,11 @@ def _pad_mask(masks: list[list[bool]], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def episode_reward(episode, invalid_action_penalty: float = 0.0) -> float:
+    """Success (1 or 0), minus the optional shaping penalty per turn whose reply held no action."""
+    return float(episode.success) - invalid_action_penalty * sum(t.action is None for t in episode.turns)
+
+
 def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool = False,
                     insert_at_prompt_end: bool = True) -> RolloutBatch:
     """G sampled episodes per record as a :class:`RolloutBatch` of teacher-forcing rows."""
@@ -167,7 +172,7 @@ def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool 
         contexts=None if run.experience is None else [r.contexts for r in rows],
         decisions=[[(p, ins, kind) for p, ins, kind in r.decisions] for r in rows],
         old_logprobs=old.to(device),
-        rewards=torch.tensor([float(e.success) for e in episodes], device=device),
+        rewards=torch.tensor([episode_reward(e, config.invalid_action_penalty) for e in episodes], device=device),
         truncated=torch.tensor(truncated, device=device),
         texts=[" | ".join(t.completion.text for t in e.turns) for e in episodes],
         kinds=[r.kinds for r in rows],

@@ -30,6 +30,8 @@ class TrainConfig:
                                "ledger: demo domains, e.g. B")
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
     step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
+    invalid_action_penalty: float = help_field(0.0, "agent RL per-step shaping: subtracted from an episode's reward "
+                                                    "(success) per turn whose reply held no action (0 = off)", ge=0)
     limit: int | None = help_field(None, "use only the first N records", ge=1)
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
