@@ -100,7 +100,8 @@ class ProcessEnv:
         self._process = context.Process(target=_serve, args=(factory, child), daemon=True)
         self._process.start()
         child.close()
-        self._receive(start_timeout, "start")
+        # The start-up handshake is read at the first call, so several environments start at once.
+        self._start_timeout, self._started = start_timeout, False
         self.parse_action = None
 
     def _receive(self, timeout: float, what: str):
@@ -117,6 +118,9 @@ class ProcessEnv:
         return value
 
     def _call(self, method: str, *args):
+        if not self._started:
+            self._receive(self._start_timeout, "start")
+            self._started = True
         if not self._process.is_alive():
             raise EnvError(f"{self.name}: the environment process is not running")
         self._conn.send((method, args))

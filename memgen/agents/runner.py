@@ -86,12 +86,16 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
     env_ids = env_ids or [getattr(e, "name", f"env{i}") for i, e in enumerate(envs)]
     n = len(envs)
     episodes = [Episode(env_ids[i], None) for i in range(n)]
-    observations, infos = [], []
-    for i, env in enumerate(envs):
+    pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
+
+    def reset(i: int):
         try:
-            obs, info = env.reset(seeds[i])
+            return envs[i].reset(seeds[i])
         except EnvError as exc:
             raise EnvError(f"{env_ids[i]}: {exc}") from None
+
+    observations, infos = [], []
+    for i, (obs, info) in enumerate(pool.map(reset, range(n)) if pool is not None else map(reset, range(n))):
         observations.append(obs)
         infos.append(info or {})
         episodes[i].task_type = (info or {}).get("task_type")
@@ -133,7 +137,6 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
         bar.set_postfix(success=f"{tally[1] / tally[0]:.2f}")
 
     completions = dict(enumerate(session.first_turn()))
-    pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
     while completions:
         following: dict[int, list[int]] = {}
         restart: set[int] = set()
