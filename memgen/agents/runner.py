@@ -81,12 +81,20 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
         raise InputError("run_episodes needs at least one environment")
     if len(envs) % group:
         raise ConfigError(f"{len(envs)} environments do not split into groups of {group}")
-    tok = model.tokenizer
     seeds = list(seeds) if seeds is not None else [None] * len(envs)
     env_ids = env_ids or [getattr(e, "name", f"env{i}") for i, e in enumerate(envs)]
-    n = len(envs)
-    episodes = [Episode(env_ids[i], None) for i in range(n)]
+    episodes = [Episode(env_ids[i], None) for i in range(len(envs))]
+    # Child-process environments start, reset and step concurrently (they wait on pipes, not on the GIL).
     pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
+    try:
+        return _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool) -> list[Episode]:
+    tok, n = model.tokenizer, len(envs)
 
     def reset(i: int):
         try:
@@ -112,8 +120,8 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
                          seed=config.seed, return_logprobs=config.return_logprobs)
     session = TurnSession(model, prompts, gen, experience=experience)
     context = model.reasoner.context_length
-    budget = min(b for b in (config.max_context_tokens, context) if b is not None) if (
-        config.max_context_tokens or context) else None
+    limits = [b for b in (config.max_context_tokens, context) if b]
+    budget = min(limits) if limits else None
     k_prompt = session.k_prompt if session.prompt_insert else 0
     reserve = k_prompt + config.max_turn_tokens + (
         config.max_insertions * session.k_infer if session.memory_on else 0) + 1
@@ -177,8 +185,6 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
         restarted = restart
         completions = session.next_turn(following, restart) if following else {}
     bar.close()
-    if pool is not None:
-        pool.shutdown()
     session.close()
     return episodes
 
