@@ -13,6 +13,10 @@ A step where the fed token is a delimiter and the row inserts: the reasoner's lo
 next token come from the last latent slot, i.e. the next token is conditioned on the memory.
 Finished rows stop decoding (they are fed masked pad slots until the batch ends) and stop
 triggering.
+
+:class:`TurnSession` runs the same state machine over the turns of agent episodes: between turns
+each continuing row appends its observation to its own cache row and weaves at the new turn's
+start, so a multi-turn episode is never re-prefilled (:mod:`memgen.agents`).
 """
 
 from __future__ import annotations
