@@ -195,10 +195,13 @@ def _step_all(envs: list, completions: dict, pool) -> dict:
     Returns row -> (action, feedback, reward, done, info or None, end reason if the environment failed).
     """
     def one(i: int):
-        env = envs[i]
+        env, reply = envs[i], completions[i]
+        if reply.finish_reason == "length":  # a cut reply is never acted on: its action may be cut too
+            return None, (f"Invalid action: the reply did not end within {len(reply.token_ids)} tokens. Reply with "
+                          "one short command."), 0.0, False, None, ""
         parser = getattr(env, "parse_action", None) or parse_action
         try:
-            action = parser(completions[i].text)
+            action = parser(reply.text)
         except ActionError as exc:
             return None, str(exc), 0.0, False, None, ""
         try:
