@@ -171,10 +171,8 @@ def alfworld_env(game: str | Path, max_steps: int = 50, timeout: float = 30.0,
         import textworld  # noqa: F401
     except ImportError:
         raise EnvError("ALFWorld needs the optional extra: pip install -e '.[agents]'") from None
-    env = ProcessEnv(functools.partial(AlfWorldGame, str(path), max_steps, expert), timeout=timeout,
-                     name=f"{path.parent.parent.name}/{path.parent.name}")
-    env.task_type = task_type(path)
-    return env
+    return ProcessEnv(functools.partial(AlfWorldGame, str(path), max_steps, expert), timeout=timeout,
+                      name=f"{path.parent.parent.name}/{path.parent.name}")
 
 
 def replay_expert(game: str | Path, max_steps: int = 50, timeout: float = 60.0, expert: str = "walkthrough") -> dict:

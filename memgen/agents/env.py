@@ -64,6 +64,11 @@ def parse_action(text: str, max_chars: int = MAX_ACTION_CHARS) -> str:
     return action
 
 
+def action_parser(env) -> Callable[[str], str]:
+    """The environment's own ``parse_action`` if it has one, else :func:`parse_action`."""
+    return getattr(env, "parse_action", None) or parse_action
+
+
 def _serve(factory: Callable[[], Any], conn) -> None:
     try:
         env = factory()
@@ -102,7 +107,6 @@ class ProcessEnv:
         child.close()
         # The start-up handshake is read at the first call, so several environments start at once.
         self._start_timeout, self._started = start_timeout, False
-        self.parse_action = None
 
     def _receive(self, timeout: float, what: str):
         if not self._conn.poll(timeout):

@@ -32,7 +32,7 @@ from ..config import GenerateConfig
 from ..dataclass_cli import check_ranges, help_field
 from ..engine import TurnSession
 from ..errors import ConfigError, InputError
-from .env import ActionError, EnvError, EnvTimeout, ProcessEnv, parse_action
+from .env import ActionError, EnvError, EnvTimeout, ProcessEnv, action_parser
 from .episode import Episode, Turn
 
 
@@ -199,9 +199,8 @@ def _step_all(envs: list, completions: dict, pool) -> dict:
         if reply.finish_reason == "length":  # a cut reply is never acted on: its action may be cut too
             return None, (f"Invalid action: the reply did not end within {len(reply.token_ids)} tokens. Reply with "
                           "one short command."), 0.0, False, None, ""
-        parser = getattr(env, "parse_action", None) or parse_action
         try:
-            action = parser(reply.text)
+            action = action_parser(env)(reply.text)
         except ActionError as exc:
             return None, str(exc), 0.0, False, None, ""
         try:

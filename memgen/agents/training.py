@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..train.rollouts import RolloutBatch
 from ..weaver import INFERENCE, PROMPT
-from .env import parse_action
+from .env import action_parser
 from .episode import EpisodeRow, training_rows
 from .runner import AgentConfig, _rebuild, run_episodes
 
@@ -64,8 +64,7 @@ def expert_rows(run, record) -> list[EpisodeRow]:
             row.kinds += [PROMPT] + [INFERENCE] * len(inner)
             row.completion_ids += ids
             row.loss_mask += [True] * len(ids)
-            parser = getattr(env, "parse_action", None) or parse_action
-            obs, _, done, info = env.step(parser(tok.decode(ids, skip_special_tokens=True)))
+            obs, _, done, info = env.step(action_parser(env)(tok.decode(ids, skip_special_tokens=True)))
             if done:
                 won = bool(info.get("won"))
                 break
