@@ -8,13 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import MemGenError
-from .runner import AgentConfig, run_episodes
-
-
-def agent_config_from_eval(config, task) -> AgentConfig:
-    return AgentConfig(memory=config.memory, max_turns=task.max_turns, max_turn_tokens=config.max_new_tokens,
-                       keep_task=task.keep_task, max_context_tokens=task.max_context_tokens,
-                       max_insertions=config.max_insertions, seed=config.seed, progress=False)
+from .runner import run_episodes
 
 
 def evaluate_agent(model, task, config, experience=None) -> dict:
@@ -25,7 +19,8 @@ def evaluate_agent(model, task, config, experience=None) -> dict:
     if not records:
         raise MemGenError(f"task {task.name} has no episodes to play")
     fmt = task.make_format(model.tokenizer, config.use_chat_template)
-    agent = agent_config_from_eval(config, task)
+    agent = task.agent_config(memory=config.memory, max_turn_tokens=config.max_new_tokens,
+                              max_insertions=config.max_insertions, seed=config.seed)
     handle = None
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)

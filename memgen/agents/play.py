@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..dataclass_cli import check_ranges, help_field
 from ..errors import ConfigError
-from .runner import AgentConfig, run_episodes
+from .runner import run_episodes
 from .tasks import load_env_task
 
 
@@ -37,9 +37,7 @@ def play(model, config: PlayConfig, out=sys.stdout) -> dict:
         raise ConfigError(f"--index {config.index}: the {config.split} split has {len(task.records)} episodes")
     record = task.records[config.index]
     env = task.make_env(record)
-    agent = AgentConfig(memory=config.memory, max_turns=task.max_turns, max_turn_tokens=config.max_turn_tokens,
-                        keep_task=task.keep_task, max_context_tokens=task.max_context_tokens, seed=config.seed,
-                        progress=False)
+    agent = task.agent_config(memory=config.memory, max_turn_tokens=config.max_turn_tokens, seed=config.seed)
 
     def show(_row, turn) -> None:
         marks = "".join("*" if i.inserted else "." for i in turn.completion.insertions)

@@ -19,6 +19,7 @@ from ..data import DataError, Record
 from ..errors import ConfigError
 from .dialogue import ChatFormat, TranscriptFormat
 from .ledger import LedgerEnv, ledger_format
+from .runner import AgentConfig
 
 ENV_TASKS = ("alfworld", "ledger")
 LEDGER_EPISODES = 512
@@ -46,6 +47,11 @@ class EnvTask:
 
     def seed_of(self, record: Record):
         return record.columns.get("seed")
+
+    def agent_config(self, **fields) -> AgentConfig:
+        """How this task's episodes are played: its turn limit, truncation rule and budget, plus ``fields``."""
+        return AgentConfig(max_turns=self.max_turns, keep_task=self.keep_task,
+                           max_context_tokens=self.max_context_tokens, progress=False, **fields)
 
 
 def is_env_task(name: str) -> bool:

@@ -22,7 +22,7 @@ from ..train.rollouts import RolloutBatch
 from ..weaver import INFERENCE, PROMPT
 from .env import action_parser
 from .episode import EpisodeRow, training_rows
-from .runner import AgentConfig, _rebuild, run_episodes
+from .runner import _rebuild, run_episodes
 
 
 def episode_format(run):
@@ -135,12 +135,10 @@ def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool 
         raise ConfigError("agent episodes weave at every turn's start; insert_at_prompt_end must stay on")
     g = config.num_generations
     envs = [task.make_env(r) for r in records for _ in range(g)]
-    agent = AgentConfig(memory=memory, max_turns=task.max_turns, max_turn_tokens=config.max_new_tokens,
-                        keep_task=task.keep_task, max_context_tokens=task.max_context_tokens,
-                        max_insertions=config.max_insertions, do_sample=True,
-                        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                        sample_trigger=sample_trigger, seed=run.rollout_seed(micro), return_logprobs=True,
-                        progress=False)
+    agent = task.agent_config(memory=memory, max_turn_tokens=config.max_new_tokens,
+                              max_insertions=config.max_insertions, do_sample=True, temperature=config.temperature,
+                              top_p=config.top_p, top_k=config.top_k, sample_trigger=sample_trigger,
+                              seed=run.rollout_seed(micro), return_logprobs=True)
     was_training = model.training
     model.eval()
     try:
