@@ -71,8 +71,6 @@ class EvalConfig:
 
 def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``."""
-    from tqdm.auto import tqdm
-
     rewrite = None
     if experience is None and config.memory_source != "weaver":
         from .experience.weaving import open_reader
@@ -88,51 +86,35 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     gen = GenerateConfig(memory=config.memory, max_new_tokens=config.max_new_tokens, stop=task.stop,
                          max_insertions=config.max_insertions, insert_at_prompt_end=config.insert_at_prompt_end,
                          seed=config.seed)
-    rows, total_seconds = [], 0.0
-    handle = None
-    if config.output:
-        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(config.output, "w")
-    bar = tqdm(total=len(records), disable=not config.progress, desc=f"eval {task.name} [{config.memory}]",
-               dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(records), config.batch_size):
-            batch = records[start: start + config.batch_size]
-            began = time.perf_counter()
-            shown = [_rewritten(r, rewrite) for r in batch] if rewrite is not None else batch
-            output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
-                                    gen, experience=experience)
-            seconds = time.perf_counter() - began
-            total_seconds += seconds
-            texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
-            columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
-            prompts = [r.prompt for r in batch]
-            rewards = task.reward(prompts, texts, **columns)
-            extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
-            for i, (record, completion) in enumerate(zip(batch, output.completions)):
-                # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
-                decided = [ins for ins in completion.insertions if ins.position > 0 or ins.probability is not None]
-                row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
-                       "reward": float(rewards[i]), "insertions": completion.num_insertions,
-                       "decisions": len(decided),
-                       "decided_insertions": sum(ins.inserted for ins in decided),
-                       "insertion_positions": completion.insertion_positions,
-                       "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
-                row.update({name: float(values[i]) for name, values in extras.items()})
-                if experience is not None:  # the records each woven insertion read, in insertion order
-                    row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
-                rows.append(row)
-                if handle:
-                    handle.write(json.dumps(row) + "\n")
-            bar.update(len(batch))
-            bar.set_postfix(acc=f"{sum(r['reward'] for r in rows) / len(rows):.3f}")
-    finally:
-        bar.close()
-        if handle:
-            handle.close()
-        model.train(was_training)
+    def score(batch):
+        began = time.perf_counter()
+        shown = [_rewritten(r, rewrite) for r in batch] if rewrite is not None else batch
+        output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
+                                gen, experience=experience)
+        seconds = time.perf_counter() - began
+        texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
+        columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
+        prompts = [r.prompt for r in batch]
+        rewards = task.reward(prompts, texts, **columns)
+        extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
+        rows = []
+        for i, (record, completion) in enumerate(zip(batch, output.completions)):
+            # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
+            decided = [ins for ins in completion.insertions if ins.position > 0 or ins.probability is not None]
+            row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
+                   "reward": float(rewards[i]), "insertions": completion.num_insertions,
+                   "decisions": len(decided),
+                   "decided_insertions": sum(ins.inserted for ins in decided),
+                   "insertion_positions": completion.insertion_positions,
+                   "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
+            row.update({name: float(values[i]) for name, values in extras.items()})
+            if experience is not None:  # the records each woven insertion read, in insertion order
+                row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
+            rows.append(row)
+        return rows, seconds
+
+    rows, total_seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", score,
+                                         ("acc", "reward"))
     n = len(rows)
     summary = {
         "task": task.name, "memory": config.memory, "n": n,
@@ -147,6 +129,43 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
     return summary
+
+
+def run_in_batches(model, records, config, desc: str, score_batch, shown: tuple[str, str]):
+    """Score ``records`` in batches of ``config.batch_size`` with ``model`` in eval mode.
+
+    ``score_batch(batch) -> (rows, seconds)``; every row goes to ``config.output`` (JSONL) as it
+    comes, and the progress bar shows ``shown = (label, key)``: the running mean of ``row[key]``.
+    Returns all rows and the seconds the batches reported.
+    """
+    from tqdm.auto import tqdm
+
+    rows, total_seconds = [], 0.0
+    handle = None
+    if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(config.output, "w")
+    bar = tqdm(total=len(records), disable=not config.progress, desc=desc, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(records), config.batch_size):
+            batch = records[start: start + config.batch_size]
+            batch_rows, seconds = score_batch(batch)
+            total_seconds += seconds
+            for row in batch_rows:
+                rows.append(row)
+                if handle:
+                    handle.write(json.dumps(row) + "\n")
+            bar.update(len(batch))
+            label, key = shown
+            bar.set_postfix({label: f"{sum(r[key] for r in rows) / len(rows):.3f}"})
+    finally:
+        bar.close()
+        if handle:
+            handle.close()
+        model.train(was_training)
+    return rows, total_seconds
 
 
 def _rewritten(record, rewrite):

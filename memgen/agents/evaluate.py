@@ -2,59 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from pathlib import Path
 
 from ..errors import MemGenError
+from ..evaluate import run_in_batches
 from .runner import run_episodes
 
 
 def evaluate_agent(model, task, config, experience=None) -> dict:
     """Success rate of greedy episodes on ``task`` (an :class:`~memgen.agents.tasks.EnvTask`)."""
-    from tqdm.auto import tqdm
-
     records = task.records[: config.limit] if config.limit is not None else task.records
     if not records:
         raise MemGenError(f"task {task.name} has no episodes to play")
     fmt = task.make_format(model.tokenizer, config.use_chat_template)
     agent = task.agent_config(memory=config.memory, max_turn_tokens=config.max_new_tokens,
                               max_insertions=config.max_insertions, seed=config.seed)
-    handle = None
-    if config.output:
-        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(config.output, "w")
-    logs, seconds = [], 0.0
-    bar = tqdm(total=len(records), disable=not config.progress, desc=f"eval {task.name} [{config.memory}]",
-               dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(records), config.batch_size):
-            batch = records[start: start + config.batch_size]
-            envs = [task.make_env(r) for r in batch]
-            began = time.perf_counter()
-            try:
-                episodes = run_episodes(model, envs, fmt, agent, seeds=[task.seed_of(r) for r in batch],
-                                        experience=experience, env_ids=[r.source for r in batch])
-            finally:
-                for env in envs:
-                    getattr(env, "close", lambda: None)()
-            spent = time.perf_counter() - began
-            seconds += spent
-            for episode in episodes:
-                row = dict(episode.as_log(), seconds=spent / len(batch))
-                logs.append(row)
-                if handle:
-                    handle.write(json.dumps(row) + "\n")
-            bar.update(len(batch))
-            bar.set_postfix(success=f"{sum(r['success'] for r in logs) / len(logs):.3f}")
-    finally:
-        bar.close()
-        if handle:
-            handle.close()
-        model.train(was_training)
+
+    def play(batch):
+        envs = [task.make_env(r) for r in batch]
+        began = time.perf_counter()
+        try:
+            episodes = run_episodes(model, envs, fmt, agent, seeds=[task.seed_of(r) for r in batch],
+                                    experience=experience, env_ids=[r.source for r in batch])
+        finally:
+            for env in envs:
+                getattr(env, "close", lambda: None)()
+        spent = time.perf_counter() - began
+        return [dict(e.as_log(), seconds=spent / len(batch)) for e in episodes], spent
+
+    logs, seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", play,
+                                   ("success", "success"))
     return summarize(task.name, config.memory, logs, seconds)
 
 
