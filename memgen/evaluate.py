@@ -18,7 +18,7 @@ from .data import prompt_token_ids
 from .errors import ConfigError, MemGenError
 from .dataclass_cli import check_ranges, help_field
 from .tasks import Task
-from .rewards import cut_at_stop
+from .tasks.rewards import cut_at_stop
 
 
 MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")

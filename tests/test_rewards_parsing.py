@@ -2,7 +2,7 @@
 
 import pytest
 
-from memgen.rewards import choice_letter, choice_reward, final_answer, math_reward
+from memgen.tasks.rewards import choice_letter, choice_reward, final_answer, math_reward
 
 CHOICES = [
     ("The answer is clearly B", "B"),

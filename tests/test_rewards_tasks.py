@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memgen.data import DataError
-from memgen.rewards import (
+from memgen.tasks.rewards import (
     choice_reward, combine_rewards, exact_match_reward, f1_reward, final_answer, math_equal, math_reward,
 )
 from memgen.tasks import load_task

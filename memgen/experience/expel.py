@@ -193,7 +193,7 @@ def gather_experience(model, task, store: ExperienceStore, config: ExpeLConfig, 
                       batch_size: int = 8, run: str = "expel") -> dict:
     """Attempt every training task ``config.attempts`` times and store each attempt with its reward."""
     from ..config import GenerateConfig
-    from ..rewards import cut_at_stop
+    from ..tasks.rewards import cut_at_stop
 
     gen = GenerateConfig(memory=memory, do_sample=True, temperature=config.temperature,
                          max_new_tokens=config.max_new_tokens, num_samples=config.attempts, stop=task.stop,

@@ -16,7 +16,7 @@ import torch
 
 from ..config import GenerateConfig
 from ..errors import ConfigError
-from ..rewards import RewardFn, combine_rewards, cut_at_stop
+from ..tasks.rewards import RewardFn, combine_rewards, cut_at_stop
 from ..weaver import INFERENCE, PROMPT
 
 

@@ -1,4 +1,4 @@
-"""Task adapters: turn the real benchmark files into :class:`~memgen.data.Record` lists plus a reward.
+"""Answer-matched tasks: benchmark files to :class:`~memgen.data.Record` lists, scored by the final answer.
 
 | task | file | prompt | reward |
 | --- | --- | --- | --- |
@@ -21,29 +21,13 @@ import json
 import random
 import re
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .data import DataError, Record, load_records, read_jsonl, report_skipped, skip_or_raise
-from .rewards import (
-    RewardFn, choice_reward, exact_match_reward, f1_reward, gsm8k_final, last_boxed, math_reward,
-    reference_match_reward,
-)
+from ..data import DataError, Record, load_records, read_jsonl, skip_or_raise
+from .rewards import gsm8k_final, last_boxed, reference_match_reward
 
 GPQA_PASSWORD = b"deserted-untie-orchid"
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-
-
-@dataclass
-class Task:
-    name: str
-    records: list[Record]
-    reward: RewardFn
-    extra_metrics: dict[str, RewardFn]
-    stop: list[str]
-    skipped: list[str] = field(default_factory=list)
-    """``file:line: reason`` of every malformed line skipped with ``skip_malformed``."""
 
 
 def _rows(path: Path, fields: tuple[str, ...], skip_malformed: bool):
@@ -149,55 +133,16 @@ def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], 
     return records, skipped
 
 
-def _jsonl_reward(prompts, completions, **columns):
+def jsonl_reward(prompts, completions, **columns):
     reference = columns.get("answer") or columns.get("reference")
     if reference is None:
         raise DataError("task 'jsonl' needs an 'answer' (or 'reference') field to score completions")
     return reference_match_reward(prompts, completions, reference)
 
 
-def _task(name: str, loaded: tuple[list[Record], list[str]], reward: RewardFn, stop: list[str],
-          extra_metrics: dict[str, RewardFn] | None = None) -> Task:
-    records, skipped = loaded
-    return Task(name, records, reward, extra_metrics or {}, stop, skipped)
-
-
-TASKS: dict[str, Callable] = {
-    "gsm8k": lambda path, skip, seed: _task("gsm8k", gsm8k_records(path, skip), math_reward, ["\nQuestion:"]),
-    "math": lambda path, skip, seed: _task("math", math_records(path, skip), math_reward, ["\nProblem:"]),
-    "math500": lambda path, skip, seed: _task("math500", math_records(path, skip), math_reward, ["\nProblem:"]),
-    "gpqa": lambda path, skip, seed: _task("gpqa", (gpqa_records(path, "diamond", seed), []), choice_reward,
-                                           ["\nQuestion:"]),
-    "qa": lambda path, skip, seed: _task("qa", qa_records(path, skip), exact_match_reward, ["\n"], {"f1": f1_reward}),
-    "jsonl": lambda path, skip, seed: _task("jsonl", _jsonl_records(path, skip), _jsonl_reward, []),
-}
-
-
-def _jsonl_records(path: Path, skip: bool) -> tuple[list[Record], list[str]]:
+def jsonl_records(path: Path, skip: bool) -> tuple[list[Record], list[str]]:
     report = load_records(path, require_completion=False, skip_malformed=skip, report=False)
     for r in report.records:
         if "answer" not in r.columns and r.completion is not None:
             r.columns["answer"] = r.completion
     return report.records, report.skipped
-
-
-def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
-              limit: int | None = None) -> Task:
-    """Load task ``name`` from ``path``; ``gpqa`` takes ``gpqa.zip`` or ``gpqa.zip:main``."""
-    if name not in TASKS:
-        raise DataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    subset = None
-    text = str(path)
-    if name == "gpqa" and re.search(r"\.zip:\w+$", text):
-        text, subset = text.rsplit(":", 1)
-    path = Path(text)
-    if subset:
-        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"])
-    else:
-        task = TASKS[name](path, skip_malformed, seed)
-    report_skipped(path, task.skipped)
-    if not task.records:
-        raise DataError(f"{path}: no usable records for task {name}")
-    if limit is not None:
-        task.records = task.records[:limit]
-    return task

@@ -1,0 +1,109 @@
+"""The task registry: a :class:`Task` (records, reward, stop strings) by name, from a data path."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..data import DataError, Record, report_skipped
+from .answers import gpqa_records, gsm8k_records, jsonl_records, jsonl_reward, math_records, qa_records
+from .rewards import RewardFn, choice_reward, exact_match_reward, f1_reward, math_reward
+
+
+@dataclass
+class Task:
+    name: str
+    records: list[Record]
+    reward: RewardFn
+    extra_metrics: dict[str, RewardFn]
+    stop: list[str]
+    skipped: list[str] = field(default_factory=list)
+    """``file:line: reason`` of every malformed line skipped with ``skip_malformed``."""
+    unavailable: list[str] = field(default_factory=list)
+    """items left out because this machine cannot score them (e.g. ``BigCodeBench/3: pandas not installed``)"""
+    outcomes: Callable | None = None
+    """code tasks: per-completion execution results (status, seconds, the limit hit), same signature as ``reward``"""
+
+
+@dataclass
+class TaskOptions:
+    """How to load a task; fields only some tasks read."""
+
+    skip_malformed: bool = False
+    seed: int = 0
+    split: str = ""
+    sandbox: object = None
+    """a :class:`~memgen.tasks.sandbox.SandboxConfig` for code tasks (default: its defaults)"""
+
+
+def _task(name: str, loaded: tuple[list[Record], list[str]], reward: RewardFn, stop: list[str],
+          extra_metrics: dict[str, RewardFn] | None = None) -> Task:
+    records, skipped = loaded
+    return Task(name, records, reward, extra_metrics or {}, stop, skipped)
+
+
+def _code_task(name: str, path: Path, options: TaskOptions) -> Task:
+    from .code import BIGCODEBENCH_COMPLETE_STOP, CodeReward, bigcodebench_records, kodcode_records
+    from .sandbox import SandboxConfig
+
+    if name == "kodcode":
+        records, skipped, unavailable = kodcode_records(path, options.skip_malformed)
+        stop = []
+    else:
+        split = options.split or "complete"
+        records, skipped, unavailable = bigcodebench_records(path, split, options.skip_malformed)
+        stop = BIGCODEBENCH_COMPLETE_STOP if split == "complete" else []
+    if not records:  # before the sandbox starts: an empty task is a data problem
+        return Task(name, records, lambda *a, **k: [], {}, stop, skipped, unavailable)
+    reward = CodeReward(options.sandbox or SandboxConfig())
+    return Task(name, records, reward, {}, stop, skipped, unavailable, reward.outcomes)
+
+
+TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
+    "gsm8k": lambda path, o: _task("gsm8k", gsm8k_records(path, o.skip_malformed), math_reward, ["\nQuestion:"]),
+    "math": lambda path, o: _task("math", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"]),
+    "math500": lambda path, o: _task("math500", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"]),
+    "gpqa": lambda path, o: _task("gpqa", (gpqa_records(path, "diamond", o.seed), []), choice_reward,
+                                  ["\nQuestion:"]),
+    "qa": lambda path, o: _task("qa", qa_records(path, o.skip_malformed), exact_match_reward, ["\n"],
+                                {"f1": f1_reward}),
+    "jsonl": lambda path, o: _task("jsonl", jsonl_records(path, o.skip_malformed), jsonl_reward, []),
+    "kodcode": lambda path, o: _code_task("kodcode", path, o),
+    "bigcodebench": lambda path, o: _code_task("bigcodebench", path, o),
+}
+CODE_TASKS = ("kodcode", "bigcodebench")
+
+
+def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
+              limit: int | None = None, split: str = "", sandbox=None) -> Task:
+    """Load task ``name`` from ``path``.
+
+    ``gpqa`` takes ``gpqa.zip`` or ``gpqa.zip:main``; ``bigcodebench`` reads ``split``
+    (complete | instruct); code tasks run their tests under ``sandbox`` (a SandboxConfig).
+    """
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    if split and name != "bigcodebench":
+        raise DataError(f"task {name} has no splits (--split is for bigcodebench and agent tasks)")
+    subset = None
+    text = str(path)
+    if name == "gpqa" and re.search(r"\.zip:\w+$", text):
+        text, subset = text.rsplit(":", 1)
+    path = Path(text)
+    if subset:
+        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"])
+    else:
+        task = TASKS[name](path, TaskOptions(skip_malformed, seed, split, sandbox))
+    report_skipped(path, task.skipped)
+    if task.unavailable:
+        import sys
+
+        print(f"memgen: {path}: left out {len(task.unavailable)} item(s) this machine cannot score "
+              f"(e.g. {task.unavailable[0]})", file=sys.stderr)
+    if not task.records:
+        raise DataError(f"{path}: no usable records for task {name}")
+    if limit is not None:
+        task.records = task.records[:limit]
+    return task

