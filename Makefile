@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents,code]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/retrieval_decode.py
 	$(PY) benchmarks/agents.py
+	$(PY) benchmarks/sandbox.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

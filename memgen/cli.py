@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, format_table
-    from .tasks import load_task
+    from .tasks import code_sandbox, load_task
 
     from .agents.tasks import is_env_task
 
@@ -86,10 +86,11 @@ def _eval(args: argparse.Namespace) -> int:
 
         if config.memory_source != "weaver":
             raise MemGenError("agent tasks evaluate with --memory-source weaver")
-        task = load_env_task(config.task, config.data, config.split, None, config.max_turns or None,
+        task = load_env_task(config.task, config.data, config.split or "valid_seen", None, config.max_turns or None,
                              config.step_timeout)
     else:
-        task = load_task(config.task, config.data, config.skip_malformed, config.seed)  # evaluate() applies --limit
+        task = load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
+                         sandbox=code_sandbox(config))  # evaluate() applies --limit
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
@@ -128,6 +129,23 @@ def _experience(args: argparse.Namespace) -> int:
 
     print(run_experience(args.action, _config(ExperienceConfig, args)))
     return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from .evaluate import format_table
+    from .tasks.references import ReferenceCheckConfig, check_references, sandbox_info
+
+    if args.action == "info":
+        print(json.dumps(sandbox_info(), indent=1))
+        return 0
+    report = check_references(_config(ReferenceCheckConfig, args))
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items()}, default=str))
+    else:
+        print(format_table([report["summary"]], list(report["summary"])))
+        for row in report["failures"]:
+            print(f"{row['item']}: {row['status']}: {row['error'] or row['detail']}")
+    return 0 if not report["failures"] else 1
 
 
 def _command(parent, name: str, text: str, cls: type, handler, model: bool = False, json_flag: str | None = None):
@@ -176,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     _command(agent_actions, "play", "play one episode and show it turn by turn", PlayConfig, _agent, model=True)
     _command(agent_actions, "expert", "replay the ALFWorld expert on a split (exit 1 if any game fails)",
              ExpertConfig, _agent)
+    from .tasks.references import ReferenceCheckConfig
+
+    sandbox = sub.add_parser("sandbox", help="the code-execution sandbox: what it enforces here, reference checks")
+    sandbox_actions = sandbox.add_subparsers(dest="action", required=True)
+    info = sandbox_actions.add_parser("info", help="print the isolation mechanisms in force on this machine")
+    info.set_defaults(handler=_sandbox)
+    _command(sandbox_actions, "check", "run a code task's reference solutions in the sandbox (exit 1 if any fails)",
+             ReferenceCheckConfig, _sandbox, json_flag="print the summary, failures and skips as JSON")
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser
 

@@ -26,12 +26,20 @@ MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
 
 @dataclass
 class EvalConfig:
-    task: str = help_field("gsm8k", "gsm8k | math | math500 | gpqa | qa | jsonl, or an agent task: alfworld | ledger")
-    data: str = help_field("", "data file for the task (alfworld: the directory of the game archives)")
-    split: str = help_field("valid_seen", "agent tasks: train | valid_seen | valid_unseen")
+    task: str = help_field("gsm8k", "gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | bigcodebench, or an "
+                                    "agent task: alfworld | ledger")
+    data: str = help_field("", "data file for the task (kodcode: a file or directory; alfworld: the directory of "
+                               "the game archives)")
+    split: str = help_field("", "bigcodebench: complete (default) | instruct; agent tasks: train | valid_seen "
+                                "(default) | valid_unseen")
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
     step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
     limit: int | None = help_field(None, "evaluate the first N examples", ge=1)
+    code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
+    code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
+    code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
+    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
+                                                   "mechanism (the missing ones are printed)")
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     max_new_tokens: int = help_field(256, "longest answer (agent tasks: per turn)", ge=1)
     batch_size: int = help_field(8, "prompts (agent tasks: episodes) decoded together", ge=1)
@@ -95,7 +103,11 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
         columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
         prompts = [r.prompt for r in batch]
-        rewards = task.reward(prompts, texts, **columns)
+        if task.outcomes is not None:  # code tasks: one sandboxed run per answer gives reward and status
+            outcomes = task.outcomes(prompts, texts, **columns)
+            rewards = [1.0 if o.passed else 0.0 for o in outcomes]
+        else:
+            outcomes, rewards = None, task.reward(prompts, texts, **columns)
         extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
         rows = []
         for i, (record, completion) in enumerate(zip(batch, output.completions)):
@@ -108,6 +120,9 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
                    "insertion_positions": completion.insertion_positions,
                    "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
             row.update({name: float(values[i]) for name, values in extras.items()})
+            if outcomes is not None:
+                o = outcomes[i]
+                row.update({"status": o.status, "limit": o.limit, "exec_seconds": o.seconds, "detail": o.detail})
             if experience is not None:  # the records each woven insertion read, in insertion order
                 row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
             rows.append(row)
@@ -128,6 +143,11 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     summary["invocation_rate"] = sum(r["decided_insertions"] for r in rows) / decisions if decisions else None
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
+    if task.outcomes is not None:
+        summary["pass@1"] = summary["accuracy"]
+        for status in ("failed", "timeout", "crashed"):
+            summary[status] = sum(r["status"] == status for r in rows)
+        summary["skipped"] = len(task.unavailable)  # left out at load: this machine cannot score them
     return summary
 
 

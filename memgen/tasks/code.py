@@ -274,7 +274,9 @@ def bigcodebench_records(path: Path, split: str = "complete", skip_malformed: bo
             except (ValueError, SyntaxError) as exc:
                 skip_or_raise(f"{source}: {exc}", skip_malformed, skipped)
                 continue
-            absent = missing_libraries(libs)
+            # ``libs`` lists what the solution uses; the tests may need more (pandas, faker, ...).
+            needed = set(libs) | imported_modules(obj["test"]) | imported_modules(obj["code_prompt"])
+            absent = missing_libraries(sorted(needed))
             if absent:
                 unavailable.append(f"{obj['task_id']}: {', '.join(absent)} not installed")
                 continue

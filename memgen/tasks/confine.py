@@ -12,8 +12,9 @@ Order, in a fresh single-threaded process:
 3. fork: the child is PID 1 of the new namespace, so when it dies the kernel kills every
    process the program started, even those that left the process group. The launcher
    waits for it and reports its host PID;
-4. in the child: a size-limited tmpfs over the work directory and ``/dev/shm``, the
-   program's files written into it, rlimits, ``no_new_privs``, a Landlock domain (read-only
+4. in the child: size-limited private tmpfs mounts on ``/tmp`` (holding the work
+   directory), ``/dev/shm`` (and the work directory itself when it lies outside ``/tmp``), a
+   ``/proc`` showing only the namespace's processes, the program's files written into it, rlimits, ``no_new_privs``, a Landlock domain (read-only
    allowlist, writes only in the work directory, no TCP, no signals or abstract sockets
    outside the sandbox), then ``execve`` with the given environment.
 
@@ -32,7 +33,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 
@@ -135,17 +136,33 @@ def _mount_tmpfs(target: str, size: int) -> bool:
                        ctypes.c_char_p(options)) == 0
 
 
-def _child(spec: dict, report: dict, mount_ns: bool, report_fd: int) -> None:
+def _child(spec: dict, report: dict, mount_ns: bool, pid_ns: bool, report_fd: int) -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     workdir = spec["workdir"]
-    if mount_ns:
-        private = _libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) == 0
-        if private and _mount_tmpfs(workdir, spec["tmpfs_bytes"]):
-            report["workdir"] = f"private tmpfs of {spec['tmpfs_bytes']} bytes"
-            if os.path.isdir("/dev/shm") and _mount_tmpfs("/dev/shm", min(spec["tmpfs_bytes"], 64 << 20)):
-                report["shm"] = "private tmpfs"
+    writable = [workdir]
+    if mount_ns and _libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) == 0:
+        # A private /tmp (tests often write to absolute /tmp paths) holding the work directory
+        # when it lives there; both vanish with the mount namespace.
+        size = spec["tmpfs_bytes"]
+        if _mount_tmpfs("/tmp", size):
+            writable = ["/tmp"]
+            report["tmp"] = "private tmpfs"
+        inside_tmp = os.path.realpath(workdir).startswith("/tmp/")
+        if inside_tmp and writable == ["/tmp"]:
+            os.makedirs(workdir, mode=0o700)
+            report["workdir"] = f"in a private /tmp tmpfs of {size} bytes"
+        elif _mount_tmpfs(workdir, size):
+            writable.append(workdir)
+            report["workdir"] = f"private tmpfs of {size} bytes"
         else:
             report["workdir"] = f"host temporary directory (tmpfs refused: {_errno_text()})"
+        if os.path.isdir("/dev/shm") and _mount_tmpfs("/dev/shm", min(size, 64 << 20)):
+            writable.append("/dev/shm")
+        # A /proc of the new PID namespace: the program sees only its own processes, and
+        # tools that read /proc/<pid> (psutil) find the right ones.
+        if pid_ns and _libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC),
+                                  None) == 0:
+            report["proc"] = "private"
     else:
         report["workdir"] = "host temporary directory"
     for name, text in spec["files"].items():
@@ -162,10 +179,11 @@ def _child(spec: dict, report: dict, mount_ns: bool, report_fd: int) -> None:
         resource.setrlimit(getattr(resource, name), (value, hard))
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     abi = landlock_abi()
+    if report.get("tmp"):
+        spec["env"]["TMPDIR"] = "/tmp"
     if abi and spec["landlock"]:
-        shm = ["/dev/shm"] if report.get("shm") else []
         try:
-            report["landlock"] = _landlock(abi, spec["read_paths"], [workdir] + shm, ["/dev/null"])
+            report["landlock"] = _landlock(abi, spec["read_paths"], writable, ["/dev/null"])
         except OSError as exc:
             report["landlock"] = f"failed: {exc}"
     else:
@@ -193,7 +211,7 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            _child(spec, report, mount_ns, report_fd)
+            _child(spec, report, mount_ns, pid_ns, report_fd)
         except BaseException as exc:  # the host must see why the program never started
             os.write(2, f"memgen sandbox: cannot start the program: {exc!r}\n".encode())
         os._exit(126)

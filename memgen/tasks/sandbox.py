@@ -5,15 +5,17 @@ Each program runs in a fresh process started by :mod:`memgen.tasks.confine`:
 * its own session and PID namespace: on timeout the launcher's process group is killed,
   the namespace's first process dies with it (``PDEATHSIG``) and the kernel kills every
   process left inside, including any that called ``setsid``;
-* a private, size-limited tmpfs as its work directory (``HOME`` and ``TMPDIR`` too), gone
-  with the mount namespace; the host's temporary directory is removed afterwards;
+* a private, size-limited tmpfs on ``/tmp`` holding its work directory (also ``HOME``), and
+  one on ``/dev/shm``, gone with the mount namespace; the host's temporary directory is
+  removed afterwards;
 * rlimits: CPU seconds, address space, file size (which also caps stdout and stderr),
   processes, open files, no core dumps;
 * a network namespace holding only a downed loopback, so no connection of any kind
   leaves the sandbox, not even to 127.0.0.1;
 * a Landlock domain: read-only access to the interpreter, its libraries and system
-  directories; writes only in the work directory (and ``/dev/null``, a private
-  ``/dev/shm``); no TCP; no signals to, and no ptrace of, processes outside;
+  directories; writes only in the private ``/tmp`` and ``/dev/shm`` (and ``/dev/null``);
+  no TCP, even inside the sandbox (tests that serve on localhost fail); no signals to,
+  and no ptrace of, processes outside;
 * an environment holding only what the tests need (no secrets of the host).
 
 uid 0 ignores ``RLIMIT_NPROC``, so when memgen runs as root the process limit is a pids
@@ -44,7 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,13 +115,20 @@ class SandboxResult:
 
 
 def _read_paths() -> list[str]:
-    """What a sandboxed interpreter may read: itself, its libraries and the system directories."""
+    """What a sandboxed interpreter may read: itself, its libraries and the system directories.
+
+    Its libraries are the ``sys.path`` of ``python -I`` (what the sandbox runs), not the host
+    process's, which may hold the working directory (``python -m``) or ``PYTHONPATH``
+    entries: files there (a repository's ``.env``) stay unreadable.
+    """
+    probe = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
+                           capture_output=True, text=True, env={}, check=True)
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
     paths.update(p for p in sysconfig.get_paths().values() if p)
-    paths.update(p for p in sys.path if p and os.path.exists(p))
+    paths.update(p for p in json.loads(probe.stdout) if p and os.path.exists(p))
     paths.update(_SYSTEM_READ)
-    return sorted(os.path.realpath(p) for p in paths)
+    return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
 
 
 class _PidsCgroups:
@@ -223,7 +232,8 @@ class Sandbox:
     # ------------------------------------------------------------------ one program
     def _spec(self, program: Program, workdir: str, report_fd: int, cgroup: Path | None) -> dict:
         c = self.config
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+        # The interpreter's own directory first: tests run ``python`` by name.
+        env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
                "MPLCONFIGDIR": os.path.join(workdir, ".matplotlib")}
@@ -377,6 +387,7 @@ class Sandbox:
             "signals": "Landlock scope" if "signals" in landlock else "none: Landlock below ABI 6",
             "processes": processes,
             "cleanup": "PID namespace" if report.get("pid_namespace") else "process group only",
+            "proc": "private /proc (own processes only)" if report.get("proc") else "host /proc",
             "workdir": report.get("workdir", "?"),
         }
 
@@ -392,7 +403,7 @@ class Sandbox:
         with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool, \
                 tqdm(total=len(programs), disable=not progress, desc="sandbox", dynamic_ncols=True) as bar:
             futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
-            for future in futures:
+            for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.update(1)
         return results  # type: ignore[return-value]

@@ -24,8 +24,8 @@ class TrainConfig:
     model: str = help_field("", "base model directory (save_pretrained) or hub name")
     adapter: str | None = help_field(None, "start from this memgen adapter (e.g. the SFT weaver before GRPO)")
     output_dir: str = help_field("runs/memgen", "where checkpoints, metrics.jsonl and the final adapter go")
-    task: str = help_field("jsonl", "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl, or an agent "
-                                    "task: alfworld | ledger")
+    task: str = help_field("jsonl", "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | "
+                                    "bigcodebench, or an agent task: alfworld | ledger")
     data: str = help_field("", "training data file (see --task); alfworld: the directory of the game archives; "
                                "ledger: demo domains, e.g. B")
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
@@ -33,6 +33,12 @@ class TrainConfig:
     invalid_action_penalty: float = help_field(0.0, "agent RL per-step shaping: subtracted from an episode's reward "
                                                     "(success) per turn whose reply held no action (0 = off)", ge=0)
     limit: int | None = help_field(None, "use only the first N records", ge=1)
+    split: str = help_field("", "bigcodebench: complete (default) | instruct")
+    code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
+    code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
+    code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
+    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
+                                                   "mechanism (the missing ones are printed)")
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
                                                 "become one user turn)")

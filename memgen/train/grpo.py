@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .rollouts import collect, group_advantages
+from .rollouts import collect, execution_metrics, group_advantages
 
 
 def grpo_step(run, micro: int):
@@ -88,6 +88,7 @@ def grpo_step(run, micro: int):
         "completion_length": global_tokens / n,
         "tokens": global_tokens,
     }
+    metrics.update(execution_metrics(run, batch))
     if kl is not None:
         metrics["kl"] = run.global_sum((kl.detach() * mask).sum()) / max(global_tokens, 1.0)
     return loss, metrics

@@ -40,6 +40,8 @@ class RolloutBatch:
     """agent episodes: (rows, L) 1 on assistant tokens, 0 on observations"""
     row_episode: torch.Tensor | None = None
     """agent episodes: the rollout (index into ``rewards``) each row belongs to"""
+    statuses: list[str] | None = None
+    """code tasks: each rollout's sandbox status (passed | failed | timeout | crashed)"""
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """Per-rollout values (e.g. advantages) spread to the rows."""
@@ -82,7 +84,14 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
     for key in records[0].columns:
         columns[key] = [r.columns.get(key) for r in records for _ in range(g)]
     prompt_texts = [r.prompt for r in records for _ in range(g)]
-    rewards = torch.tensor(reward_fn(prompt_texts, texts, **columns), dtype=torch.float32)
+    outcomes = getattr(run.task, "outcomes", None)
+    statuses = None
+    if outcomes is not None and reward_fn is run.task.reward:  # code tasks: keep each run's status for the logs
+        results = outcomes(prompt_texts, texts, **columns)
+        statuses = [r.status for r in results]
+        rewards = torch.tensor([1.0 if r.passed else 0.0 for r in results], dtype=torch.float32)
+    else:
+        rewards = torch.tensor(reward_fn(prompt_texts, texts, **columns), dtype=torch.float32)
     width = max(len(c.token_ids) for c in completions)
     old = torch.zeros(len(completions), width)
     for i, c in enumerate(completions):
@@ -98,6 +107,7 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
         rewards=rewards.to(model.device),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], device=model.device),
         texts=texts,
+        statuses=statuses,
     )
 
 
@@ -108,6 +118,15 @@ def collect(run, records, micro: int, memory: str, **generate_kwargs) -> Rollout
 
         return episode_rollout(run, records, micro, memory, **generate_kwargs)
     return rollout(run, records, micro, run.reward_fn, memory, **generate_kwargs)
+
+
+def execution_metrics(run, batch: RolloutBatch) -> dict[str, float]:
+    """Code tasks: how many of the step's programs passed, failed, timed out or crashed (all processes)."""
+    if batch.statuses is None:
+        return {}
+    from ..tasks.sandbox import STATUSES
+
+    return {f"exec_{s}": run.global_sum(float(batch.statuses.count(s))) for s in STATUSES}
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Tensor:

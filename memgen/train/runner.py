@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..loading import load_base
 from ..model import MemGen
 from ..precision import warn_if_bf16_emulated
-from ..tasks import Task, load_task
+from ..tasks import Task, code_sandbox, load_task
 from .logging import MetricsLogger
 
 STATE_FILE = "trainer_state.pt"
@@ -79,7 +79,8 @@ def _load_task(config):
     if is_env_task(config.task):
         return load_env_task(config.task, config.data, "train", config.limit, config.max_turns or None,
                              config.step_timeout)
-    return load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit)
+    return load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit, config.split,
+                     code_sandbox(config))
 
 
 class Run:

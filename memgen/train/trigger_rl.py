@@ -32,7 +32,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .rollouts import collect, group_advantages
+from .rollouts import collect, execution_metrics, group_advantages
 from ..weaver import PROMPT
 
 
@@ -122,4 +122,5 @@ def trigger_step(run, micro: int):
         "decisions_per_rollout": global_decisions / n,
         "latent_norm": float(out.latent_norm.detach()),
     }
+    metrics.update(execution_metrics(run, batch))
     return loss, metrics
