@@ -44,7 +44,7 @@ def run_plain(sandbox: Sandbox, program) -> float:
     try:
         for name, text in program.files.items():
             Path(workdir, name).write_text(text)
-        env = sandbox._spec(program, workdir, -1, None)["env"]
+        env = sandbox._spec(program, workdir, -1)["env"]
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-I", *program.args], cwd=workdir, env=env, capture_output=True)
         seconds = time.perf_counter() - began

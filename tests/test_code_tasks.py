@@ -104,16 +104,16 @@ def test_bigcodebench_references_pass_and_missing_libraries_are_listed(split):
     for line in task.unavailable:  # every task left out names a library this interpreter lacks
         task_id, _, reason = line.partition(": ")
         assert task_id.startswith("BigCodeBench/") and reason.endswith("not installed")
-    # A slice of stdlib-only tasks keeps the run short; scripts/ or the note report the full run.
-    stdlib = [r for r in task.records if all(lib in sys.stdlib_module_names for lib in r.columns["libs"])]
-    task.records = [r for r in stdlib if r.columns["task_id"] in STDLIB_PASSING][:12]
-    assert len(task.records) == 12
+    # The first 12 tasks on the standard library alone, none of it networking, keep the run
+    # short; `memgen sandbox check` runs them all (see the closing note / BENCHMARKS.md).
+    offline = [r for r in task.records if all(lib in sys.stdlib_module_names for lib in r.columns["libs"])
+               and not set(r.columns["libs"]) & NETWORK_MODULES]
+    task.records = offline[:12]
     results = _run(task)
     assert [(r.columns["task_id"], o.status) for r, o in zip(task.records, results) if not o.passed] == []
 
 
-# Stdlib-only tasks whose canonical solutions need neither the network nor a real clock.
-STDLIB_PASSING = {f"BigCodeBench/{i}" for i in (0, 2, 4, 5, 6, 7, 8, 13, 14, 15, 16, 19, 20, 24, 25, 26, 27, 29)}
+NETWORK_MODULES = {"socket", "ssl", "http", "urllib", "requests", "smtplib", "ftplib", "select"}
 
 
 @needs_data

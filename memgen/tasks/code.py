@@ -26,6 +26,7 @@ import ast
 import gzip
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,10 +132,12 @@ class CodeReward:
 
 # ---------------------------------------------------------------- KodCode
 def _parse(code: str) -> ast.Module | None:
-    try:
-        return ast.parse(code)
-    except (SyntaxError, ValueError):
-        return None
+    with warnings.catch_warnings():  # benchmark code has invalid escapes such as "\d"; not ours to report
+        warnings.simplefilter("ignore")
+        try:
+            return ast.parse(code)
+        except (SyntaxError, ValueError):
+            return None
 
 
 def imported_modules(code: str) -> set[str]:
