@@ -175,3 +175,29 @@ def test_recipe_grpo_on_kodcode_with_sandboxed_rewards(tiny_base, tmp_path):
         assert runs == 2 * 2
         assert m["reward_mean"] == pytest.approx(m["exec_passed"] / runs)
     assert (tmp_path / "grpo" / "final" / "adapter_model.safetensors").is_file()
+
+
+@needs_data
+def test_cli_sandbox_check_runs_references_and_lists_failures(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "check", "--task", "kodcode", "--data",
+                           str(KODCODE), "--limit", "5", "--progress", "false", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["summary"]["checked"] == 5 and report["summary"]["passed"] == 5 and report["failures"] == []
+    # A broken reference makes it fail, with the item and the error named.
+    items = json.loads(sorted(KODCODE.glob("*.json"))[0].read_text())[:2]
+    items[1]["response"] = items[1]["response"] + "\nraise SystemExit(3)\n"
+    (tmp_path / "k.json").write_text(json.dumps(items))
+    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "check", "--task", "kodcode", "--data",
+                           str(tmp_path / "k.json"), "--progress", "false"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "k.json:[1]: crashed" in done.stdout
+
+
+@needs_data
+def test_eval_bigcodebench_instruct_runs(tiny_base):
+    summary = json.loads(_memgen("eval", "--model", str(tiny_base), "--task", "bigcodebench", "--split", "instruct",
+                                 "--data", str(BIGCODEBENCH), "--limit", "2", "--max-new-tokens", "8", "--memory",
+                                 "off", "--json", "--progress", "false"))
+    assert summary["n"] == 2 and summary["skipped"] > 0 and summary["task"] == "bigcodebench"

@@ -250,3 +250,25 @@ def test_killed_run_leaves_no_cgroup_behind(sandbox, monkeypatch):
 def test_signal_of_the_program_is_reported(run):
     result = run("import ctypes\nctypes.string_at(0)")
     assert result.status == "crashed" and result.signal == signal.SIGSEGV and "SIGSEGV" in result.detail
+
+
+def test_missing_mechanism_is_refused_unless_weaker_isolation_is_allowed(monkeypatch):
+    from memgen.tasks import sandbox as sandbox_module
+    from memgen.tasks.sandbox import SandboxError
+
+    if os.geteuid() != 0:
+        pytest.skip("the pids cgroup is root's process limit")
+    monkeypatch.setattr(sandbox_module._PidsCgroups, "find", classmethod(lambda cls: None))
+    with pytest.raises(SandboxError, match="processes: none: running as root without a writable pids cgroup"):
+        Sandbox(SandboxConfig(timeout=4))
+    weaker = Sandbox(SandboxConfig(timeout=4, allow_weaker=True))
+    assert weaker.mechanisms["processes"].startswith("none") and weaker.mechanisms["network"].startswith("network")
+
+
+def test_cli_sandbox_info_names_every_mechanism():
+    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    assert set(json.loads(done.stdout)) >= {"network", "filesystem", "signals", "processes", "cleanup", "proc"}
