@@ -175,6 +175,14 @@ def test_recipe_grpo_on_kodcode_with_sandboxed_rewards(tiny_base, tmp_path):
         assert runs == 2 * 2
         assert m["reward_mean"] == pytest.approx(m["exec_passed"] / runs)
     assert (tmp_path / "grpo" / "final" / "adapter_model.safetensors").is_file()
+    # Trigger RL on the same task, from the GRPO weaver: the sandbox scores its rollouts too.
+    _memgen("train", "trigger", "--model", str(tiny_base), "--adapter", str(tmp_path / "grpo" / "final"), "--task",
+            "kodcode", "--data", str(KODCODE), "--limit", "2", "--per-device-batch-size", "2", "--num-generations",
+            "2", "--max-new-tokens", "16", "--max-steps", "1", "--progress", "false", "--save-every", "0",
+            "--tensorboard", "false", "--max-prompt-tokens", "256", "--output-dir", str(tmp_path / "trigger"))
+    (trigger,) = read_metrics(tmp_path / "trigger")
+    assert sum(trigger[f"exec_{s}"] for s in ("passed", "failed", "timeout", "crashed")) == 4
+    assert trigger["task_reward_mean"] == pytest.approx(trigger["exec_passed"] / 4)
 
 
 @needs_data

@@ -45,7 +45,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -244,7 +243,6 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self._cgroups = _PidsCgroups.find() if os.geteuid() == 0 else None
         self._read_paths = _read_paths()
-        self._lock = threading.Lock()
         self.mechanisms: dict[str, str] = {}
         probe = self.run(Program({}, ["-c", "pass"]), _probe=True)
         if probe.status != "passed":
