@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, format_table
-    from .tasks import code_sandbox, load_task
+    from .tasks import load_task
 
     from .agents.tasks import is_env_task
 
@@ -90,7 +90,7 @@ def _eval(args: argparse.Namespace) -> int:
                              config.step_timeout)
     else:
         task = load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
-                         sandbox=code_sandbox(config))  # evaluate() applies --limit
+                         sandbox=config.sandbox_config())  # evaluate() applies --limit
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)

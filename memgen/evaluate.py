@@ -18,6 +18,7 @@ from .data import prompt_token_ids
 from .errors import ConfigError, MemGenError
 from .dataclass_cli import check_ranges, help_field
 from .tasks import Task
+from .tasks.sandbox import CodeExecutionFields
 from .tasks.rewards import cut_at_stop
 
 
@@ -25,7 +26,7 @@ MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(CodeExecutionFields):
     task: str = help_field("gsm8k", "gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | bigcodebench, or an "
                                     "agent task: alfworld | ledger")
     data: str = help_field("", "data file for the task (kodcode: a file or directory; alfworld: the directory of "
@@ -35,11 +36,6 @@ class EvalConfig:
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
     step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
     limit: int | None = help_field(None, "evaluate the first N examples", ge=1)
-    code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
-    code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
-    code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
-    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
-                                                   "mechanism (the missing ones are printed)")
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     max_new_tokens: int = help_field(256, "longest answer (agent tasks: per turn)", ge=1)
     batch_size: int = help_field(8, "prompts (agent tasks: episodes) decoded together", ge=1)

@@ -13,8 +13,8 @@ Agent tasks (alfworld, ledger) live in :mod:`memgen.agents`.
 """
 
 from .answers import gsm8k_records, math_records
-from .registry import CODE_TASKS, TASKS, Task, TaskOptions, code_sandbox, load_task
-from .sandbox import Program, Sandbox, SandboxConfig, SandboxError, SandboxResult
+from .registry import CODE_TASKS, TASKS, Task, TaskOptions, load_task
+from .sandbox import CodeExecutionFields, Program, Sandbox, SandboxConfig, SandboxError, SandboxResult
 
-__all__ = ["Task", "TaskOptions", "TASKS", "CODE_TASKS", "load_task", "code_sandbox", "gsm8k_records", "math_records", "Sandbox",
-           "SandboxConfig", "SandboxError", "SandboxResult", "Program"]
+__all__ = ["Task", "TaskOptions", "TASKS", "CODE_TASKS", "load_task", "gsm8k_records", "math_records", "Sandbox",
+           "SandboxConfig", "CodeExecutionFields", "SandboxError", "SandboxResult", "Program"]

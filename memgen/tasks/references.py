@@ -16,19 +16,16 @@ from pathlib import Path
 from ..dataclass_cli import check_ranges, help_field
 from .code import program_for
 from .registry import load_task
-from .sandbox import STATUSES, SandboxConfig
+from .sandbox import STATUSES, CodeExecutionFields, SandboxConfig
 
 
 @dataclass
-class ReferenceCheckConfig:
+class ReferenceCheckConfig(CodeExecutionFields):
     task: str = help_field("kodcode", "kodcode | bigcodebench")
     data: str = help_field("", "the task's data file (kodcode: a file or directory)")
     split: str = help_field("", "bigcodebench: complete (default) | instruct")
     limit: int | None = help_field(None, "check the first N items", ge=1)
-    code_timeout: float = help_field(60.0, "seconds each program may run", gt=0)
-    code_workers: int = help_field(0, "programs run in parallel (0: the CPU count)", ge=0)
-    code_memory_mb: int = help_field(4096, "address space per sandboxed process, MiB", ge=64)
-    sandbox_allow_weaker: bool = help_field(False, "run even where the platform lacks a sandbox mechanism")
+    code_timeout: float = help_field(60.0, "seconds each program may run (references may be slow)", gt=0)
     output: str | None = help_field(None, "JSONL with every item's status, seconds and output tails")
     progress: bool = help_field(True, "show a progress bar")
 
@@ -42,9 +39,8 @@ def _last_error(text: str) -> str:
 
 
 def check_references(config: ReferenceCheckConfig) -> dict:
-    from .registry import code_sandbox
-
-    task = load_task(config.task, config.data, split=config.split, limit=config.limit, sandbox=code_sandbox(config))
+    task = load_task(config.task, config.data, split=config.split, limit=config.limit,
+                     sandbox=config.sandbox_config())
     records = [r for r in task.records if r.completion]
     results = task.reward.sandbox.run_many([program_for(r.completion, r.columns) for r in records],
                                            progress=config.progress)

@@ -76,14 +76,6 @@ TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
 CODE_TASKS = ("kodcode", "bigcodebench")
 
 
-def code_sandbox(config):
-    """The SandboxConfig a train or eval config's ``code_*`` fields describe."""
-    from .sandbox import SandboxConfig
-
-    return SandboxConfig(timeout=config.code_timeout, workers=config.code_workers, memory_mb=config.code_memory_mb,
-                         allow_weaker=config.sandbox_allow_weaker)
-
-
 def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
               limit: int | None = None, split: str = "", sandbox=None) -> Task:
     """Load task ``name`` from ``path``.

@@ -83,6 +83,21 @@ class SandboxConfig:
 
 
 @dataclass
+class CodeExecutionFields:
+    """The sandbox settings that train, eval and check configs share (their ``--code-*`` flags)."""
+
+    code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
+    code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
+    code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
+    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
+                                                   "mechanism (the missing ones are printed)")
+
+    def sandbox_config(self) -> SandboxConfig:
+        return SandboxConfig(timeout=self.code_timeout, workers=self.code_workers, memory_mb=self.code_memory_mb,
+                             allow_weaker=self.sandbox_allow_weaker)
+
+
+@dataclass
 class Program:
     """What to run: files for the work directory and the interpreter's arguments."""
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from ..config import MemGenConfig, MemoryPolicy
 from ..dataclass_cli import check_ranges, help_field
 from ..errors import ConfigError
+from ..tasks.sandbox import CodeExecutionFields
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CodeExecutionFields):
     """Fields shared by every training method."""
 
     model: str = help_field("", "base model directory (save_pretrained) or hub name")
@@ -34,11 +35,6 @@ class TrainConfig:
                                                     "(success) per turn whose reply held no action (0 = off)", ge=0)
     limit: int | None = help_field(None, "use only the first N records", ge=1)
     split: str = help_field("", "bigcodebench: complete (default) | instruct")
-    code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
-    code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
-    code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
-    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
-                                                   "mechanism (the missing ones are printed)")
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
     use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
                                                 "become one user turn)")

@@ -36,13 +36,15 @@ from ..errors import ConfigError
 from ..loading import load_base
 from ..model import MemGen
 from ..precision import warn_if_bf16_emulated
-from ..tasks import Task, code_sandbox, load_task
+from ..tasks import Task, load_task
 from .logging import MetricsLogger
 
 STATE_FILE = "trainer_state.pt"
 RANKS_DIR = "ranks"
 # Settings that may differ on --resume: they change what is shown or kept, not what is computed.
-RESUME_FREE_FIELDS = ("resume", "progress", "tensorboard", "save_every", "save_total_limit", "log_every")
+# code_workers only sets how many sandboxed programs run at once, not what they return.
+RESUME_FREE_FIELDS = ("resume", "progress", "tensorboard", "save_every", "save_total_limit", "log_every",
+                      "code_workers")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -80,7 +82,7 @@ def _load_task(config):
         return load_env_task(config.task, config.data, "train", config.limit, config.max_turns or None,
                              config.step_timeout)
     return load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit, config.split,
-                     code_sandbox(config))
+                     config.sandbox_config())
 
 
 class Run:
