@@ -18,7 +18,7 @@ from .data import prompt_token_ids
 from .errors import ConfigError, MemGenError
 from .dataclass_cli import check_ranges, help_field
 from .tasks import Task
-from .tasks.sandbox import CodeExecutionFields
+from .tasks.sandbox import STATUSES, CodeExecutionFields
 from .tasks.rewards import cut_at_stop
 
 
@@ -99,11 +99,7 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
         columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
         prompts = [r.prompt for r in batch]
-        if task.outcomes is not None:  # code tasks: one sandboxed run per answer gives reward and status
-            outcomes = task.outcomes(prompts, texts, **columns)
-            rewards = [1.0 if o.passed else 0.0 for o in outcomes]
-        else:
-            outcomes, rewards = None, task.reward(prompts, texts, **columns)
+        rewards, outcomes = task.score(prompts, texts, **columns)
         extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
         rows = []
         for i, (record, completion) in enumerate(zip(batch, output.completions)):
@@ -141,7 +137,7 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         summary[name] = sum(r[name] for r in rows) / n
     if task.outcomes is not None:
         summary["pass@1"] = summary["accuracy"]
-        for status in ("failed", "timeout", "crashed"):
+        for status in (s for s in STATUSES if s != "passed"):
             summary[status] = sum(r["status"] == status for r in rows)
         summary["skipped"] = len(task.unavailable)  # left out at load: this machine cannot score them
     return summary

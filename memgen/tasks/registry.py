@@ -26,6 +26,17 @@ class Task:
     outcomes: Callable | None = None
     """code tasks: per-completion execution results (status, seconds, the limit hit), same signature as ``reward``"""
 
+    def score(self, prompts, completions, **columns) -> tuple[list[float], list | None]:
+        """Rewards, and for code tasks each completion's execution result (None otherwise).
+
+        Code tasks run every program once and read the reward from its status, so callers
+        that also report statuses (eval tables, training logs) never run the tests twice.
+        """
+        if self.outcomes is None:
+            return self.reward(prompts, completions, **columns), None
+        results = self.outcomes(prompts, completions, **columns)
+        return [1.0 if r.passed else 0.0 for r in results], results
+
 
 @dataclass
 class TaskOptions:

@@ -84,14 +84,12 @@ def rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, **genera
     for key in records[0].columns:
         columns[key] = [r.columns.get(key) for r in records for _ in range(g)]
     prompt_texts = [r.prompt for r in records for _ in range(g)]
-    outcomes = getattr(run.task, "outcomes", None)
-    statuses = None
-    if outcomes is not None and reward_fn is run.task.reward:  # code tasks: keep each run's status for the logs
-        results = outcomes(prompt_texts, texts, **columns)
-        statuses = [r.status for r in results]
-        rewards = torch.tensor([1.0 if r.passed else 0.0 for r in results], dtype=torch.float32)
+    if reward_fn is run.task.reward:  # the task's own reward: code tasks also give each run's status for the logs
+        values, results = run.task.score(prompt_texts, texts, **columns)
     else:
-        rewards = torch.tensor(reward_fn(prompt_texts, texts, **columns), dtype=torch.float32)
+        values, results = reward_fn(prompt_texts, texts, **columns), None
+    rewards = torch.tensor(values, dtype=torch.float32)
+    statuses = None if results is None else [r.status for r in results]
     width = max(len(c.token_ids) for c in completions)
     old = torch.zeros(len(completions), width)
     for i, c in enumerate(completions):
