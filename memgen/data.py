@@ -11,6 +11,7 @@ keyword columns, as TRL does. Malformed lines are reported as ``file:line: reaso
 
 from __future__ import annotations
 
+import gzip
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -50,15 +51,17 @@ def skip_or_raise(message: str, skip_malformed: bool, skipped: list[str]) -> Non
 
 def read_jsonl(path: str | Path, skip_malformed: bool = False,
                validate=None) -> tuple[list[tuple[int, dict]], list[str]]:
-    """Parse a JSONL file into (line number, object) pairs; blank lines are ignored.
+    """Parse a JSONL file (``.gz`` too) into (line number, object) pairs; blank lines are ignored.
 
-    ``validate(obj)`` may raise ``ValueError`` to reject a line, so errors come in file order.
+    ``validate(obj)`` may raise ``ValueError`` (or ``SyntaxError``) to reject a line, so errors
+    come in file order; it may also normalise fields of ``obj`` in place.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows, skipped = [], []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -68,7 +71,7 @@ def read_jsonl(path: str | Path, skip_malformed: bool = False,
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 if validate is not None:
                     validate(obj)
-            except ValueError as exc:
+            except (ValueError, SyntaxError) as exc:
                 reason = f"not JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else exc
                 message = f"{path}:{lineno}: {reason}"
                 skip_or_raise(message, skip_malformed, skipped)

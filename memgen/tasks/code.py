@@ -23,14 +23,13 @@ Which code of a completion runs is decided by :mod:`memgen.tasks.code_extract`.
 from __future__ import annotations
 
 import ast
-import gzip
 import importlib.util
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import DataError, Record, skip_or_raise
+from ..data import DataError, Record, read_jsonl, skip_or_raise
 from .code_extract import complete_program, extract_code
 from .rewards import completion_text
 from .sandbox import Program, Sandbox, SandboxConfig, SandboxResult
@@ -177,28 +176,21 @@ def solution_names(test_code: str, reference: str | None) -> list[str] | None:
     return [n for n in ordered if n in used and n not in defined_in_tests]  # may be empty: self-contained tests
 
 
-def _kodcode_items(path: Path) -> list[tuple[str, object]]:
+def _kodcode_items(path: Path, skip_malformed: bool, skipped: list[str]) -> list[tuple[str, object]]:
     """``(source, item)`` for every item of a KodCode file, or of every file in a directory."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
             raise DataError(f"{path}: no .json or .jsonl files")
-        return [item for f in files for item in _kodcode_items(f)]
+        return [item for f in files for item in _kodcode_items(f, skip_malformed, skipped)]
+    if path.suffix == ".jsonl":
+        rows, bad = read_jsonl(path, skip_malformed)
+        skipped.extend(bad)
+        return [(f"{path}:{lineno}", obj) for lineno, obj in rows]
     if not path.is_file():
         raise DataError(f"{path}: no such file or directory")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{lineno}", json.loads(line)))
-            except ValueError as exc:
-                items.append((f"{path}:{lineno}", DataError(f"not valid JSON: {exc}")))
-        return items
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, list):
@@ -216,13 +208,11 @@ def kodcode_records(path: Path, skip_malformed: bool = False) -> tuple[list[Reco
     if importlib.util.find_spec("pytest") is None:
         raise DataError("kodcode's tests run under pytest, which is not installed: pip install 'memgen[code]'")
     records, skipped, unavailable = [], [], []
-    for source, item in _kodcode_items(path):
-        if isinstance(item, Exception):
-            skip_or_raise(f"{source}: {item}", skip_malformed, skipped)
-            continue
-        instruction = item.get("instruction") or item.get("question") if isinstance(item, dict) else None
-        solution = item.get("response") or item.get("solution") if isinstance(item, dict) else None
-        test_code = item.get("test_code") or item.get("test") if isinstance(item, dict) else None
+    for source, item in _kodcode_items(path, skip_malformed, skipped):
+        item = item if isinstance(item, dict) else {}
+        instruction = item.get("instruction") or item.get("question")
+        solution = item.get("response") or item.get("solution")
+        test_code = item.get("test_code") or item.get("test")
         if not all(isinstance(v, str) and v.strip() for v in (instruction, test_code)):
             skip_or_raise(f"{source}: needs 'instruction' (or 'question') and 'test_code' (or 'test')",
                           skip_malformed, skipped)
@@ -256,40 +246,33 @@ def bigcodebench_records(path: Path, split: str = "complete", skip_malformed: bo
     """Records, malformed lines skipped, and ``task_id: missing libs`` of tasks left out."""
     if split not in BIGCODEBENCH_SPLITS:
         raise DataError(f"bigcodebench split must be one of {BIGCODEBENCH_SPLITS}, got {split!r}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    records, skipped, unavailable = [], [], []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-                fields = ("task_id", "complete_prompt", "instruct_prompt", "canonical_solution", "code_prompt",
-                          "test", "entry_point")
-                missing = [f for f in fields if not isinstance(obj.get(f), str)]
-                if missing:
-                    raise ValueError(f"missing field(s) {missing}")
-                libs = obj.get("libs") or []
-                libs = ast.literal_eval(libs) if isinstance(libs, str) else libs
-            except (ValueError, SyntaxError) as exc:
-                skip_or_raise(f"{source}: {exc}", skip_malformed, skipped)
-                continue
-            # ``libs`` lists what the solution uses; the tests may need more (pandas, faker, ...).
-            needed = set(libs) | imported_modules(obj["test"]) | imported_modules(obj["code_prompt"])
-            absent = missing_libraries(sorted(needed))
-            if absent:
-                unavailable.append(f"{obj['task_id']}: {', '.join(absent)} not installed")
-                continue
-            columns = {"benchmark": "bigcodebench", "split": split, "task_id": obj["task_id"], "test": obj["test"],
-                       "entry_point": obj["entry_point"], "prompt_code": obj["complete_prompt"], "libs": libs}
-            if split == "complete":
-                record = Record(obj["complete_prompt"], obj["canonical_solution"], columns, source)
-            else:
-                solution = obj["code_prompt"] + obj["canonical_solution"]
-                record = Record(obj["instruct_prompt"].rstrip() + "\n", f"```python\n{solution}\n```", columns,
-                                source)
-            records.append(record)
+    fields = ("task_id", "complete_prompt", "instruct_prompt", "canonical_solution", "code_prompt", "test",
+              "entry_point")
+
+    def validate(obj: dict) -> None:
+        missing = [f for f in fields if not isinstance(obj.get(f), str)]
+        if missing:
+            raise ValueError(f"missing field(s) {missing}")
+        libs = obj.get("libs") or []
+        obj["libs"] = ast.literal_eval(libs) if isinstance(libs, str) else libs  # stored as a list's repr
+
+    rows, skipped = read_jsonl(path, skip_malformed, validate)
+    records, unavailable = [], []
+    for lineno, obj in rows:
+        libs = obj["libs"]
+        # ``libs`` lists what the solution uses; the tests may need more (pandas, faker, ...).
+        needed = set(libs) | imported_modules(obj["test"]) | imported_modules(obj["code_prompt"])
+        absent = missing_libraries(sorted(needed))
+        if absent:
+            unavailable.append(f"{obj['task_id']}: {', '.join(absent)} not installed")
+            continue
+        columns = {"benchmark": "bigcodebench", "split": split, "task_id": obj["task_id"], "test": obj["test"],
+                   "entry_point": obj["entry_point"], "prompt_code": obj["complete_prompt"], "libs": libs}
+        if split == "complete":
+            record = Record(obj["complete_prompt"], obj["canonical_solution"], columns, f"{path}:{lineno}")
+        else:
+            solution = obj["code_prompt"] + obj["canonical_solution"]
+            record = Record(obj["instruct_prompt"].rstrip() + "\n", f"```python\n{solution}\n```", columns,
+                            f"{path}:{lineno}")
+        records.append(record)
     return records, skipped, unavailable
