@@ -13,8 +13,8 @@ Agent tasks (alfworld, ledger) live in :mod:`memgen.agents`.
 """
 
 from .answers import gsm8k_records, math_records
-from .registry import CODE_TASKS, TASKS, Task, TaskOptions, load_task
+from .registry import TASKS, Task, TaskOptions, load_task
 from .sandbox import CodeExecutionFields, Program, Sandbox, SandboxConfig, SandboxError, SandboxResult
 
-__all__ = ["Task", "TaskOptions", "TASKS", "CODE_TASKS", "load_task", "gsm8k_records", "math_records", "Sandbox",
+__all__ = ["Task", "TaskOptions", "TASKS", "load_task", "gsm8k_records", "math_records", "Sandbox",
            "SandboxConfig", "CodeExecutionFields", "SandboxError", "SandboxResult", "Program"]

@@ -15,10 +15,11 @@ Order, in a fresh single-threaded process:
    process the program started, even those that left the process group. The launcher
    waits for it and reports its host PID;
 4. in the child: size-limited private tmpfs mounts on ``/tmp`` (holding the work
-   directory), ``/dev/shm`` (and the work directory itself when it lies outside ``/tmp``), a
-   ``/proc`` showing only the namespace's processes, the program's files written into it, rlimits, ``no_new_privs``, a Landlock domain (read-only
-   allowlist, writes only in the work directory, no TCP, no signals or abstract sockets
-   outside the sandbox), then ``execve`` with the given environment.
+   directory), ``/dev/shm`` (and the work directory itself when it lies outside ``/tmp``),
+   a ``/proc`` showing only the namespace's processes, the program's files written into
+   it, rlimits, ``no_new_privs``, a Landlock domain (read-only allowlist, writes only in
+   the private mounts, no TCP, no signals or abstract sockets outside the sandbox), then
+   ``execve`` with the given environment.
 
 Every step that the platform refuses is skipped and named in the report (written as JSON
 lines to the report fd), so the host always knows which mechanisms were in force.
@@ -102,7 +103,8 @@ def _landlock(abi: int, read_paths: list, write_paths: list, write_files: list) 
     if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
         raise OSError(f"landlock_restrict_self: {_errno_text()}")
     os.close(ruleset)
-    covered = ["filesystem"] + (["tcp"] if abi >= 4 else []) + (["signals", "abstract-unix-sockets"] if abi >= 6 else [])
+    covered = ["filesystem"] + (["tcp"] if abi >= 4 else []) \
+        + (["signals", "abstract-unix-sockets"] if abi >= 6 else [])
     return f"landlock abi {abi}: " + ", ".join(covered)
 
 
@@ -183,13 +185,13 @@ def _child(spec: dict, report: dict, mount_ns: bool, pid_ns: bool, report_fd: in
     abi = landlock_abi()
     if report.get("tmp"):
         spec["env"]["TMPDIR"] = "/tmp"
-    if abi and spec["landlock"]:
+    if abi:
         try:
             report["landlock"] = _landlock(abi, spec["read_paths"], writable, ["/dev/null"])
         except OSError as exc:
             report["landlock"] = f"failed: {exc}"
     else:
-        report["landlock"] = "off" if abi else "unavailable"
+        report["landlock"] = "unavailable"
     _report(report_fd, report)
     os.close(report_fd)
     os.execve(spec["argv"][0], spec["argv"], spec["env"])

@@ -84,7 +84,6 @@ TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
     "kodcode": lambda path, o: _code_task("kodcode", path, o),
     "bigcodebench": lambda path, o: _code_task("bigcodebench", path, o),
 }
-CODE_TASKS = ("kodcode", "bigcodebench")
 
 
 def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,

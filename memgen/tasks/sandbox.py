@@ -40,6 +40,7 @@ import marshal
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,8 +151,8 @@ def _read_paths() -> list[str]:
 class _PidsCgroups:
     """A pids cgroup per run (v2, else v1), for root, whom RLIMIT_NPROC does not bind."""
 
-    def __init__(self, base: Path, version: int) -> None:
-        self.base, self.version = base, version
+    def __init__(self, base: Path) -> None:
+        self.base = base
 
     @classmethod
     def find(cls) -> "_PidsCgroups | None":
@@ -173,14 +174,14 @@ class _PidsCgroups:
                         base.mkdir(exist_ok=True)
                         (mount / "cgroup.subtree_control").write_text("+pids")
                         (base / "cgroup.subtree_control").write_text("+pids")
-                        return cls(base, 2)
+                        return cls(base)
                     except OSError:
                         continue
                 if version == 1 and fstype == "cgroup" and "pids" in options:
                     try:
                         base = mount / "memgen-sandbox"
                         base.mkdir(exist_ok=True)
-                        return cls(base, 1)
+                        return cls(base)
                     except OSError:
                         continue
         return None
@@ -239,13 +240,10 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
     return bool(ready)
 
 
-def _gone(pid: int, seconds: float) -> bool:
+def _wait_gone(pid: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
-    return False
 
 
 class Sandbox:
@@ -271,15 +269,15 @@ class Sandbox:
     def _spec(self, program: Program, workdir: str, report_fd: int) -> dict:
         c = self.config
         # The interpreter's own directory first: tests run ``python`` by name.
-        env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+        env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
+               "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
                "MPLCONFIGDIR": os.path.join(workdir, ".matplotlib")}
         env.update(program.env)
         return {
             "workdir": workdir, "files": program.files, "report_fd": report_fd,
             "argv": [sys.executable, "-I", *program.args], "env": env,
-            "tmpfs_bytes": c.disk_mb << 20, "read_paths": self._read_paths, "landlock": True,
+            "tmpfs_bytes": c.disk_mb << 20, "read_paths": self._read_paths,
             "limits": {"cpu_seconds": int(c.timeout) + 1, "address_space": c.memory_mb << 20,
                        "file_size": c.file_size_mb << 20, "processes": c.processes, "open_files": c.open_files},
         }
@@ -290,7 +288,6 @@ class Sandbox:
         cgroup = self._cgroups.create(c.processes + 2) if self._cgroups else None  # + launcher and PID 1
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        timed_out = False
         began = time.perf_counter()
         try:
             spec = marshal.dumps(self._spec(program, workdir, write_fd))
@@ -324,7 +321,7 @@ class Sandbox:
                 os.close(write_fd)
             if cgroup is not None:
                 self._cgroups.remove(cgroup)
-            _remove_tree(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
         if _probe:
             self.mechanisms = self._mechanisms(report)
         return result
@@ -371,9 +368,8 @@ class Sandbox:
                 pass
             proc.wait()
         report = parse()
-        init_pid = report.get("init_pid")
-        if init_pid and not _gone(init_pid, 5.0):
-            report["leftover"] = init_pid
+        if report.get("init_pid"):  # PDEATHSIG or the launcher's wait takes the namespace down; let it finish
+            _wait_gone(report["init_pid"], 5.0)
         return report
 
     def _classify(self, program: Program, code: int, report: dict, timed_out: bool, seconds: float,
@@ -415,7 +411,7 @@ class Sandbox:
         elif enforced and "tcp" in landlock:
             network = "Landlock TCP rules only (UDP and raw sockets are not blocked)"
         else:
-            network = "none: no network namespace and no Landlock TCP rules"
+            network = f"none: no network namespace ({report.get('namespaces', '?')}) and no Landlock TCP rules"
         if os.geteuid() == 0:
             processes = "pids cgroup" if report.get("cgroup") == "pids cgroup" else \
                 f"none: running as root without a writable pids cgroup ({report.get('cgroup') or 'none found'}; " \
@@ -448,9 +444,3 @@ class Sandbox:
                 results[futures[future]] = future.result()
                 bar.update(1)
         return results  # type: ignore[return-value]
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
