@@ -140,7 +140,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         return 0
     report = check_references(_config(ReferenceCheckConfig, args))
     if args.json:
-        print(json.dumps({k: v for k, v in report.items()}, default=str))
+        print(json.dumps(report, default=str))
     else:
         print(format_table([report["summary"]], list(report["summary"])))
         for row in report["failures"]:
