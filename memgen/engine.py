@@ -9,6 +9,12 @@ masked pad slots, so the batch stays one tensor. Nothing is ever re-prefilled (t
 code re-encodes the whole sequence after each insertion). Masked pad slots are squeezed out
 by :func:`memgen.reasoner.compact_cache` once ``compact_after`` of them pile up.
 
+An insertion filter (``insertion_filter``) sees each woven insertion's latents before they are
+fed and may withhold them: the weaver has run, but the row gets masked pad slots exactly as a
+row that did not insert (its positions do not advance, its next token is read from the
+delimiter's state, and the insertion does not count against ``max_insertions``). So withholding
+every insertion is memory off, token for token (:mod:`memgen.analysis` ablates clusters so).
+
 A step where the fed token is a delimiter and the row inserts: the reasoner's logits for the
 next token come from the last latent slot, i.e. the next token is conditioned on the memory.
 Finished rows stop decoding (they are fed masked pad slots until the batch ends) and stop
@@ -49,6 +55,8 @@ class Insertion:
     """ids of the experience records the weaver read (retrieval-augmented weaving), best first"""
     context_ids: list[int] | None = None
     """the token ids of the retrieved text the weaver read, as teacher forcing replays them"""
+    suppressed: bool = False
+    """the weaver ran here but an insertion filter withheld its latents (``inserted`` is then False)"""
 
 
 @dataclass
@@ -120,9 +128,10 @@ class DecodeSession:
     """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
 
     def __init__(self, memgen, prompts: list[list[int]], config: GenerateConfig, stream_text: bool = False,
-                 experience=None):
+                 experience=None, insertion_filter=None):
         self.m = memgen
         self.cfg = config
+        self.insertion_filter = insertion_filter
         self.prompts = prompts
         self.stream_text = stream_text
         self.output: GenerationOutput | None = None
@@ -227,16 +236,32 @@ class DecodeSession:
         m = self.m
         latents = None
         context, found = self._retrieve(insert, lambda r: "")
+        woven = insert
         if bool(insert.any()):
-            latents, hidden, mask, next_pos = m.weave_and_feed(cache, mask, next_pos, insert, PROMPT, last,
-                                                               allow_subset=True, context=context)
+            latents, hidden, mask, next_pos, insert = m.weave_and_feed(
+                cache, mask, next_pos, insert, PROMPT, last, allow_subset=True, context=context, gate=self._gate(PROMPT))
             logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
-        for r, inserted in enumerate(insert.tolist()):
+        for r, (was_woven, inserted) in enumerate(zip(woven.tolist(), insert.tolist())):
             if rows is not None and not rows[r]:
                 continue
-            keep = latents[r].float().cpu() if (self.cfg.return_latents and inserted) else None
-            logs[r].append(_logged(Insertion(0, None if probs is None else probs[r], inserted, keep), found[r]))
+            keep = latents[r].float().cpu() if (self.cfg.return_latents and was_woven) else None
+            logs[r].append(_logged(Insertion(0, None if probs is None else probs[r], inserted, keep,
+                                             suppressed=was_woven and not inserted), found[r]))
         return mask, next_pos, logits
+
+    def _gate(self, kind: str):
+        """The insertion filter as ``weave_and_feed``'s gate for ``kind`` insertions (None without a filter)."""
+        keep = self.insertion_filter
+        if keep is None:
+            return None
+
+        def gate(latents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            fed = rows.clone()
+            index = rows.nonzero().squeeze(1)
+            if index.numel():
+                fed[index] = torch.as_tensor(keep(latents[index], kind), dtype=torch.bool, device=rows.device)
+            return fed
+        return gate
 
     def _hit_stop(self, tokens: list[int]) -> bool:
         tail = self.m.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
@@ -357,19 +382,22 @@ class DecodeSession:
                     candidates &= state.next_pos + self.k_infer + 1 < self.context
                 if bool(candidates.any()):
                     insert, probs = self._decide(candidates, hidden[:, -1], state.decision_gen, prompt_end=False)
-                    latents = None
+                    latents, woven = None, insert
                     context, found = self._retrieve(insert, lambda r: m.tokenizer.decode(tokens[r]))
                     if bool(insert.any()):
-                        latents, lat_hidden, state.mask, state.next_pos = m.weave_and_feed(
+                        latents, lat_hidden, state.mask, state.next_pos, insert = m.weave_and_feed(
                             state.cache, state.mask, state.next_pos, insert, INFERENCE, hidden[:, -1],
-                            allow_subset=True, context=context)
+                            allow_subset=True, context=context, gate=self._gate(INFERENCE))
                         logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
+                        # A withheld insertion counts as a declined one: it does not use up max_insertions.
                         n_inserted += insert.long()
                     cand_list, ins_list, prob_list = candidates.tolist(), insert.tolist(), probs.tolist()
+                    woven_list = woven.tolist()
                     for r in range(batch):
                         if cand_list[r]:
-                            keep = latents[r].float().cpu() if (cfg.return_latents and ins_list[r]) else None
-                            logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep),
+                            keep = latents[r].float().cpu() if (cfg.return_latents and woven_list[r]) else None
+                            logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep,
+                                                             suppressed=woven_list[r] and not ins_list[r]),
                                                    found[r]))
 
             slots = state.mask.shape[1]

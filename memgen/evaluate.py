@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -73,8 +74,13 @@ class EvalConfig(CodeExecutionFields):
         return self.memory != "off"
 
 
-def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
-    """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``."""
+def evaluate(model, task: Task, config: EvalConfig, experience=None, insertion_filter=None, observe=None) -> dict:
+    """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``.
+
+    ``insertion_filter`` goes to :meth:`MemGen.generate` (rows then count their withheld insertions as
+    ``suppressed``). ``observe(records, completions, rows)``, called after each batch, sees the
+    completions with their latents kept (how :mod:`memgen.analysis` collects them).
+    """
     rewrite = None
     if experience is None and config.memory_source != "weaver":
         from .experience.weaving import open_reader
@@ -89,12 +95,12 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
         raise MemGenError(f"task {task.name} has no records to evaluate")
     gen = GenerateConfig(memory=config.memory, max_new_tokens=config.max_new_tokens, stop=task.stop,
                          max_insertions=config.max_insertions, insert_at_prompt_end=config.insert_at_prompt_end,
-                         seed=config.seed)
+                         seed=config.seed, return_latents=observe is not None)
     def score(batch):
         began = time.perf_counter()
         shown = [_rewritten(r, rewrite) for r in batch] if rewrite is not None else batch
         output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
-                                gen, experience=experience)
+                                gen, experience=experience, insertion_filter=insertion_filter)
         seconds = time.perf_counter() - began
         texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
         columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
@@ -117,7 +123,13 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
                 row.update({"status": o.status, "limit": o.limit, "exec_seconds": o.seconds, "detail": o.detail})
             if experience is not None:  # the records each woven insertion read, in insertion order
                 row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
+            if task.failure_type is not None:
+                row["failure"] = task.failure_type(record.prompt, texts[i], task.gold(record))
+            if insertion_filter is not None:
+                row["suppressed"] = sum(ins.suppressed for ins in completion.insertions)
             rows.append(row)
+        if observe is not None:
+            observe(batch, output.completions, rows)
         return rows, seconds
 
     rows, total_seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", score,
@@ -135,6 +147,8 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None) -> dict:
     summary["invocation_rate"] = sum(r["decided_insertions"] for r in rows) / decisions if decisions else None
     for name in task.extra_metrics:
         summary[name] = sum(r[name] for r in rows) / n
+    if task.failure_type is not None:
+        summary["failures"] = dict(sorted(Counter(r["failure"] for r in rows).items()))
     if task.outcomes is not None:
         summary["pass@1"] = summary["accuracy"]
         for status in (s for s in STATUSES if s != "passed"):

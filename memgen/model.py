@@ -117,29 +117,34 @@ class MemGen(nn.Module):
     # ----------------------------------------------------------------- shared step
     def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
                        rows: torch.Tensor, kind: str, anchor: torch.Tensor, allow_subset: bool = False,
-                       context=None):
+                       context=None, gate=None):
         """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
 
         ``anchor`` (B, d) is each row's reasoner state at the insertion point (the last fed token);
-        ``context`` is None or (token ids (B, S), valid (B, S)), retrieved text only the weaver reads.
+        ``context`` is None or (token ids (B, S), valid (B, S)), retrieved text only the weaver reads;
+        ``gate(latents (B, K, d), rows (B,)) -> (B,) bool``, when given, picks which woven rows are fed:
+        the others get masked pad slots, exactly as rows that did not insert (an insertion filter).
 
         Returns (latents (B, K, d), reasoner hidden states of the latent slots (B, K, d),
-        the grown attention mask, the advanced next positions). With ``allow_subset`` and at
-        most half the rows inserting, the 2K-slot forwards run on those rows only (their cache
-        rows are copied out and the new slots copied back), instead of on the whole batch.
+        the grown attention mask, the advanced next positions, the rows fed). With ``allow_subset``
+        and at most half the rows inserting, the 2K-slot forwards run on those rows only (their
+        cache rows are copied out and the new slots copied back), instead of on the whole batch.
         """
         if allow_subset:
             index = rows.nonzero().squeeze(1)
             if 0 < index.numel() <= rows.numel() // 2:
                 return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor,
-                                                 context)
+                                                 context, gate)
         k = self.weaver.num_latents(kind)
-        positions, advanced = self.latent_positions(next_positions, rows, k)
+        positions, _ = self.latent_positions(next_positions, rows, k)
         latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor, context)
+        if gate is not None:
+            rows = rows & gate(latents, rows)
+        _, advanced = self.latent_positions(next_positions, rows, k)
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         mask = torch.cat([attention_mask, slots], dim=1)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)
-        return latents, hidden, mask, advanced
+        return latents, hidden, mask, advanced, rows
 
     def latent_positions(self, next_positions: torch.Tensor, rows: torch.Tensor, k: int):
         """Position ids of K latents for each row, and each row's next text position after them.
@@ -154,21 +159,23 @@ class MemGen(nn.Module):
         positions = next_positions[:, None] + torch.arange(k, device=next_positions.device)
         return positions, next_positions + k * rows.long()
 
-    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor, context):
+    def _weave_and_feed_rows(self, cache, attention_mask, next_positions, rows, index, kind, anchor, context, gate):
         sub_cache = select_rows(cache, index, self.reasoner)
         sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
         sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
         sub_context = None if context is None else tuple(t.index_select(0, index) for t in context)
-        latents, hidden, _, _ = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,
-                                                    anchor.index_select(0, index), context=sub_context)
+        latents, hidden, _, _, sub_fed = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,
+                                                             anchor.index_select(0, index), context=sub_context,
+                                                             gate=gate)
         k = latents.shape[1]
         append_rows_slots(cache, sub_cache, index, k)
         batch = rows.numel()
         full_latents = latents.new_zeros(batch, k, latents.shape[2]).index_copy(0, index, latents)
         full_hidden = hidden.new_zeros(batch, k, hidden.shape[2]).index_copy(0, index, hidden)
-        slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
-        _, advanced = self.latent_positions(next_positions, rows, k)
-        return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), advanced
+        fed = torch.zeros_like(rows).index_copy(0, index, sub_fed)
+        slots = fed.to(attention_mask.dtype)[:, None].expand(-1, k)
+        _, advanced = self.latent_positions(next_positions, fed, k)
+        return full_latents, full_hidden, torch.cat([attention_mask, slots], dim=1), advanced, fed
 
     def _init_embeddings(self, text: str) -> torch.Tensor:
         """Token embeddings of ``text``; ``a|b`` averages the alternatives slot by slot.
@@ -223,18 +230,23 @@ class MemGen(nn.Module):
         return ([0] if prompt_end else []) + points
 
     # ----------------------------------------------------------------- public API
-    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, experience=None, **overrides):
+    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, experience=None,
+                 insertion_filter=None, **overrides):
         """Batched generation with latent memory. Returns :class:`memgen.engine.GenerationOutput`.
 
         ``overrides`` are :class:`GenerateConfig` fields; ``on_token(event)`` is called for
         every generated token with a :class:`memgen.engine.TokenEvent`. ``experience`` (a
         :class:`memgen.experience.ExperienceReader`) makes every invocation retrieve text the
-        weaver reads (paper App. E).
+        weaver reads (paper App. E). ``insertion_filter(latents (n, K, d), kind) -> (n,) bool``
+        sees every woven insertion and returns which to feed; a withheld one leaves its row as if
+        it had not inserted (masked pad slots) and is logged with ``suppressed=True``
+        (:mod:`memgen.analysis` ablates latent clusters with it).
         """
         from .engine import DecodeSession
 
         session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides),
-                                stream_text=on_token is not None, experience=experience)
+                                stream_text=on_token is not None, experience=experience,
+                                insertion_filter=insertion_filter)
         for event in session:
             if on_token is not None:
                 on_token(event)

@@ -195,8 +195,8 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             # The retrieved text the j-th insertion of each of these rows read, as the rollout did.
             context = None if contexts is None else pack_context({r: contexts[r][j] for r in rows}, batch, pad_id,
                                                                  device)
-            latents, lat_hidden, attention, next_pos = memgen.weave_and_feed(cache, attention, next_pos, flag, kind,
-                                                                             anchor, context=context)
+            latents, lat_hidden, attention, next_pos, _ = memgen.weave_and_feed(cache, attention, next_pos, flag,
+                                                                                kind, anchor, context=context)
             forwards += 2 * batch * latents.shape[1]
             r_t = torch.tensor(rows, device=device)
             latent_norms.append(latents[r_t].float().norm(dim=-1).mean())

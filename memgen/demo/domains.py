@@ -148,5 +148,59 @@ def answer_reward(prompts, completions, answer, **_) -> list[float]:
     return scores
 
 
+FAILURE_TYPES = ("correct", "format", "copy_error", "wrong_sign", "arithmetic", "stopped_early", "extra_step",
+                 "wrong_final")
+"""What :func:`failure_type` returns: the first way an answer leaves its reference solution."""
+_PROMPT = re.compile(r"has (\d+) \w+\. (.*)\nA:", re.S)
+_STEP = re.compile(r"([+-])(\d+)=(\d+)")
+_SIGNS = {verb: sign for verbs in VERBS.values() for verb, sign in verbs.items()}
+
+
+def failure_type(prompt: str, completion: str, gold) -> str:
+    """Classify an answer by its first departure from the solution's grammar ``" 3,+2=5,-1=4,so 4."``.
+
+    ``format``: not that grammar; ``copy_error``: the start value or a step's amount differs from the
+    prompt's; ``wrong_sign``: a step adds where its verb subtracts (or the reverse); ``arithmetic``: a
+    step's result is not its own start plus its own change; ``stopped_early``: fewer steps than the
+    prompt, or no final answer; ``extra_step``: more steps; ``wrong_final``: ``so N`` is not the last
+    result. ``correct`` when the final answer is ``gold``.
+    """
+    match = _PROMPT.search(prompt)
+    if match is None:
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    start = int(match.group(1))
+    steps = [(verb, int(amount)) for verb, amount in re.findall(r"(\w+) (\d+)\.", match.group(2))]
+    pieces = completion.strip().split(",")
+    if not pieces[0].isdigit():
+        return "format"
+    if int(pieces[0]) != start:
+        return "copy_error"
+    value = start
+    for i, (verb, amount) in enumerate(steps):
+        piece = pieces[i + 1] if i + 1 < len(pieces) else ""
+        step = _STEP.fullmatch(piece)
+        if step is None:
+            return "stopped_early" if piece == "" or piece.startswith("so") else "format"
+        op, got, result = step.group(1), int(step.group(2)), int(step.group(3))
+        if verb in _SIGNS and (op == "+") != (_SIGNS[verb] > 0):
+            return "wrong_sign"
+        if got != amount:
+            return "copy_error"
+        if result != value + (got if op == "+" else -got):
+            return "arithmetic"
+        value = result
+    rest = pieces[len(steps) + 1:]
+    if not rest or not rest[0]:
+        return "stopped_early"
+    if _STEP.fullmatch(rest[0]):
+        return "extra_step"
+    final = _ANSWER.fullmatch(rest[0].strip())
+    if final is None:
+        return "stopped_early" if "so".startswith(rest[0].strip()[:2]) else "format"
+    if int(final.group(1)) != value:
+        return "wrong_final"
+    return "correct" if str(value) == str(gold) else "wrong_final"
+
+
 def as_task(name: str, records: list[Record]) -> Task:
-    return Task(name, records, answer_reward, {}, ["\n"])
+    return Task(name, records, answer_reward, {}, ["\n"], failure_type=failure_type)

@@ -9,7 +9,8 @@ from typing import Callable
 
 from ..data import DataError, Record, report_skipped
 from .answers import gpqa_records, gsm8k_records, jsonl_records, jsonl_reward, math_records, qa_records
-from .rewards import RewardFn, choice_reward, exact_match_reward, f1_reward, math_reward
+from .rewards import (RewardFn, choice_failure_type, choice_reward, exact_match_reward, f1_reward,
+                      math_failure_type, math_reward)
 
 
 @dataclass
@@ -25,6 +26,17 @@ class Task:
     """items left out because this machine cannot score them (e.g. ``BigCodeBench/3: pandas not installed``)"""
     outcomes: Callable | None = None
     """code tasks: per-completion execution results (status, seconds, the limit hit), same signature as ``reward``"""
+    failure_type: Callable[[str, str, object], str] | None = None
+    """``(prompt, completion, gold) -> type`` ('correct' for a right answer): what kind of failure an answer is,
+    so evaluation and ``memgen analyze`` can count outcomes by type; gold is :meth:`gold`"""
+
+    def gold(self, record: Record):
+        """What ``failure_type`` compares against: the record's ``answer`` column, else its aliases, else its
+        reference completion."""
+        for key in ("answer", "aliases"):
+            if key in record.columns:
+                return record.columns[key]
+        return record.completion
 
     def score(self, prompts, completions, **columns) -> tuple[list[float], list | None]:
         """Rewards, and for code tasks each completion's execution result (None otherwise).
@@ -50,9 +62,9 @@ class TaskOptions:
 
 
 def _task(name: str, loaded: tuple[list[Record], list[str]], reward: RewardFn, stop: list[str],
-          extra_metrics: dict[str, RewardFn] | None = None) -> Task:
+          extra_metrics: dict[str, RewardFn] | None = None, failure_type=None) -> Task:
     records, skipped = loaded
-    return Task(name, records, reward, extra_metrics or {}, stop, skipped)
+    return Task(name, records, reward, extra_metrics or {}, stop, skipped, failure_type=failure_type)
 
 
 def _code_task(name: str, path: Path, options: TaskOptions) -> Task:
@@ -73,11 +85,14 @@ def _code_task(name: str, path: Path, options: TaskOptions) -> Task:
 
 
 TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
-    "gsm8k": lambda path, o: _task("gsm8k", gsm8k_records(path, o.skip_malformed), math_reward, ["\nQuestion:"]),
-    "math": lambda path, o: _task("math", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"]),
-    "math500": lambda path, o: _task("math500", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"]),
+    "gsm8k": lambda path, o: _task("gsm8k", gsm8k_records(path, o.skip_malformed), math_reward, ["\nQuestion:"],
+                                   failure_type=math_failure_type),
+    "math": lambda path, o: _task("math", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"],
+                                  failure_type=math_failure_type),
+    "math500": lambda path, o: _task("math500", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"],
+                                     failure_type=math_failure_type),
     "gpqa": lambda path, o: _task("gpqa", (gpqa_records(path, "diamond", o.seed), []), choice_reward,
-                                  ["\nQuestion:"]),
+                                  ["\nQuestion:"], failure_type=choice_failure_type),
     "qa": lambda path, o: _task("qa", qa_records(path, o.skip_malformed), exact_match_reward, ["\n"],
                                 {"f1": f1_reward}),
     "jsonl": lambda path, o: _task("jsonl", jsonl_records(path, o.skip_malformed), jsonl_reward, []),
@@ -103,7 +118,8 @@ def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: i
         text, subset = text.rsplit(":", 1)
     path = Path(text)
     if subset:
-        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"])
+        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"],
+                    failure_type=choice_failure_type)
     else:
         task = TASKS[name](path, TaskOptions(skip_malformed, seed, split, sandbox))
     report_skipped(path, task.skipped)

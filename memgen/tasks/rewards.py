@@ -115,6 +115,14 @@ def math_reward(prompts, completions, answer, **_) -> list[float]:
     return [float(math_equal(final_answer(completion_text(c)), str(a))) for c, a in zip(completions, answer)]
 
 
+def math_failure_type(prompt: str, completion: str, gold) -> str:
+    """``correct``, ``no_answer`` (nothing extractable) or ``wrong_answer`` (a task's ``failure_type``)."""
+    prediction = final_answer(completion_text(completion))
+    if prediction is None:
+        return "no_answer"
+    return "correct" if math_equal(prediction, str(gold)) else "wrong_answer"
+
+
 # ---------------------------------------------------------------- QA (TriviaQA / PopQA)
 def normalize_answer(text: str) -> str:
     """SQuAD/TriviaQA normalisation: lower case, no punctuation, no articles, single spaces."""
@@ -185,6 +193,14 @@ def choice_letter(text: str) -> str | None:
 def choice_reward(prompts, completions, answer, **_) -> list[float]:
     """1.0 when the chosen letter (``Answer: C``, ``(C)`` or a lone ``C``) is ``answer``."""
     return [float(choice_letter(completion_text(c)) == str(a).strip().upper()) for c, a in zip(completions, answer)]
+
+
+def choice_failure_type(prompt: str, completion: str, gold) -> str:
+    """``correct``, ``no_choice`` (no option letter found) or ``wrong_choice``."""
+    letter = choice_letter(completion_text(completion))
+    if letter is None:
+        return "no_choice"
+    return "correct" if letter == str(gold).strip().upper() else "wrong_choice"
 
 
 def reference_match_reward(prompts, completions, answer, **_) -> list[float]:
