@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents,code]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents,code,analysis]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,7 @@
     memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
                     [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
     memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
+    memgen analyze --model DIR --adapter DIR --task TASK --data FILE --out DIR [--clusters 4] [any AnalyzeConfig flag]
 """
 
 from __future__ import annotations
@@ -105,6 +106,28 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .agents.tasks import is_env_task
+    from .analysis import AnalyzeConfig, analyze
+    from .tasks import load_task
+
+    config = _config(AnalyzeConfig, args)
+    if is_env_task(config.task):
+        raise MemGenError(f"memgen analyze runs on single-turn tasks; agent task {config.task!r} is not supported yet")
+    if not config.data:
+        raise MemGenError("--data is required")
+    task = load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
+                     sandbox=config.sandbox_config())
+    model, has_adapter = load_model(args.model, args.adapter)
+    if not has_adapter:
+        print("memgen: warning: no --adapter given, so the latents come from an untrained weaver", file=sys.stderr)
+    report = analyze(model, task, config, describe={"model": args.model, "adapter": args.adapter or ""})
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("task", "examples", "insertions", "clusters", "sizes",
+                                                 "silhouette", "baseline", "ablations")}))
+    return 0
+
+
 def _agent(args: argparse.Namespace) -> int:
     from .agents.play import ExpertConfig, PlayConfig, format_replay, play, replay_split
 
@@ -178,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(targets, "trigger", "trigger RL with the sparsity penalty (weaver frozen)", TriggerTrainConfig, _train)
     _command(sub, "eval", "evaluate on a benchmark task", EvalConfig, _eval, model=True,
              json_flag="print the summary as JSON")
+    from .analysis import AnalyzeConfig
+
+    _command(sub, "analyze", "memory faculties: collect, cluster, read and ablate the woven latents (paper App. G)",
+             AnalyzeConfig, _analyze, model=True, json_flag="print the clusters, silhouette and ablations as JSON")
     from .experience.config import ExperienceConfig
 
     experience = sub.add_parser("experience", help="build, show, search or derive from an experience store")
