@@ -68,6 +68,19 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert "memgen_grpo" in report and "Continual learning" in report and "claims" in report
     assert "Agents: multi-turn ledger episodes" in report
     assert "| arm" in first.stdout and " ± " in first.stdout
+    # The analysis stage (memgen analyze on the trained weavers), per seed and arm, through memgen.analysis.
+    assert "## Memory faculties" in report
+    for run in results["runs"]:
+        for name in ("memgen_sft", "memgen_grpo"):
+            summary = run["analysis"][name]
+            directory = out / f"seed-{run['seed']}" / "analysis" / name
+            assert all((directory / f).stat().st_size > 0 for f in ("analysis.md", "analysis.json", "latents.png",
+                                                                   "silhouette.png", "ablation.png"))
+            full = json.loads((directory / "analysis.json").read_text())
+            assert summary["insertions"] == full["clustered"] == sum(c["size"] for c in summary["clusters"])
+            assert len(summary["clusters"]) == full["clusters"] <= 4
+            assert set(summary["baseline"]["group_accuracy"]) == {"A", "B", "C"}
+            assert f"seed-{run['seed']}/analysis/{name}/analysis.md" in report
     # A second run finds the cached reasoner, and replaces the first run's per-seed outputs.
     # The cached run also runs the experience arms (issue 11): ExpeL, AWM and the weaver reading retrieved text.
     second = subprocess.run(cmd + ["--experience-arms", "true"], env=env, capture_output=True, text=True, timeout=600)

@@ -35,6 +35,7 @@ from ..evaluate import EvalConfig, evaluate, format_table
 from ..precision import check_precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from . import arms as arm_fns
 from .domains import NOTE_WIDTH, as_task, disjoint_splits
+from .faculties import report_section, run_analysis_stage
 from .reasoner import ReasonerConfig, get_reasoner
 
 DOMAINS = {"A": "A (pretraining skill)", "B": "B (new skill)", "C": "C (held-out mix)"}
@@ -74,6 +75,9 @@ class DemoConfig:
     agent_episodes: int = help_field(100, "held-out ledger episodes per domain in the agent stage", ge=1)
     agent_turn_tokens: int = help_field(32, "most tokens per turn in the agent stage (an answer takes about 20)",
                                         ge=1)
+    analysis_stage: bool = help_field(True, "run the analysis stage: memgen analyze on the memgen_sft and memgen_grpo "
+                                            "weavers (cluster, read and ablate their latents; memgen.analysis)")
+    analysis_clusters: int = help_field(4, "N: K-means clusters of the analysis stage", ge=1)
     experience_arms: bool = help_field(False, "also run the experience arms: expel, awm and memgen_sft_retrieval "
                                               "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)")
     experience_size: int = help_field(200, "B training problems the reasoner attempts (twice) to gather experience",
@@ -246,11 +250,12 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
             add_row(name, getattr(arm_fns, name)(base, tokenizer, cfg, train_task, out, experience))
 
     agent = run_agent_stage(cfg, arms, out, log) if cfg.agent_stage else None
+    analysis = run_analysis_stage(cfg, arms, tests, out, log) if cfg.analysis_stage else None
     continual = None
     if cfg.continual:
         continual = run_continual(cfg, base, tokenizer, arms, rows, trains, score, out, log)
     return {"seed": cfg.seed, "reasoner": reasoner_info, "arms": rows, "continual": continual,
-            "experience": experience, "agent": agent}
+            "experience": experience, "agent": agent, "analysis": analysis}
 
 
 AGENT_ARMS = ("vanilla", "memgen_sft", "memgen_trigger")
@@ -583,6 +588,9 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
                   "Each method is trained on B, then on D, with the same recipe; every skill is evaluated after "
                   "each stage (the paper's Table 4 layout). The stage-A row is the pretrained reasoner.", "",
                   tables["continual"], "", "![continual learning](continual.png)", ""]
+    for run in payload["runs"]:
+        if run.get("analysis"):
+            lines += report_section(run["analysis"], run["seed"], out)
     lines += ["## The paper's claims at this scale", "",
               "Each claim is a per-seed difference measured against a threshold.", "", tables["claims"], "",
               f"Total time: {payload['total_seconds']:.0f} s on {payload['machine']['threads']} threads, CPU capability "
