@@ -2,8 +2,8 @@
 
 Each woven insertion's K latents are mean-pooled into one vector (paper App. G). A
 :class:`Collection` keeps the pooled vectors (``latents.safetensors``), one JSON line of
-context per insertion (``insertions.jsonl``: example, task id, kind, position, the text
-before and after it, the trigger's probability, the answer's outcome), the evaluation rows
+context per insertion (``insertions.jsonl``: example, task id, kind, position, which woven
+insertion of its answer it is (``ordinal``, from 1), the text before and after it, the trigger's probability, the answer's outcome), the evaluation rows
 (``examples.jsonl``) and what produced them (``collection.json``). Written atomically.
 """
 
@@ -94,9 +94,11 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
             example = len(examples_seen)
             examples_seen.append(row)
             ids = completion.token_ids
+            ordinal = 0
             for ins in completion.insertions:
                 if not ins.inserted or ins.latents is None:
                     continue
+                ordinal += 1
                 before = record.prompt + tokenizer.decode(ids[: ins.position], skip_special_tokens=True)
                 after = tokenizer.decode(ids[ins.position: ins.position + 4], skip_special_tokens=True)
                 following = tokenizer.decode(ids[ins.position: ins.position + 1], skip_special_tokens=True)
@@ -104,6 +106,7 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
                 insertions.append({
                     "example": example, "task_id": record.source or f"{task.name}:{example}",
                     "kind": PROMPT if ins.position == 0 else INFERENCE, "position": ins.position,
+                    "ordinal": ordinal,
                     "preceding": before[-chars:], "following": after, "next_token": following,
                     "probability": ins.probability, "reward": row["reward"], "failure": row.get("failure"),
                     "group": str(record.columns.get(group_by, "")) if group_by else ""})

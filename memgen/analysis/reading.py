@@ -53,6 +53,7 @@ def read_clusters(model, pooled: torch.Tensor, insertions: list[dict], clusterin
             profile.update({
                 "prompt_end_share": round(sum(r["kind"] == "prompt" for r in rows) / len(rows), 3),
                 "mean_position": round(sum(positions) / len(positions), 2),
+                "ordinals": _shares(r.get("ordinal") for r in rows),
                 "next_tokens": _shares(r["next_token"] for r in rows),
                 "groups": _shares(r["group"] for r in rows) if any(r["group"] for r in rows) else [],
                 "answer_accuracy": round(sum(r["reward"] for r in rows) / len(rows), 3),

@@ -82,10 +82,12 @@ def render_markdown(report: dict) -> str:
             rows.append({"cluster": p["cluster"], "size": 0})
             continue
         rows.append({"cluster": p["cluster"], "size": p["size"], "prompt end": f"{p['prompt_end_share']:.0%}",
-                     "mean position": p["mean_position"], "next token": _shares(p["next_tokens"][:3]),
+                     "mean position": p["mean_position"], "insertion #": _shares(p["ordinals"][:3]),
+                     "next token": _shares(p["next_tokens"][:3]),
                      "groups": _shares(p["groups"][:3]) or "-", "answers right": p["answer_accuracy"]})
-    lines += [format_table(rows, ["cluster", "size", "prompt end", "mean position", "next token", "groups",
-                                  "answers right"]), ""]
+    lines += [format_table(rows, ["cluster", "size", "prompt end", "mean position", "insertion #", "next token",
+                                  "groups", "answers right"]),
+              "", "`insertion #`: which woven insertion of its answer (1 = the first) the members are.", ""]
     for p in report["profiles"]:
         lines += [f"### Cluster {p['cluster']}", "", f"Nearest vocabulary tokens (cosine): {_tokens(p)}", ""]
         if p["typical"]:
@@ -94,7 +96,9 @@ def render_markdown(report: dict) -> str:
             lines.append("")
     if report["ablations"]:
         lines += ["## Ablation", "", "Each run withholds one cluster's latents; `control` runs withhold the same "
-                  "share of all insertions at random. Deltas are against the unablated run, answer by answer.", ""]
+                  "share of all insertions at random. Deltas are against the unablated run, answer by answer. "
+                  "`withheld` counts the insertions the run itself withheld: once one is withheld the answer goes "
+                  "its own way, so it need not equal the cluster's size in the collection.", ""]
         runs = [base] + report["ablations"]
         types = sorted({t for r in runs for t in r.get("failure_delta", {}) if t != "correct"})
         groups = sorted(base.get("group_accuracy", {}))

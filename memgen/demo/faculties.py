@@ -44,7 +44,7 @@ def summarize(report: dict, directory: Path) -> dict:
     for p in report["profiles"]:
         c = p["cluster"]
         row = {"cluster": c, "size": p["size"], "prompt_end_share": p.get("prompt_end_share"),
-               "next_tokens": p.get("next_tokens", [])[:3], "nearest_tokens": [t["token"] for t in p["nearest_tokens"][:5]]}
+               "ordinals": p.get("ordinals", [])[:2], "next_tokens": p.get("next_tokens", [])[:3], "nearest_tokens": [t["token"] for t in p["nearest_tokens"][:5]]}
         if c in ablations:
             a = ablations[c]
             row.update({"withheld": a["withheld"], "delta": a["delta"], "group_accuracy": a.get("group_accuracy"),
@@ -78,6 +78,7 @@ def faculty_table(summary: dict) -> str:
     for c in summary["clusters"]:
         row = {"cluster": c["cluster"], "size": c["size"],
                "prompt end": "-" if c["prompt_end_share"] is None else f"{c['prompt_end_share']:.0%}",
+               "insertion #": ", ".join(f"{v} {s:.0%}" for v, s in c["ordinals"]) or "-",
                "next token": ", ".join(f"{v!r} {s:.0%}" for v, s in c["next_tokens"]) or "-"}
         if "delta" in c:
             for d in ("A", "B"):
