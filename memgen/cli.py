@@ -102,7 +102,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(format_table([summary], list(summary)))
+        # Failure types as columns of their own (a `wrong_answer` column), not a dict in one cell.
+        flat = {k: v for k, v in summary.items() if k != "failures"}
+        flat.update({kind: n for kind, n in summary.get("failures", {}).items() if kind != "correct"})
+        print(format_table([flat], list(flat)))
     return 0
 
 
