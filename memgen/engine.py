@@ -239,7 +239,8 @@ class DecodeSession:
         woven = insert
         if bool(insert.any()):
             latents, hidden, mask, next_pos, insert = m.weave_and_feed(
-                cache, mask, next_pos, insert, PROMPT, last, allow_subset=True, context=context, gate=self._gate(PROMPT))
+                cache, mask, next_pos, insert, PROMPT, last, allow_subset=True, context=context,
+                gate=self._gate(PROMPT))
             logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
         for r, (was_woven, inserted) in enumerate(zip(woven.tolist(), insert.tolist())):
             if rows is not None and not rows[r]:

@@ -160,8 +160,8 @@ def test_collection_round_trips(tmp_path, tok, demo_task):
     assert {ins["kind"] for ins in collection.insertions} == {"prompt", "inference"}
     first = collection.insertions[0]
     assert first["preceding"] == demo_task.records[0].prompt[-60:] and first["position"] == 0
-    for example in collection.examples[:4]:
-        ordinals = [ins["ordinal"] for ins in collection.insertions if ins["example"] == collection.examples.index(example)]
+    for index, example in enumerate(collection.examples[:4]):
+        ordinals = [ins["ordinal"] for ins in collection.insertions if ins["example"] == index]
         assert ordinals == list(range(1, example["insertions"] + 1))
     assert all(ins["failure"] in FAILURE_TYPES for ins in collection.insertions)
     collection.save(tmp_path / "c")

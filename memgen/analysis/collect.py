@@ -3,8 +3,9 @@
 Each woven insertion's K latents are mean-pooled into one vector (paper App. G). A
 :class:`Collection` keeps the pooled vectors (``latents.safetensors``), one JSON line of
 context per insertion (``insertions.jsonl``: example, task id, kind, position, which woven
-insertion of its answer it is (``ordinal``, from 1), the text before and after it, the trigger's probability, the answer's outcome), the evaluation rows
-(``examples.jsonl``) and what produced them (``collection.json``). Written atomically.
+insertion of its answer it is (``ordinal``, from 1), the text before and after it, the
+trigger's probability, the answer's outcome), the evaluation rows (``examples.jsonl``) and
+what produced them (``collection.json``). Written atomically.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ class Collection:
     @classmethod
     def load(cls, directory: str | Path) -> "Collection":
         directory = Path(directory)
-        missing = [f for f in (LATENTS_FILE, INSERTIONS_FILE, EXAMPLES_FILE, META_FILE) if not (directory / f).is_file()]
+        files = (LATENTS_FILE, INSERTIONS_FILE, EXAMPLES_FILE, META_FILE)
+        missing = [f for f in files if not (directory / f).is_file()]
         if missing:
-            raise DataError(f"{directory} is not a latent collection: missing {missing} (write one with memgen analyze)")
+            raise DataError(f"{directory} is not a latent collection: missing {missing} "
+                            "(write one with memgen analyze)")
         rows = {}
         for name in (INSERTIONS_FILE, EXAMPLES_FILE):
             rows[name] = []

@@ -28,7 +28,8 @@ def findings(report: dict) -> list[str]:
     if sweep:
         best = report["silhouette_best"]
         at_n = next((s["silhouette"] for s in sweep if s["n"] == analysed), None)
-        lines.append(f"Silhouette: best at N={best['n']} ({best['silhouette']:.3f}, {silhouette_reading(best['silhouette'])})"
+        lines.append(f"Silhouette: best at N={best['n']} ({best['silhouette']:.3f}, "
+                     f"{silhouette_reading(best['silhouette'])})"
                      + (f"; at the analysed N={analysed}: {at_n:.3f} ({silhouette_reading(at_n)})." if at_n is not None
                         else "."))
     controls = {r["cluster"]: r for r in report["ablations"] if r.get("control")}
@@ -91,7 +92,8 @@ def render_markdown(report: dict) -> str:
     for p in report["profiles"]:
         lines += [f"### Cluster {p['cluster']}", "", f"Nearest vocabulary tokens (cosine): {_tokens(p)}", ""]
         if p["typical"]:
-            lines += ["Typical contexts (the insertions nearest the centroid; `⟨m⟩` marks where the latents went):", ""]
+            lines += ["Typical contexts (the insertions nearest the centroid; `⟨m⟩` marks where the latents "
+                      "went):", ""]
             lines += [f"- `{t['preceding'][-50:]!r}` ⟨m⟩ `{t['following']!r}`" for t in p["typical"]]
             lines.append("")
     if report["ablations"]:

@@ -31,7 +31,8 @@ def run_analysis_stage(cfg, arms: dict, tests: dict, out: Path, log) -> dict:
                                batch_size=cfg.eval_batch_size, max_insertions=cfg.max_insertions, seed=cfg.seed,
                                progress=cfg.progress, out=str(out / "analysis" / name), clusters=cfg.analysis_clusters,
                                cluster_seed=cfg.seed, group_by="domain")
-        report = analyze(arm.model, task, config, describe={"arm": name}, log=lambda text: log(f"analysis {name}: {text}"))
+        report = analyze(arm.model, task, config, describe={"arm": name},
+                         log=lambda text: log(f"analysis {name}: {text}"))
         result[name] = summarize(report, out / "analysis" / name)
     return result
 
@@ -44,7 +45,8 @@ def summarize(report: dict, directory: Path) -> dict:
     for p in report["profiles"]:
         c = p["cluster"]
         row = {"cluster": c, "size": p["size"], "prompt_end_share": p.get("prompt_end_share"),
-               "ordinals": p.get("ordinals", [])[:2], "next_tokens": p.get("next_tokens", [])[:3], "nearest_tokens": [t["token"] for t in p["nearest_tokens"][:5]]}
+               "ordinals": p.get("ordinals", [])[:2], "next_tokens": p.get("next_tokens", [])[:3],
+               "nearest_tokens": [t["token"] for t in p["nearest_tokens"][:5]]}
         if c in ablations:
             a = ablations[c]
             row.update({"withheld": a["withheld"], "delta": a["delta"], "group_accuracy": a.get("group_accuracy"),
