@@ -72,30 +72,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate, format_table
+def _eval_task(config):
+    """The task an EvalConfig names: an agent task (episodes) or a single-turn one; evaluation applies --limit."""
+    from .agents.tasks import is_env_task, load_env_task
     from .tasks import load_task
 
-    from .agents.tasks import is_env_task
-
-    config = _config(EvalConfig, args)
     if not config.data and config.task != "ledger":
         raise MemGenError("--data is required")
     if is_env_task(config.task):
-        from .agents.evaluate import evaluate_agent
-        from .agents.tasks import load_env_task
-
         if config.memory_source != "weaver":
             raise MemGenError("agent tasks evaluate with --memory-source weaver")
-        task = load_env_task(config.task, config.data, config.split or "valid_seen", None, config.max_turns or None,
+        return load_env_task(config.task, config.data, config.split or "valid_seen", None, config.max_turns or None,
                              config.step_timeout)
-    else:
-        task = load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
-                         sandbox=config.sandbox_config())  # evaluate() applies --limit
+    return load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
+                     sandbox=config.sandbox_config())
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .agents.tasks import is_env_task
+    from .evaluate import EvalConfig, evaluate, format_table
+
+    config = _config(EvalConfig, args)
+    task = _eval_task(config)
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
     if is_env_task(config.task):
+        from .agents.evaluate import evaluate_agent
+
         summary = evaluate_agent(model, task, config)
     else:
         summary = evaluate(model, task, config)
@@ -110,17 +114,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .agents.tasks import is_env_task
     from .analysis import AnalyzeConfig, analyze
-    from .tasks import load_task
 
     config = _config(AnalyzeConfig, args)
-    if is_env_task(config.task):
-        raise MemGenError(f"memgen analyze runs on single-turn tasks; agent task {config.task!r} is not supported yet")
-    if not config.data:
-        raise MemGenError("--data is required")
-    task = load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
-                     sandbox=config.sandbox_config())
+    task = _eval_task(config)
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter:
         print("memgen: warning: no --adapter given, so the latents come from an untrained weaver", file=sys.stderr)

@@ -185,6 +185,34 @@ def test_analysis_reuses_a_collection(tmp_path, tok, demo_task):
     assert not (tmp_path / "b" / "collection").exists() and not first["ablations"]
 
 
+def test_analysis_of_agent_episodes(tmp_path, tok):
+    """Ledger episodes: latents collected per turn, and every cluster withheld plays the memory-off episodes."""
+    from memgen.agents.evaluate import evaluate_agent
+    from memgen.agents.tasks import load_env_task
+    from memgen.evaluate import EvalConfig
+
+    task = load_env_task("ledger", "AB", "test", 6)
+    model = make_memgen(tok)
+    cfg = config(tmp_path, task="ledger", max_new_tokens=12, controls=False, tsne=False, clusters=2,
+                 group_by="domain")
+    report = analyze(model, task, cfg, log=lambda *_: None)
+    collection = Collection.load(tmp_path / "collection")
+    assert report["episodic"] and len(collection.examples) == 6
+    turns = {ins["turn"] for ins in collection.insertions}
+    assert turns == {1, 2}  # a reply without an answer is an invalid action, not the end: both turns are played
+    assert all(ins["kind"] == "prompt" for ins in collection.insertions if ins["position"] == 0)
+    assert len(collection) == sum(e["insertions"] for e in collection.examples)
+    assert {e["failure"] for e in collection.examples} <= {"correct", "lost", "max_turns", "context"}
+    off = []
+    evaluate_agent(model, task, EvalConfig(task="ledger", memory="off", max_new_tokens=12, progress=False),
+                   observe=lambda records, episodes, logs: off.extend(logs))
+    ablated = [json.loads(line) for line in (tmp_path / "ablation" / "all.jsonl").read_text().splitlines()]
+    assert [[t["reply"] for t in r["log"]] for r in ablated] == [[t["reply"] for t in r["log"]] for r in off]
+    assert all(t["insertions"] == [] for r in off for t in r["log"])
+    assert report["ablations"][-1]["withheld"] == sum(r["suppressed"] for r in ablated) > 0
+    assert set(report["baseline"]["group_accuracy"]) == {"A", "B"}
+
+
 def run_cli(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=300)

@@ -10,8 +10,12 @@ from ..evaluate import run_in_batches
 from .runner import run_episodes
 
 
-def evaluate_agent(model, task, config, experience=None) -> dict:
-    """Success rate of greedy episodes on ``task`` (an :class:`~memgen.agents.tasks.EnvTask`)."""
+def evaluate_agent(model, task, config, experience=None, insertion_filter=None, observe=None) -> dict:
+    """Success rate of greedy episodes on ``task`` (an :class:`~memgen.agents.tasks.EnvTask`).
+
+    ``insertion_filter`` and ``observe(records, episodes, logs)`` work as in :func:`memgen.evaluate.evaluate`
+    (episodes then keep their latents).
+    """
     records = task.records[: config.limit] if config.limit is not None else task.records
     if not records:
         raise MemGenError(f"task {task.name} has no episodes to play")
@@ -24,16 +28,31 @@ def evaluate_agent(model, task, config, experience=None) -> dict:
         began = time.perf_counter()
         try:
             episodes = run_episodes(model, envs, fmt, agent, seeds=[task.seed_of(r) for r in batch],
-                                    experience=experience, env_ids=[r.source for r in batch])
+                                    experience=experience, env_ids=[r.source for r in batch],
+                                    insertion_filter=insertion_filter, return_latents=observe is not None)
         finally:
             for env in envs:
                 getattr(env, "close", lambda: None)()
         spent = time.perf_counter() - began
-        return [dict(e.as_log(), seconds=spent / len(batch)) for e in episodes], spent
+        logs = [dict(e.as_log(), seconds=spent / len(batch), failure=failure_type(e)) for e in episodes]
+        if insertion_filter is not None:
+            for log, e in zip(logs, episodes):
+                log["suppressed"] = sum(ins.suppressed for t in e.turns for ins in t.completion.insertions)
+        if observe is not None:
+            observe(batch, episodes, logs)
+        return logs, spent
 
     logs, seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", play,
                                    ("success", "success"))
     return summarize(task.name, config.memory, logs, seconds)
+
+
+def failure_type(episode) -> str:
+    """An episode's outcome as a failure type: correct, lost (the environment ended it unwon), or why it stopped
+    (max_turns, context, timeout, error)."""
+    if episode.success:
+        return "correct"
+    return "lost" if episode.end_reason == "done" else episode.end_reason
 
 
 def summarize(task: str, memory: str, logs: list[dict], seconds: float) -> dict:
@@ -49,4 +68,5 @@ def summarize(task: str, memory: str, logs: list[dict], seconds: float) -> dict:
     for kind in sorted(by_type):
         summary[f"success_{kind}"] = sum(by_type[kind]) / len(by_type[kind])
     summary["end_reasons"] = dict(Counter(r["end_reason"] for r in logs))
+    summary["failures"] = dict(sorted(Counter(r["failure"] for r in logs).items()))
     return summary

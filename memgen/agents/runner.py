@@ -70,12 +70,14 @@ def _is_won(reward: float, info: dict) -> bool:
 
 def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | None] | None = None,
                  group: int = 1, experience=None, env_ids: list[str] | None = None,
-                 on_turn: Callable[[int, Turn], None] | None = None) -> list[Episode]:
+                 on_turn: Callable[[int, Turn], None] | None = None, insertion_filter=None,
+                 return_latents: bool = False) -> list[Episode]:
     """Play one episode in each environment, batched; returns the episodes in ``envs`` order.
 
     With ``group`` G > 1, ``envs[i*G:(i+1)*G]`` are G copies of one game that must reset to the
     same first observation: their prompt is prefilled once and its cache shared (GRPO's G
     episodes per game). ``on_turn(row, turn)`` is called after every turn (``memgen agent play``).
+    ``insertion_filter`` and ``return_latents`` are :meth:`MemGen.generate`'s (``memgen analyze``).
     """
     if not envs:
         raise InputError("run_episodes needs at least one environment")
@@ -87,13 +89,15 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
     # Child-process environments start, reset and step concurrently (they wait on pipes, not on the GIL).
     pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
     try:
-        return _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool)
+        return _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool,
+                     insertion_filter, return_latents)
     finally:
         if pool is not None:
             pool.shutdown()
 
 
-def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool) -> list[Episode]:
+def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool,
+          insertion_filter=None, return_latents=False) -> list[Episode]:
     tok, n = model.tokenizer, len(envs)
 
     def reset(i: int):
@@ -117,8 +121,8 @@ def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, 
                          top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_turn_tokens,
                          max_insertions=config.max_insertions, trigger_threshold=config.trigger_threshold,
                          sample_trigger=config.sample_trigger, stop=list(fmt.stop), num_samples=group,
-                         seed=config.seed, return_logprobs=config.return_logprobs)
-    session = TurnSession(model, prompts, gen, experience=experience)
+                         seed=config.seed, return_logprobs=config.return_logprobs, return_latents=return_latents)
+    session = TurnSession(model, prompts, gen, experience=experience, insertion_filter=insertion_filter)
     context = model.reasoner.context_length
     limits = [b for b in (config.max_context_tokens, context) if b]
     budget = min(limits) if limits else None

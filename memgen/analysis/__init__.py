@@ -1,6 +1,6 @@
 """Memory faculties (paper App. G): collect the woven latents, cluster them, read and ablate the clusters.
 
-``memgen analyze`` (:func:`analyze`) runs the whole pipeline on any single-turn task and adapter;
+``memgen analyze`` (:func:`analyze`) runs the whole pipeline on any task (answers or agent episodes) and adapter;
 the pieces are public for notebooks: :func:`collect` / :class:`Collection`, :func:`fit_clusters`,
 :func:`silhouette_sweep`, :func:`read_clusters`, :func:`run_ablations` with :class:`ClusterFilter`.
 """

@@ -19,20 +19,19 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from ..evaluate import evaluate
 from .clusters import ClusterFilter, Clustering, RandomFilter
+from .evaluation import answer, outcome, run_evaluation
 
 
 def compare(name: str, rows: list[dict], baseline: list[dict], withheld: int) -> dict:
     """One ablation run against the unablated rows (same examples, same order)."""
     n = len(rows)
-    accuracy = sum(r["reward"] for r in rows) / n
-    base_accuracy = sum(r["reward"] for r in baseline) / n
+    accuracy = sum(map(outcome, rows)) / n
+    base_accuracy = sum(map(outcome, baseline)) / n
     result = {"run": name, "accuracy": round(accuracy, 4), "delta": round(accuracy - base_accuracy, 4),
-              "withheld": withheld, "changed_answers": sum(a["completion"] != b["completion"]
-                                                           for a, b in zip(rows, baseline)),
-              "right_to_wrong": sum(b["reward"] > a["reward"] for a, b in zip(rows, baseline)),
-              "wrong_to_right": sum(a["reward"] > b["reward"] for a, b in zip(rows, baseline))}
+              "withheld": withheld, "changed_answers": sum(answer(a) != answer(b) for a, b in zip(rows, baseline)),
+              "right_to_wrong": sum(outcome(b) > outcome(a) for a, b in zip(rows, baseline)),
+              "wrong_to_right": sum(outcome(a) > outcome(b) for a, b in zip(rows, baseline))}
     if rows and "failure" in rows[0]:
         now, before = Counter(r["failure"] for r in rows), Counter(r["failure"] for r in baseline)
         result["failures"] = dict(sorted(now.items()))
@@ -40,7 +39,7 @@ def compare(name: str, rows: list[dict], baseline: list[dict], withheld: int) ->
     if rows and baseline[0].get("group"):
         groups = sorted({r["group"] for r in baseline})
         result["group_accuracy"] = {
-            g: round(sum(r["reward"] for r, b in zip(rows, baseline) if b["group"] == g)
+            g: round(sum(outcome(r) for r, b in zip(rows, baseline) if b["group"] == g)
                      / sum(b["group"] == g for b in baseline), 4) for g in groups}
     return result
 
@@ -62,8 +61,8 @@ def run_ablations(model, task, config, baseline: list[dict], clustering: Cluster
     def run(name: str, tag: str, insertion_filter) -> list[dict]:
         rows: list[dict] = []
         run_config = replace(config, output=str(out / f"{tag}.jsonl"))
-        evaluate(model, task, run_config, insertion_filter=insertion_filter,
-                 observe=lambda records, completions, batch_rows: rows.extend(batch_rows))
+        run_evaluation(model, task, run_config, insertion_filter=insertion_filter,
+                       observe=lambda records, outputs, batch_rows: rows.extend(batch_rows))
         return rows
 
     results = []

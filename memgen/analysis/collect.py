@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_directory
 from ..data import DataError
-from ..evaluate import evaluate
+from .evaluation import is_episodic, outcome, run_evaluation
 from ..weaver import INFERENCE, PROMPT
 
 LATENTS_FILE = "latents.safetensors"
@@ -83,7 +83,9 @@ class Collection:
 def collect(model, task, config, describe: dict | None = None) -> Collection:
     """Evaluate ``model`` on ``task`` under ``config`` (an EvalConfig) and keep every woven latent.
 
-    ``describe`` is stored in the collection's metadata (e.g. the model and adapter paths).
+    ``task`` is a single-turn task or an agent task (then each episode is one example, its turns'
+    insertions carry ``turn``, and a turn start counts as a prompt-end insertion). ``describe`` is
+    stored in the collection's metadata (e.g. the model and adapter paths).
     """
     tokenizer = model.tokenizer
     pooled: list[torch.Tensor] = []
@@ -92,32 +94,39 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
     chars = getattr(config, "context_chars", 60)
     examples_seen: list[dict] = []
 
-    def observe(records, completions, rows):
-        for record, completion, row in zip(records, completions, rows):
+    def spans(record, output):
+        """(turn number or None, the text fed before the completion, the completion) per decoded span."""
+        if is_episodic(task):
+            return [(t + 1, tokenizer.decode(turn.segment_ids, skip_special_tokens=True), turn.completion)
+                    for t, turn in enumerate(output.turns)]
+        return [(None, record.prompt, output)]
+
+    def observe(records, outputs, rows):
+        for record, output, row in zip(records, outputs, rows):
             example = len(examples_seen)
             examples_seen.append(row)
-            ids = completion.token_ids
+            if group_by:
+                row["group"] = str(record.columns.get(group_by, ""))
             ordinal = 0
-            for ins in completion.insertions:
-                if not ins.inserted or ins.latents is None:
-                    continue
-                ordinal += 1
-                before = record.prompt + tokenizer.decode(ids[: ins.position], skip_special_tokens=True)
-                after = tokenizer.decode(ids[ins.position: ins.position + 4], skip_special_tokens=True)
-                following = tokenizer.decode(ids[ins.position: ins.position + 1], skip_special_tokens=True)
-                pooled.append(ins.latents.float().mean(dim=0))
-                insertions.append({
-                    "example": example, "task_id": record.source or f"{task.name}:{example}",
-                    "kind": PROMPT if ins.position == 0 else INFERENCE, "position": ins.position,
-                    "ordinal": ordinal,
-                    "preceding": before[-chars:], "following": after, "next_token": following,
-                    "probability": ins.probability, "reward": row["reward"], "failure": row.get("failure"),
-                    "group": str(record.columns.get(group_by, "")) if group_by else ""})
+            for turn, fed, completion in spans(record, output):
+                ids = completion.token_ids
+                for ins in completion.insertions:
+                    if not ins.inserted or ins.latents is None:
+                        continue
+                    ordinal += 1
+                    before = fed + tokenizer.decode(ids[: ins.position], skip_special_tokens=True)
+                    pooled.append(ins.latents.float().mean(dim=0))
+                    insertions.append({
+                        "example": example, "task_id": record.source or f"{task.name}:{example}",
+                        "kind": PROMPT if ins.position == 0 else INFERENCE, "position": ins.position,
+                        "ordinal": ordinal, **({"turn": turn} if turn is not None else {}),
+                        "preceding": before[-chars:],
+                        "following": tokenizer.decode(ids[ins.position: ins.position + 4], skip_special_tokens=True),
+                        "next_token": tokenizer.decode(ids[ins.position: ins.position + 1], skip_special_tokens=True),
+                        "probability": ins.probability, "reward": outcome(row), "failure": row.get("failure"),
+                        "group": row.get("group", "")})
 
-    summary = evaluate(model, task, config, observe=observe)
-    for row, record in zip(examples_seen, task.records):
-        if group_by:
-            row["group"] = str(record.columns.get(group_by, ""))
+    summary = run_evaluation(model, task, config, observe=observe)
     if not pooled:
         raise DataError(f"no latents were woven on {task.name} under memory {config.memory!r}: nothing to analyse "
                         "(a trigger that never fires? try --memory always)")

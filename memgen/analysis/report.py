@@ -60,7 +60,8 @@ def render_markdown(report: dict) -> str:
     base = report["baseline"]
     lines = [f"# Latent memory analysis: {report['task']}", ""]
     described = ", ".join(f"{k} `{v}`" for k, v in report["describe"].items() if v)
-    lines += [f"{report['examples']} answers under memory `{report['memory']}`"
+    unit = "episodes" if report.get("episodic") else "answers"
+    lines += [f"{report['examples']} {unit} under memory `{report['memory']}`"
               + (f" ({described})" if described else "") + f": accuracy {base['accuracy']:.3f}. "
               f"{report['insertions']} woven insertions were collected; each insertion's K latents are mean-pooled "
               f"into one {report['hidden_size']}-d vector, and the {report['clustered']} "
@@ -68,7 +69,9 @@ def render_markdown(report: dict) -> str:
                  "delimiter insertions (prompt-end latents are left out and always fed)")
               + f" are clustered by K-means (N={report['clusters']}, seed {report['cluster_seed']}). "
               "Ablation withholds one cluster's latents during decoding (the weaver runs; its latents are not fed, "
-              "and the row continues as if it had not inserted: masked pad slots).", ""]
+              "and the row continues as if it had not inserted: masked pad slots)."
+              + (" In episodes, each turn's start is a prompt-end insertion and `insertion #` counts over the whole "
+                 "episode." if report.get("episodic") else ""), ""]
     lines += ["## Findings (measured)", ""] + [f"- {f}" for f in findings(report)] + [""]
     lines += ["## Choosing N: silhouette", ""]
     if report["silhouette"]:

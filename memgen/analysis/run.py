@@ -1,4 +1,4 @@
-"""``memgen analyze``: collect -> cluster -> project -> read -> ablate -> report, on any single-turn task."""
+"""``memgen analyze``: collect -> cluster -> project -> read -> ablate -> report, on answers or agent episodes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..checkpoint import atomic_write_text
 from .ablation import baseline_result, run_ablations
 from .clusters import fit_clusters, silhouette_sweep
 from .collect import Collection, collect
+from .evaluation import is_episodic, summary_accuracy
 from .config import AnalyzeConfig
 from .plots import plot_ablations, plot_latents, plot_silhouette, project
 from .reading import read_clusters
@@ -40,8 +41,8 @@ def analyze(model, task, config: AnalyzeConfig, describe: dict | None = None, lo
     else:
         collection = collect(model, task, config, describe)
         collection.save(out / "collection")
-        log(f"collection: {len(collection)} woven insertions over {len(collection.examples)} answers "
-            f"(accuracy {collection.summary['accuracy']:.3f})")
+        log(f"collection: {len(collection)} woven insertions over {len(collection.examples)} "
+            f"{'episodes' if is_episodic(task) else 'answers'} (accuracy {summary_accuracy(collection.summary):.3f})")
     kinds = cluster_kinds(config)
     index = collection.select(kinds)
     if not index:
@@ -73,7 +74,7 @@ def analyze(model, task, config: AnalyzeConfig, describe: dict | None = None, lo
                        out / PLOTS["ablation"])
 
     report = {
-        "task": task.name, "memory": config.memory, "describe": describe or collection.meta.get("describe", {}),
+        "task": task.name, "memory": config.memory, "episodic": is_episodic(task), "describe": describe or collection.meta.get("describe", {}),
         "examples": len(collection.examples), "insertions": len(collection), "clustered": len(pooled),
         "cluster_over": config.cluster_over, "hidden_size": int(pooled.shape[1]),
         "clusters": clustering.n_clusters, "cluster_seed": config.cluster_seed, "sizes": clustering.sizes(),
