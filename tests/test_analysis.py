@@ -55,6 +55,21 @@ def test_silhouette_finds_separated_groups_and_caps_n():
     assert [s["n"] for s in silhouette_sweep(few, 2, 8, 0)] == [2]
 
 
+def test_nearest_tokens_read_the_embedding_table(tok, monkeypatch):
+    from memgen.analysis import nearest_tokens
+    from memgen.analysis import reading
+
+    model = make_memgen(tok)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("x", "7", ",")]
+    table = model.reasoner_model.get_input_embeddings().weight.detach()
+    monkeypatch.setattr(reading, "VOCAB_CHUNK", 7)  # chunks must not change the answer
+    found = nearest_tokens(model, table[ids] * 3.0, top=4)
+    assert [row[0]["id"] for row in found] == ids
+    assert [row[0]["token"] for row in found] == ["x", "7", ","]
+    assert all(abs(row[0]["cosine"] - 1) < 1e-4 and len(row) == 4 for row in found)
+    assert all(row[0]["cosine"] >= row[1]["cosine"] >= row[3]["cosine"] for row in found)
+
+
 # ---------------------------------------------------------------- the engine's insertion filter
 @pytest.mark.parametrize("memory", ["always", "trigger"])
 def test_ablating_an_empty_cluster_changes_nothing(tok, memory):

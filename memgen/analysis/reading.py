@@ -16,12 +16,19 @@ import torch
 from .clusters import Clustering
 
 
+VOCAB_CHUNK = 16384
+"""Embedding rows compared at a time: a 150k-token table is never copied whole to float32."""
+
+
+@torch.no_grad()
 def nearest_tokens(model, centroids: torch.Tensor, top: int) -> list[list[dict]]:
     """Per centroid, the ``top`` vocabulary tokens whose input embeddings are nearest by cosine."""
-    table = model.reasoner_model.get_input_embeddings().weight.detach().float().cpu()
-    table = table[: len(model.tokenizer)] if len(model.tokenizer) < table.shape[0] else table
-    sims = torch.nn.functional.normalize(centroids.float(), dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
-    values, ids = sims.topk(min(top, table.shape[0]), dim=1)
+    table = model.reasoner_model.get_input_embeddings().weight
+    size = min(len(model.tokenizer), table.shape[0])  # rows past the tokenizer are padding
+    queries = torch.nn.functional.normalize(centroids.float(), dim=-1).to(table.device)
+    sims = torch.cat([queries @ torch.nn.functional.normalize(table[start: start + VOCAB_CHUNK].float(), dim=-1).T
+                      for start in range(0, size, VOCAB_CHUNK)], dim=1)[:, :size]
+    values, ids = sims.cpu().topk(min(top, size), dim=1)
     out = []
     for row_values, row_ids in zip(values.tolist(), ids.tolist()):
         out.append([{"token": model.tokenizer.decode([i]), "id": i, "cosine": round(v, 4)}
