@@ -158,3 +158,19 @@ def test_use_chat_template_reaches_training_and_eval(tok, tmp_path):
         train_weaver(config, model=make_memgen(tok, randomize=False), task=task)
     finally:
         tok.chat_template = None
+
+
+def test_failure_types_of_answer_tasks():
+    from memgen.tasks.rewards import choice_failure_type, math_failure_type, qa_failure_type
+
+    assert math_failure_type("", "so the answer is 42", "42") == "correct"
+    assert math_failure_type("", "#### 41", "42") == "wrong_answer"
+    assert math_failure_type("", "I do not know", "42") == "no_answer"
+    assert choice_failure_type("", "Answer: (C)", "C") == "correct"
+    assert choice_failure_type("", "Answer: B", "C") == "wrong_choice"
+    assert choice_failure_type("", "none of them", "C") == "no_choice"
+    aliases = ["The Beatles", "Beatles"]
+    assert qa_failure_type("", "the beatles\nmore text", aliases) == "correct"
+    assert qa_failure_type("", "The Rolling Stones", aliases) == "wrong_answer"
+    assert qa_failure_type("", "Beatles tribute band", aliases) == "partial"
+    assert qa_failure_type("", "\n", aliases) == "no_answer"

@@ -10,7 +10,7 @@ from typing import Callable
 from ..data import DataError, Record, report_skipped
 from .answers import gpqa_records, gsm8k_records, jsonl_records, jsonl_reward, math_records, qa_records
 from .rewards import (RewardFn, choice_failure_type, choice_reward, exact_match_reward, f1_reward,
-                      math_failure_type, math_reward)
+                      math_failure_type, math_reward, qa_failure_type)
 
 
 @dataclass
@@ -94,7 +94,7 @@ TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
     "gpqa": lambda path, o: _task("gpqa", (gpqa_records(path, "diamond", o.seed), []), choice_reward,
                                   ["\nQuestion:"], failure_type=choice_failure_type),
     "qa": lambda path, o: _task("qa", qa_records(path, o.skip_malformed), exact_match_reward, ["\n"],
-                                {"f1": f1_reward}),
+                                {"f1": f1_reward}, failure_type=qa_failure_type),
     "jsonl": lambda path, o: _task("jsonl", jsonl_records(path, o.skip_malformed), jsonl_reward, []),
     "kodcode": lambda path, o: _code_task("kodcode", path, o),
     "bigcodebench": lambda path, o: _code_task("bigcodebench", path, o),

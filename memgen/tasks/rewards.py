@@ -160,6 +160,18 @@ def f1_reward(prompts, completions, aliases, **_) -> list[float]:
             for c, al in zip(completions, aliases)]
 
 
+def qa_failure_type(prompt: str, completion: str, gold) -> str:
+    """``correct`` (exact match with an alias), ``no_answer`` (empty first line), ``partial`` (shares words
+    with an alias: F1 > 0) or ``wrong_answer``. ``gold`` is the alias list (or one answer)."""
+    aliases = [gold] if isinstance(gold, str) else list(gold or [])
+    prediction = _qa_prediction(completion_text(completion))
+    if not normalize_answer(prediction):
+        return "no_answer"
+    if any(normalize_answer(prediction) == normalize_answer(a) for a in aliases):
+        return "correct"
+    return "partial" if any(token_f1(prediction, a) > 0 for a in aliases) else "wrong_answer"
+
+
 # ---------------------------------------------------------------- multiple choice (GPQA)
 _WORD = r"(?i:{})"
 # Explicit statements of the choice, strongest first. Keywords are case-insensitive, the letter is
