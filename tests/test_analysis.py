@@ -198,6 +198,9 @@ def test_analysis_reuses_a_collection(tmp_path, tok, demo_task):
     assert again["sizes"] == first["sizes"] and again["silhouette"] == first["silhouette"]
     assert [p["nearest_tokens"] for p in again["profiles"]] == [p["nearest_tokens"] for p in first["profiles"]]
     assert not (tmp_path / "b" / "collection").exists() and not first["ablations"]
+    with pytest.raises(Exception, match="16 examples != 5 to evaluate.*max_new_tokens 16 != 12"):
+        analyze(model, demo_task, config(tmp_path / "c", limit=5, max_new_tokens=12,
+                                         collection=str(tmp_path / "a" / "collection")), log=lambda *_: None)
 
 
 def test_analysis_of_agent_episodes(tmp_path, tok):

@@ -26,6 +26,21 @@ def cluster_kinds(config: AnalyzeConfig) -> tuple[str, ...]:
     return ("prompt", "inference") if config.cluster_over == "all" else ("inference",)
 
 
+def check_collection_fits(collection: Collection, task, config: AnalyzeConfig) -> None:
+    """Refuse a reused collection from another task or example set: ablations compare answer by answer."""
+    expected = len(task.records[: config.limit] if config.limit is not None else task.records)
+    made = collection.meta.get("config", {})
+    problems = [f"{key} {made.get(key)!r} != {getattr(config, key)!r}" for key in ("memory", "max_new_tokens",
+                                                                                   "max_insertions", "seed")
+                if key in made and made[key] != getattr(config, key)]
+    if collection.meta.get("task") != task.name:
+        problems.insert(0, f"task {collection.meta.get('task')!r} != {task.name!r}")
+    if len(collection.examples) != expected:
+        problems.insert(0, f"{len(collection.examples)} examples != {expected} to evaluate")
+    if problems:
+        raise DataError(f"collection {config.collection} does not fit this analysis: " + "; ".join(problems))
+
+
 def analyze(model, task, config: AnalyzeConfig, describe: dict | None = None, log=print) -> dict:
     """Run the whole analysis of ``model``'s latents on ``task``; writes everything to ``config.out``.
 
@@ -37,6 +52,7 @@ def analyze(model, task, config: AnalyzeConfig, describe: dict | None = None, lo
     out.mkdir(parents=True, exist_ok=True)
     if config.collection:
         collection = Collection.load(config.collection)
+        check_collection_fits(collection, task, config)
         log(f"collection: {len(collection)} insertions from {config.collection}")
     else:
         collection = collect(model, task, config, describe)
