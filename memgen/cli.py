@@ -89,20 +89,14 @@ def _eval_task(config):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .agents.tasks import is_env_task
-    from .evaluate import EvalConfig, evaluate, format_table
+    from .evaluate import EvalConfig, evaluate_task, format_table
 
     config = _config(EvalConfig, args)
     task = _eval_task(config)
     model, has_adapter = load_model(args.model, args.adapter)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
-    if is_env_task(config.task):
-        from .agents.evaluate import evaluate_agent
-
-        summary = evaluate_agent(model, task, config)
-    else:
-        summary = evaluate(model, task, config)
+    summary = evaluate_task(model, task, config)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -157,6 +157,17 @@ def evaluate(model, task: Task, config: EvalConfig, experience=None, insertion_f
     return summary
 
 
+def evaluate_task(model, task, config: EvalConfig, insertion_filter=None, observe=None) -> dict:
+    """:func:`evaluate` for answer tasks, :func:`memgen.agents.evaluate.evaluate_agent` for agent tasks (episodes)."""
+    from .agents.tasks import EnvTask
+
+    if isinstance(task, EnvTask):
+        from .agents.evaluate import evaluate_agent
+
+        return evaluate_agent(model, task, config, insertion_filter=insertion_filter, observe=observe)
+    return evaluate(model, task, config, insertion_filter=insertion_filter, observe=observe)
+
+
 def run_in_batches(model, records, config, desc: str, score_batch, shown: tuple[str, str]):
     """Score ``records`` in batches of ``config.batch_size`` with ``model`` in eval mode.
 

@@ -136,11 +136,11 @@ class MemGen(nn.Module):
                 return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor,
                                                  context, gate)
         k = self.weaver.num_latents(kind)
-        positions, _ = self.latent_positions(next_positions, rows, k)
+        positions, advanced = self.latent_positions(next_positions, rows, k)
         latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor, context)
         if gate is not None:
             rows = rows & gate(latents, rows)
-        _, advanced = self.latent_positions(next_positions, rows, k)
+            _, advanced = self.latent_positions(next_positions, rows, k)  # withheld rows do not advance
         slots = rows.to(attention_mask.dtype)[:, None].expand(-1, k)
         mask = torch.cat([attention_mask, slots], dim=1)
         hidden = self.reasoner.hidden(inputs_embeds=latents, attention_mask=mask, position_ids=positions, cache=cache)

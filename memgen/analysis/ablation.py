@@ -19,8 +19,12 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from ..evaluate import evaluate_task
 from .clusters import ClusterFilter, Clustering, RandomFilter
-from .evaluation import answer, outcome, run_evaluation
+from .evaluation import answer, outcome
+
+ALL_CLUSTERS = "all clusters"
+"""The name of the run that withholds every cluster."""
 
 
 def compare(name: str, rows: list[dict], baseline: list[dict], withheld: int) -> dict:
@@ -49,6 +53,22 @@ def baseline_result(baseline: list[dict]) -> dict:
     return compare("none (unablated)", baseline, baseline, 0)
 
 
+def by_cluster(ablations: list[dict]) -> tuple[dict[int, dict], dict[int, dict], dict | None]:
+    """:func:`run_ablations`' results as (cluster -> its run, cluster -> its control, the every-cluster run)."""
+    runs = {r["cluster"]: r for r in ablations if "cluster" in r and not r.get("control")}
+    controls = {r["cluster"]: r for r in ablations if r.get("control")}
+    return runs, controls, next((r for r in ablations if r["run"] == ALL_CLUSTERS), None)
+
+
+def top_rise(failure_delta: dict) -> tuple[str, int] | None:
+    """The failure type (not ``correct``) whose count rose most, with the rise; None when none rose."""
+    rises = {k: v for k, v in failure_delta.items() if k != "correct" and v > 0}
+    if not rises:
+        return None
+    top = max(rises, key=rises.get)
+    return top, rises[top]
+
+
 def run_ablations(model, task, config, baseline: list[dict], clustering: Clustering, kinds: tuple[str, ...],
                   shares: list[float], out: Path, log=print) -> list[dict]:
     """Per cluster, a run withholding it (and its random control, with ``config.controls``); then all of them.
@@ -58,26 +78,28 @@ def run_ablations(model, task, config, baseline: list[dict], clustering: Cluster
     """
     out.mkdir(parents=True, exist_ok=True)
 
-    def run(name: str, tag: str, insertion_filter) -> list[dict]:
+    def run(tag: str, insertion_filter) -> list[dict]:
         rows: list[dict] = []
         run_config = replace(config, output=str(out / f"{tag}.jsonl"))
-        run_evaluation(model, task, run_config, insertion_filter=insertion_filter,
-                       observe=lambda records, outputs, batch_rows: rows.extend(batch_rows))
+        evaluate_task(model, task, run_config, insertion_filter=insertion_filter,
+                      observe=lambda records, outputs, batch_rows: rows.extend(batch_rows))
         return rows
 
     results = []
     for c in range(clustering.n_clusters):
         cluster_filter = ClusterFilter(clustering.centroids, {c}, kinds)
-        rows = run(f"cluster {c}", f"cluster-{c}", cluster_filter)
-        results.append({"cluster": c, **compare(f"cluster {c}", rows, baseline, sum(cluster_filter.withheld.values()))})
+        rows = run(f"cluster-{c}", cluster_filter)
+        ablated = {"cluster": c, **compare(f"cluster {c}", rows, baseline, sum(cluster_filter.withheld.values()))}
+        results.append(ablated)
+        message = f"ablate cluster {c}: accuracy {ablated['accuracy']:.3f}"
         if config.controls:
             control = RandomFilter(shares[c], kinds, config.cluster_seed + 1 + c)
-            rows = run(f"random {shares[c]:.0%}", f"control-{c}", control)
+            rows = run(f"control-{c}", control)
             results.append({"cluster": c, "control": True,
                             **compare(f"control for {c}: random {shares[c]:.0%}", rows, baseline, control.withheld)})
-        log(f"ablate cluster {c}: accuracy {results[-2 if config.controls else -1]['accuracy']:.3f}"
-            + (f" (its random control {results[-1]['accuracy']:.3f})" if config.controls else ""))
+            message += f" (its random control {results[-1]['accuracy']:.3f})"
+        log(message)
     everything = ClusterFilter(clustering.centroids, set(range(clustering.n_clusters)), kinds)
-    rows = run("all clusters", "all", everything)
-    results.append(compare("all clusters", rows, baseline, sum(everything.withheld.values())))
+    rows = run("all", everything)
+    results.append(compare(ALL_CLUSTERS, rows, baseline, sum(everything.withheld.values())))
     return results

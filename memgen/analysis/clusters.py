@@ -43,37 +43,41 @@ def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     return torch.cdist(points, centroids.float()).argmin(dim=1)
 
 
-def fit_clusters(pooled: torch.Tensor, n_clusters: int, seed: int) -> Clustering:
-    """K-means with ``n_clusters`` (fewer if there are fewer distinct latents) and a fixed seed."""
+def _points(pooled: torch.Tensor):
+    """The latents as a float32 array for scikit-learn, and how many distinct ones there are (N's bound)."""
+    points = pooled.float().cpu().numpy()
+    return points, len({row.tobytes() for row in points})
+
+
+def _kmeans(pooled: torch.Tensor, points, n: int, seed: int) -> Clustering:
     from sklearn.cluster import KMeans
 
-    points = pooled.float().cpu().numpy()
-    distinct = len({row.tobytes() for row in points})
-    n = max(1, min(n_clusters, distinct))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns when points coincide; ``distinct`` already bounds N
+        warnings.simplefilter("ignore")  # sklearn warns when points coincide; callers bound N by the distinct ones
         kmeans = KMeans(n_clusters=n, random_state=seed, n_init=10).fit(points)
     centroids = torch.from_numpy(kmeans.cluster_centers_).float()
     labels = nearest_centroid(pooled, centroids).tolist()
     return Clustering(centroids, labels, float(kmeans.inertia_), seed)
 
 
+def fit_clusters(pooled: torch.Tensor, n_clusters: int, seed: int) -> Clustering:
+    """K-means with ``n_clusters`` (fewer if there are fewer distinct latents) and a fixed seed."""
+    points, distinct = _points(pooled)
+    return _kmeans(pooled, points, max(1, min(n_clusters, distinct)), seed)
+
+
 def silhouette_sweep(pooled: torch.Tensor, smallest: int, largest: int, seed: int) -> list[dict]:
     """Mean silhouette of K-means with N = smallest..largest (N < number of distinct points)."""
     from sklearn.metrics import silhouette_score
 
-    points = pooled.float().cpu().numpy()
-    distinct = len({row.tobytes() for row in points})
+    points, distinct = _points(pooled)
+    sample = SILHOUETTE_SAMPLE if len(points) > SILHOUETTE_SAMPLE else None  # None: every point
     sweep = []
-    for n in range(smallest, largest + 1):
-        if n >= distinct:
-            break
-        labels = fit_clusters(pooled, n, seed).labels
+    for n in range(smallest, min(largest, distinct - 1) + 1):
+        labels = _kmeans(pooled, points, n, seed).labels
         if len(set(labels)) < 2:
             continue
-        sample = min(len(points), SILHOUETTE_SAMPLE)
-        score = silhouette_score(points, labels, sample_size=sample if sample < len(points) else None,
-                                 random_state=seed)
+        score = silhouette_score(points, labels, sample_size=sample, random_state=seed)
         sweep.append({"n": n, "silhouette": round(float(score), 4)})
     return sweep
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_directory
 from ..data import DataError
-from .evaluation import is_episodic, outcome, run_evaluation
+from ..evaluate import evaluate_task
 from ..weaver import INFERENCE, PROMPT
+from .evaluation import is_episodic, outcome
 
 LATENTS_FILE = "latents.safetensors"
 INSERTIONS_FILE = "insertions.jsonl"
@@ -126,7 +127,7 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
                         "probability": ins.probability, "reward": outcome(row), "failure": row.get("failure"),
                         "group": row.get("group", "")})
 
-    summary = run_evaluation(model, task, config, observe=observe)
+    summary = evaluate_task(model, task, config, observe=observe)
     if not pooled:
         raise DataError(f"no latents were woven on {task.name} under memory {config.memory!r}: nothing to analyse "
                         "(a trigger that never fires? try --memory always)")

@@ -1,8 +1,8 @@
-"""One evaluation call for both kinds of task the analysis runs on: answers and agent episodes.
+"""Reading evaluation rows of both kinds of task the analysis runs on: answers and agent episodes.
 
-Single-turn tasks go through :func:`memgen.evaluate.evaluate` (rows carry ``reward`` and
-``completion``); agent tasks through :func:`memgen.agents.evaluate.evaluate_agent` (rows carry
-``success`` and the turn log). The analysis compares runs by :func:`outcome` and :func:`answer`.
+:func:`memgen.evaluate.evaluate_task` evaluates either. Answer rows carry ``reward`` and
+``completion``; episode rows carry ``success`` and the turn log. The analysis compares runs by
+:func:`outcome` and :func:`answer`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,6 @@ def is_episodic(task) -> bool:
     from ..agents.tasks import EnvTask
 
     return isinstance(task, EnvTask)
-
-
-def run_evaluation(model, task, config, insertion_filter=None, observe=None) -> dict:
-    """Evaluate ``task`` (answers or episodes) with an optional insertion filter and batch observer."""
-    if is_episodic(task):
-        from ..agents.evaluate import evaluate_agent
-
-        return evaluate_agent(model, task, config, insertion_filter=insertion_filter, observe=observe)
-    from ..evaluate import evaluate
-
-    return evaluate(model, task, config, insertion_filter=insertion_filter, observe=observe)
 
 
 def outcome(row: dict) -> float:

@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from ..weaver import PROMPT
 from .clusters import Clustering
 
 
@@ -58,7 +59,7 @@ def read_clusters(model, pooled: torch.Tensor, insertions: list[dict], clusterin
                                    "kind": rows[j]["kind"], "distance": round(float(distance[j]), 4)} for j in order]
             positions = [r["position"] for r in rows]
             profile.update({
-                "prompt_end_share": round(sum(r["kind"] == "prompt" for r in rows) / len(rows), 3),
+                "prompt_end_share": round(sum(r["kind"] == PROMPT for r in rows) / len(rows), 3),
                 "mean_position": round(sum(positions) / len(positions), 2),
                 "ordinals": _shares(r.get("ordinal") for r in rows),
                 "next_tokens": _shares(r["next_token"] for r in rows),

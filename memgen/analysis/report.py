@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..evaluate import format_table
+from .ablation import by_cluster, top_rise
 
 # Kaufman & Rousseeuw's reading of the mean silhouette.
 SILHOUETTE_BANDS = ((0.7, "strong structure"), (0.5, "reasonable structure"), (0.25, "weak structure"),
@@ -17,7 +18,7 @@ def _tokens(profile: dict, n: int = 10) -> str:
     return " ".join(repr(t["token"]) for t in profile["nearest_tokens"][:n])
 
 
-def _shares(pairs: list) -> str:
+def _format_shares(pairs: list) -> str:
     return ", ".join(f"{value!r} {share:.0%}" for value, share in pairs)
 
 
@@ -32,23 +33,18 @@ def findings(report: dict) -> list[str]:
                      f"{silhouette_reading(best['silhouette'])})"
                      + (f"; at the analysed N={analysed}: {at_n:.3f} ({silhouette_reading(at_n)})." if at_n is not None
                         else "."))
-    controls = {r["cluster"]: r for r in report["ablations"] if r.get("control")}
-    for r in report["ablations"]:
-        if "cluster" not in r or r.get("control"):
-            continue
-        c = r["cluster"]
+    runs, controls, everything = by_cluster(report["ablations"])
+    for c, r in runs.items():
         profile = report["profiles"][c]
         text = (f"Cluster {c} ({profile['size']} insertions"
                 + (f", {profile['prompt_end_share']:.0%} at the prompt end" if profile["size"] else "") + "): "
                 f"withholding its {r['withheld']} insertions moved accuracy by {r['delta']:+.3f}")
         if c in controls:
             text += f" (its random control: {controls[c]['delta']:+.3f})"
-        rises = {k: v for k, v in r.get("failure_delta", {}).items() if k != "correct" and v > 0}
-        if rises:
-            top = max(rises, key=rises.get)
-            text += f"; the failure type that rose most: {top} (+{rises[top]})"
+        rise = top_rise(r.get("failure_delta", {}))
+        if rise:
+            text += f"; the failure type that rose most: {rise[0]} (+{rise[1]})"
         lines.append(text + ".")
-    everything = next((r for r in report["ablations"] if r["run"] == "all clusters"), None)
     if everything:
         scope = "memory off" if report["cluster_over"] == "all" else "prompt-end latents only"
         lines.append(f"Withholding every cluster ({everything['withheld']} insertions, the same as {scope}): "
@@ -86,9 +82,9 @@ def render_markdown(report: dict) -> str:
             rows.append({"cluster": p["cluster"], "size": 0})
             continue
         rows.append({"cluster": p["cluster"], "size": p["size"], "prompt end": f"{p['prompt_end_share']:.0%}",
-                     "mean position": p["mean_position"], "insertion #": _shares(p["ordinals"][:3]),
-                     "next token": _shares(p["next_tokens"][:3]),
-                     "groups": _shares(p["groups"][:3]) or "-", "answers right": p["answer_accuracy"]})
+                     "mean position": p["mean_position"], "insertion #": _format_shares(p["ordinals"][:3]),
+                     "next token": _format_shares(p["next_tokens"][:3]),
+                     "groups": _format_shares(p["groups"][:3]) or "-", "answers right": p["answer_accuracy"]})
     lines += [format_table(rows, ["cluster", "size", "prompt end", "mean position", "insertion #", "next token",
                                   "groups", "answers right"]),
               "", "`insertion #`: which woven insertion of its answer (1 = the first) the members are.", ""]

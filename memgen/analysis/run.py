@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import DataError
 from ..checkpoint import atomic_write_text
+from ..weaver import INFERENCE, PROMPT
 from .ablation import baseline_result, run_ablations
 from .clusters import fit_clusters, silhouette_sweep
 from .collect import Collection, collect
@@ -23,7 +24,7 @@ PLOTS = {"latents": "latents.png", "silhouette": "silhouette.png", "ablation": "
 
 
 def cluster_kinds(config: AnalyzeConfig) -> tuple[str, ...]:
-    return ("prompt", "inference") if config.cluster_over == "all" else ("inference",)
+    return (PROMPT, INFERENCE) if config.cluster_over == "all" else (INFERENCE,)
 
 
 def check_collection_fits(collection: Collection, task, config: AnalyzeConfig) -> None:
@@ -90,7 +91,8 @@ def analyze(model, task, config: AnalyzeConfig, describe: dict | None = None, lo
                        out / PLOTS["ablation"])
 
     report = {
-        "task": task.name, "memory": config.memory, "episodic": is_episodic(task), "describe": describe or collection.meta.get("describe", {}),
+        "task": task.name, "memory": config.memory, "episodic": is_episodic(task),
+        "describe": describe or collection.meta.get("describe", {}),
         "examples": len(collection.examples), "insertions": len(collection), "clustered": len(pooled),
         "cluster_over": config.cluster_over, "hidden_size": int(pooled.shape[1]),
         "clusters": clustering.n_clusters, "cluster_seed": config.cluster_seed, "sizes": clustering.sizes(),

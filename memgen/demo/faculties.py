@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..analysis import AnalyzeConfig, analyze
+from ..analysis.ablation import by_cluster, top_rise
 from ..analysis.report import silhouette_reading
 from ..evaluate import format_table
 from .domains import as_task
@@ -39,8 +40,7 @@ def run_analysis_stage(cfg, arms: dict, tests: dict, out: Path, log) -> dict:
 
 def summarize(report: dict, directory: Path) -> dict:
     """What the demo keeps of one analysis: silhouette, and per cluster its profile and ablation."""
-    ablations = {r["cluster"]: r for r in report["ablations"] if "cluster" in r and not r.get("control")}
-    controls = {r["cluster"]: r for r in report["ablations"] if r.get("control")}
+    ablations, controls, everything = by_cluster(report["ablations"])
     clusters = []
     for p in report["profiles"]:
         c = p["cluster"]
@@ -54,7 +54,6 @@ def summarize(report: dict, directory: Path) -> dict:
                         "control_delta": controls[c]["delta"] if c in controls else None,
                         "control_group_accuracy": controls[c].get("group_accuracy") if c in controls else None})
         clusters.append(row)
-    everything = next((r for r in report["ablations"] if r["run"] == "all clusters"), None)
     return {"directory": str(directory), "insertions": report["clustered"], "silhouette": report["silhouette"],
             "silhouette_best": report["silhouette_best"], "clusters_analysed": report["clusters"],
             "baseline": {"accuracy": report["baseline"]["accuracy"],
@@ -63,14 +62,6 @@ def summarize(report: dict, directory: Path) -> dict:
             "all_withheld": None if everything is None else {"accuracy": everything["accuracy"],
                                                              "group_accuracy": everything.get("group_accuracy")},
             "clusters": clusters, "seconds": report["seconds"]}
-
-
-def _top_rise(failure_delta: dict) -> str:
-    rises = {k: v for k, v in failure_delta.items() if k != "correct" and v > 0}
-    if not rises:
-        return "-"
-    top = max(rises, key=rises.get)
-    return f"{top} +{rises[top]}"
 
 
 def faculty_table(summary: dict) -> str:
@@ -88,7 +79,8 @@ def faculty_table(summary: dict) -> str:
                     row[f"Δ acc {d}"] = f"{c['group_accuracy'][d] - base[d]:+.2f}"
                     if c["control_group_accuracy"]:
                         row[f"Δ acc {d} (control)"] = f"{c['control_group_accuracy'][d] - base[d]:+.2f}"
-            row["failure that rose most"] = _top_rise(c["failure_delta"])
+            rise = top_rise(c["failure_delta"])
+            row["failure that rose most"] = f"{rise[0]} +{rise[1]}" if rise else "-"
         rows.append(row)
     return format_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
 
