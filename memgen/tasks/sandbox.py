@@ -5,21 +5,33 @@ Each program runs in a fresh process started by :mod:`memgen.tasks.confine`:
 * its own session and PID namespace: on timeout the launcher's process group is killed,
   the namespace's first process dies with it (``PDEATHSIG``) and the kernel kills every
   process left inside, including any that called ``setsid``;
-* a private, size-limited tmpfs on ``/tmp`` holding its work directory (also ``HOME``), and
-  one on ``/dev/shm``, gone with the mount namespace; the host's temporary directory is
-  removed afterwards;
+* a minimal root of its own: read-only binds of ``/usr``, the interpreter and its
+  ``sys.path``, a short list of ``/etc`` entries and five device nodes, with private
+  size-limited tmpfs mounts on ``/tmp`` (holding its work directory, also ``HOME``) and
+  ``/dev/shm``, gone with the mount namespace. The host's ``/run``, ``/var``, ``/home``,
+  ``/root`` and ``/tmp`` are not there, so no host unix socket (``docker.sock``, D-Bus,
+  PostgreSQL) can be named, let alone connected to;
+* an unprivileged identity: as root, a uid and gid of its own per run (no account, file
+  or process on the host has them) and no supplementary groups; as an ordinary user, that
+  user's ids in a user namespace. File modes then stop reads of root-only files
+  (``/etc/shadow`` is not even there), and ``RLIMIT_NPROC`` binds;
 * rlimits: CPU seconds, address space, file size (which also caps stdout and stderr),
   processes, open files, no core dumps;
 * a network namespace holding only a downed loopback, so no connection of any kind
   leaves the sandbox, not even to 127.0.0.1;
-* a Landlock domain: read-only access to the interpreter, its libraries and system
-  directories; writes only in the private ``/tmp`` and ``/dev/shm`` (and ``/dev/null``);
-  no TCP, even inside the sandbox (tests that serve on localhost fail); no signals to,
-  and no ptrace of, processes outside;
+* a Landlock domain over the same read-only allowlist; writes only in the private
+  ``/tmp`` and ``/dev/shm`` (and ``/dev/null``); no TCP, even inside the sandbox (tests
+  that serve on localhost fail); no signals to, and no ptrace of, processes outside;
 * an environment holding only what the tests need (no secrets of the host).
 
-uid 0 ignores ``RLIMIT_NPROC``, so when memgen runs as root the process limit is a pids
-cgroup (v2 or v1) made per run. Every mechanism the platform refuses is named in
+Why a minimal root and not seccomp for unix sockets: a seccomp filter sees ``connect``'s
+address only as a pointer, so it could only refuse ``socket(AF_UNIX)`` as a whole, which
+breaks ``multiprocessing`` (its forkserver and managers listen on unix sockets inside the
+sandbox); and Landlock (ABI 7 on the kernel this was written on) governs creating socket
+files, not connecting to them. A root that holds no host socket path closes every such
+connect and leaves the program's own sockets working. The pids cgroup that root runs
+needed earlier is gone: with a uid of its own per run, ``RLIMIT_NPROC`` counts exactly
+that run's processes. Every mechanism the platform refuses is named in
 :attr:`Sandbox.mechanisms`; by default the sandbox then refuses to run
 (``allow_weaker`` opts in to weaker isolation).
 
@@ -47,7 +59,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +68,21 @@ from ..errors import MemGenError
 
 CONFINE = str(Path(__file__).with_name("confine.py"))
 STATUSES = ("passed", "failed", "timeout", "crashed")
-_SYSTEM_READ = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev"]
+_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+# What of /etc a test program reads: the dynamic loader's cache, time zone, certificates'
+# public parts, locale aliases, MIME types, name-service switch. Not the account databases
+# (the sandbox writes its own), not keys (/etc/ssl/private, /etc/ssh), not credentials.
+_ETC_READ = ("/etc/alternatives", "/etc/ca-certificates", "/etc/ca-certificates.conf", "/etc/fonts",
+             "/etc/host.conf", "/etc/hosts", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
+             "/etc/locale.alias", "/etc/localtime", "/etc/mime.types", "/etc/nsswitch.conf", "/etc/os-release",
+             "/etc/pki/ca-trust/extracted", "/etc/pki/tls/certs", "/etc/ssl/certs", "/etc/ssl/openssl.cnf",
+             "/etc/timezone")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_SYS_READ = ("/sys/devices/system/cpu",)  # the CPU count (glibc's get_nprocs, numpy, BLAS)
+# Per-run host ids for the program when memgen runs as root: outside any range that names an
+# account, a file or a process on the host, and one per run, so RLIMIT_NPROC counts only
+# that run's processes (the kernel counts processes per uid).
+_RUN_ID_BASE, _RUN_ID_COUNT = 0x6D670000, 1 << 16
 
 
 class SandboxError(MemGenError):
@@ -131,82 +156,44 @@ class SandboxResult:
         return self.status == "passed"
 
 
-def _read_paths() -> list[str]:
-    """What a sandboxed interpreter may read: itself, its libraries and the system directories.
+def _interpreter_paths() -> list[str]:
+    """The interpreter, its installation and the ``sys.path`` of ``python -I`` (what the sandbox runs).
 
-    Its libraries are the ``sys.path`` of ``python -I`` (what the sandbox runs), not the host
-    process's, which may hold the working directory (``python -m``) or ``PYTHONPATH``
-    entries: files there (a repository's ``.env``) stay unreadable.
+    Not the host process's ``sys.path``, which may hold the working directory (``python -m``)
+    or ``PYTHONPATH`` entries: files there (a repository's ``.env``) stay out of reach. Each
+    path is kept both as written and resolved, since the program is started by the former.
     """
     probe = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
                            capture_output=True, text=True, env={}, check=True)
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
     paths.update(p for p in sysconfig.get_paths().values() if p)
-    paths.update(p for p in json.loads(probe.stdout) if p and os.path.exists(p))
-    paths.update(_SYSTEM_READ)
-    return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
+    paths.update(p for p in json.loads(probe.stdout) if p)
+    found = set()
+    for p in paths:
+        if os.path.exists(p):
+            found.update({os.path.abspath(p), os.path.realpath(p)})
+    return sorted(found)
 
 
-class _PidsCgroups:
-    """A pids cgroup per run (v2, else v1), for root, whom RLIMIT_NPROC does not bind."""
+def _outermost(paths) -> list[str]:
+    """``paths`` without those lying inside another one (a bind of the outer covers them)."""
+    kept: list[str] = []
+    for p in sorted(set(paths)):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(p)
+    return kept
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
 
-    @classmethod
-    def find(cls) -> "_PidsCgroups | None":
-        try:
-            mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-        except OSError:
-            return None
-        for version in (2, 1):
-            for line in mounts:
-                fields = line.split()
-                sep = fields.index("-")
-                fstype, options = fields[sep + 1], fields[-1].split(",")
-                mount = Path(fields[4])
-                if version == 2 and fstype == "cgroup2":
-                    try:
-                        if "pids" not in (mount / "cgroup.controllers").read_text().split():
-                            continue
-                        base = mount / "memgen-sandbox"
-                        base.mkdir(exist_ok=True)
-                        (mount / "cgroup.subtree_control").write_text("+pids")
-                        (base / "cgroup.subtree_control").write_text("+pids")
-                        return cls(base)
-                    except OSError:
-                        continue
-                if version == 1 and fstype == "cgroup" and "pids" in options:
-                    try:
-                        base = mount / "memgen-sandbox"
-                        base.mkdir(exist_ok=True)
-                        return cls(base)
-                    except OSError:
-                        continue
-        return None
-
-    def create(self, max_pids: int) -> Path:
-        path = self.base / f"run-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
-        (path / "pids.max").write_text(str(max_pids))
-        return path
-
-    @staticmethod
-    def remove(path: Path) -> None:
-        for _ in range(100):
-            try:
-                for pid in (path / "cgroup.procs").read_text().split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.02)
+def _root_layout() -> dict[str, list[str]]:
+    """What the sandbox's minimal root holds: read-only binds, and the top-level links of a merged /usr."""
+    links = [p for p in _ROOT_DIRS if os.path.islink(p)]
+    binds = _outermost([p for p in _ROOT_DIRS if not os.path.islink(p) and os.path.isdir(p)]
+                       + _interpreter_paths())
+    binds += [p for p in (*_ETC_READ, *_DEVICES, *_SYS_READ) if os.path.lexists(p)]
+    # Landlock's read list is the same set: inside the minimal root nothing else exists, and
+    # where no minimal root could be built it is what keeps the host's other files unread.
+    return {"binds": binds, "root_links": links, "read_paths": binds + ["/etc/passwd", "/etc/group", "/proc"]}
 
 
 def _tail(handle, chars: int) -> str:
@@ -254,8 +241,7 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
-        self._cgroups = _PidsCgroups.find() if os.geteuid() == 0 else None
-        self._read_paths = _read_paths()
+        self._layout = _root_layout()
         self.mechanisms: dict[str, str] = {}
         probe = self.run(Program({}, ["-c", "pass"]), _probe=True)
         if probe.status != "passed":
@@ -268,6 +254,7 @@ class Sandbox:
     # ------------------------------------------------------------------ one program
     def _spec(self, program: Program, workdir: str, report_fd: int) -> dict:
         c = self.config
+        run_id = _RUN_ID_BASE + int.from_bytes(os.urandom(2), "little") % _RUN_ID_COUNT
         # The interpreter's own directory first: tests run ``python`` by name.
         env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
                "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
@@ -277,7 +264,7 @@ class Sandbox:
         return {
             "workdir": workdir, "files": program.files, "report_fd": report_fd,
             "argv": [sys.executable, "-I", *program.args], "env": env,
-            "tmpfs_bytes": c.disk_mb << 20, "read_paths": self._read_paths,
+            "tmpfs_bytes": c.disk_mb << 20, **self._layout, "uid": run_id, "gid": run_id,
             "limits": {"cpu_seconds": int(c.timeout) + 1, "address_space": c.memory_mb << 20,
                        "file_size": c.file_size_mb << 20, "processes": c.processes, "open_files": c.open_files},
         }
@@ -285,7 +272,6 @@ class Sandbox:
     def run(self, program: Program, _probe: bool = False) -> SandboxResult:
         c = self.config
         workdir = tempfile.mkdtemp(prefix="memgen-sandbox-", dir=c.tmp_root or None)
-        cgroup = self._cgroups.create(c.processes + 2) if self._cgroups else None  # + launcher and PID 1
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         began = time.perf_counter()
@@ -297,13 +283,6 @@ class Sandbox:
                                         cwd=workdir)
                 os.close(write_fd)
                 write_fd = -1
-                joined = None
-                if cgroup is not None:  # while the launcher's interpreter starts; it waits for the spec
-                    try:
-                        (cgroup / "cgroup.procs").write_text(str(proc.pid))
-                        joined = "pids cgroup"
-                    except OSError as exc:
-                        joined = f"join failed: {exc}"
                 try:
                     proc.stdin.write(spec)
                     proc.stdin.close()
@@ -312,15 +291,12 @@ class Sandbox:
                 timed_out = not _wait_exit(proc, c.timeout)
                 seconds = time.perf_counter() - began
                 report = self._kill_and_report(proc, read_fd)
-                report["cgroup"] = joined
                 result = self._classify(program, proc.returncode, report, timed_out, seconds,
                                         _tail(out, c.output_chars), _tail(err, c.output_chars))
         finally:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
-            if cgroup is not None:
-                self._cgroups.remove(cgroup)
             shutil.rmtree(workdir, ignore_errors=True)
         if _probe:
             self.mechanisms = self._mechanisms(report)
@@ -406,23 +382,31 @@ class Sandbox:
     def _mechanisms(self, report: dict) -> dict[str, str]:
         landlock = report.get("landlock", "unavailable")
         enforced = landlock.startswith("landlock abi")
+        minimal = report.get("root") == "minimal"
         if report.get("network") == "namespace":
             network = "network namespace (loopback down)"
         elif enforced and "tcp" in landlock:
             network = "Landlock TCP rules only (UDP and raw sockets are not blocked)"
         else:
             network = f"none: no network namespace ({report.get('namespaces', '?')}) and no Landlock TCP rules"
-        if os.geteuid() == 0:
-            processes = "pids cgroup" if report.get("cgroup") == "pids cgroup" else \
-                f"none: running as root without a writable pids cgroup ({report.get('cgroup') or 'none found'}; " \
-                "RLIMIT_NPROC does not bind uid 0)"
+        uid, _, gid = report.get("uid", "0:0").partition(":")
+        if uid == "0":
+            identity = "none: the program runs as uid 0"
+        elif os.geteuid() == 0:
+            identity = f"uid {uid}, gid {gid} (this run's own, unprivileged), no supplementary groups"
         else:
-            processes = "RLIMIT_NPROC"
+            identity = f"uid {uid}, gid {gid} (memgen's own, not root)"
+        root = "minimal root (read-only binds of /usr, the interpreter, a few /etc entries)"
         return {
             "network": network,
-            "filesystem": landlock if enforced else f"none: Landlock {landlock}",
-            "signals": "Landlock scope" if "signals" in landlock else "none: Landlock below ABI 6",
-            "processes": processes,
+            "unix_sockets": f"{root}: no host socket path exists inside" if minimal
+            else f"none: {report.get('root', '?')}; Landlock does not govern connect() on socket files",
+            "filesystem": (f"{root}; {landlock}" if minimal else landlock) if enforced
+            else f"none: Landlock {landlock}",
+            "uid": identity,
+            "signals": "PID namespace, Landlock scope" if "signals" in landlock else "none: Landlock below ABI 6",
+            "processes": "RLIMIT_NPROC, counted for this run alone" if uid != "0"
+            else "none: uid 0 ignores RLIMIT_NPROC",
             "cleanup": "PID namespace" if report.get("pid_namespace") == "True" else "process group only",
             "proc": "private /proc (own processes only)" if report.get("proc") else "host /proc",
             "workdir": report.get("workdir", "?"),
