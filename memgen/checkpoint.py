@@ -23,13 +23,28 @@ import torch
 SAMPLES_PER_TENSOR = 2048
 
 
+def sample_indices(numel: int, count: int, device=None) -> torch.Tensor:
+    """``count`` evenly spread indices into ``numel`` entries, the first and the last included.
+
+    Up to 2**24 entries this is float32 ``linspace`` (as fingerprints were always computed, so
+    saved adapters keep matching); above it float32 cannot hold every integer and the last
+    index rounded past the end (SmolLM2-135M's 28.3M-entry embedding crashed ``MemGen()``),
+    so larger tensors use exact integer arithmetic.
+    """
+    if numel <= 1 << 24:
+        return torch.linspace(0, numel - 1, count, device=device).long()
+    if count == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    return torch.arange(count, dtype=torch.long, device=device) * (numel - 1) // (count - 1)
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over names, shapes and a strided sample of every parameter's values."""
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         flat = param.detach().reshape(-1)
         count = min(SAMPLES_PER_TENSOR, flat.numel())
-        index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).long()
+        index = sample_indices(flat.numel(), count, flat.device)
         sample = flat[index].float().to(torch.bfloat16).float().cpu().numpy().tobytes()
         digest.update(name.encode())
         digest.update(str(tuple(param.shape)).encode())

@@ -19,14 +19,15 @@ from .dataclass_cli import add_dataclass_arguments, config_from_args, load_yaml
 from .errors import AdapterError, MemGenError
 
 
-def load_model(model: str, adapter: str | None):
-    """A MemGen from a local model directory (or hub name) and an optional adapter directory."""
-    from .loading import load_base
+def load_model(model: str, adapter: str | None, gguf_file: str | None = None):
+    """A MemGen from a base model (directory, hub name or GGUF file) and an optional adapter directory."""
+    from .loading import load_base, resolve_source
     from .model import MemGen, read_adapter_meta
 
+    resolve_source(model, gguf_file)  # fail fast on a mistaken path, before anything loads
     if adapter is not None:
-        read_adapter_meta(Path(adapter))  # fail fast, before loading the base
-    base, tokenizer = load_base(model)
+        read_adapter_meta(Path(adapter))
+    base, tokenizer = load_base(model, gguf_file)
     if adapter is None:
         return MemGen(base, tokenizer), False
     return MemGen.from_pretrained(adapter, base, tokenizer), True
@@ -39,13 +40,18 @@ def _config(cls: type, args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     config = _config(GenerateConfig, args)
-    model, has_adapter = load_model(args.model, args.adapter)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
     if not has_adapter and config.policy.kind != "off":
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
+    prompt = args.prompt
+    if args.use_chat_template:
+        from .data import Record, prompt_token_ids
+
+        prompt = [prompt_token_ids(Record(args.prompt, None, {}), model.tokenizer, True)]
     if args.json:
-        output = model.generate(args.prompt, config)
+        output = model.generate(prompt, config)
     else:
-        output = model.generate(args.prompt, config, on_token=lambda e: print(e.text, end="", flush=True))
+        output = model.generate(prompt, config, on_token=lambda e: print(e.text, end="", flush=True))
         print()
     completion = output.completions[0]
     if args.json:
@@ -93,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     config = _config(EvalConfig, args)
     task = _eval_task(config)
-    model, has_adapter = load_model(args.model, args.adapter)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
     summary = evaluate_task(model, task, config)
@@ -112,7 +118,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     config = _config(AnalyzeConfig, args)
     task = _eval_task(config)
-    model, has_adapter = load_model(args.model, args.adapter)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
     if not has_adapter:
         print("memgen: warning: no --adapter given, so the latents come from an untrained weaver", file=sys.stderr)
     report = analyze(model, task, config, describe={"model": args.model, "adapter": args.adapter or ""})
@@ -129,7 +135,7 @@ def _agent(args: argparse.Namespace) -> int:
         summary = replay_split(_config(ExpertConfig, args))
         print(format_replay(summary))
         return 0 if not summary["failed"] else 1
-    model, _ = load_model(args.model, args.adapter)
+    model, _ = load_model(args.model, args.adapter, args.gguf_file)
     play(model, _config(PlayConfig, args))
     return 0
 
@@ -165,11 +171,20 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0 if not report["failures"] else 1
 
 
+def _export_base(args: argparse.Namespace) -> int:
+    from .loading import export_base
+
+    print(f"wrote {export_base(args.model, args.out, args.gguf_file, args.dtype)}")
+    return 0
+
+
 def _command(parent, name: str, text: str, cls: type, handler, model: bool = False, json_flag: str | None = None):
     """A subcommand whose flags are the fields of ``cls`` (plus --config YAML, and --model/--adapter)."""
     command = parent.add_parser(name, help=text)
     if model:
-        command.add_argument("--model", required=True, help="base model directory (HF save_pretrained) or hub name")
+        command.add_argument("--model", required=True,
+                             help="base model: a save_pretrained directory, a hub name, or a .gguf file")
+        command.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory")
         command.add_argument("--adapter", default=None, help="memgen adapter directory (MemGen.save_pretrained)")
     if json_flag:
         command.add_argument("--json", action="store_true", help=json_flag)
@@ -189,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = _command(sub, "generate", "generate text with latent memory", GenerateConfig, _generate, model=True,
                    json_flag='print {"text", "token_ids", "insertions"} as JSON')
     gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--use-chat-template", action="store_true",
+                     help="send the prompt as a user message through the tokenizer's chat template")
     train = sub.add_parser("train", help="train the weaver (sft | grpo) or the trigger (RL)")
     targets = train.add_subparsers(dest="target", required=True)
     _command(targets, "weaver", "weaver SFT or GRPO (reasoner frozen)", WeaverTrainConfig, _train)
@@ -223,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_sandbox)
     _command(sandbox_actions, "check", "run a code task's reference solutions in the sandbox (exit 1 if any fails)",
              ReferenceCheckConfig, _sandbox, json_flag="print the summary, failures and skips as JSON")
+    export = sub.add_parser("export-base", help="write a base model (e.g. a GGUF file) once as a plain "
+                                                "save_pretrained directory, so later runs skip the dequantization")
+    export.add_argument("--model", required=True, help="a .gguf file, a save_pretrained directory or a hub name")
+    export.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory")
+    export.add_argument("--out", required=True, help="the directory to write")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (GGUF dequantizes to float32)")
+    export.set_defaults(handler=_export_base)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
     return parser
 

@@ -169,7 +169,7 @@ class Reasoner:
             new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             attention_mask = self.window_masks(attention_mask, new)
         out = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=cache, use_cache=True)
+                            position_ids=position_ids, cache=cache, use_cache=True)
         return out.last_hidden_state
 
     def window_masks(self, attention_mask: torch.Tensor, new: int):
