@@ -4,8 +4,8 @@ Every KodCode reference solution (``../shared/data/kodcode``) runs with its pyte
 twice per round, in the same process:
 
 - ``plain``: ``python -I -m pytest ...`` in a fresh temporary directory, with the same files,
-  arguments and environment as the sandbox gives, but no launcher, namespaces, Landlock,
-  rlimits or cgroup;
+  arguments and environment as the sandbox gives, but no launcher, namespaces, minimal root,
+  uid change, Landlock or rlimits;
 - ``sandbox``: :meth:`memgen.tasks.Sandbox.run`.
 
 Overhead per execution is measured sequentially with the two runs of each program
