@@ -148,3 +148,22 @@ def test_cli_bad_input_gives_clean_error(saved, args, message):
 def test_cli_missing_model_dir(tmp_path):
     proc = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fingerprint_samples_parameters_above_2_to_the_24_entries():
+    """float32 cannot hold every integer above 2**24: the sampled indices must still be exact and in range."""
+    from memgen.checkpoint import SAMPLES_PER_TENSOR, sample_indices, weights_fingerprint
+
+    numel = 49152 * 576  # SmolLM2-135M's embedding: float32 linspace put its last index past the end
+    index = sample_indices(numel, SAMPLES_PER_TENSOR)
+    assert index[0] == 0 and index[-1] == numel - 1 and bool((index[1:] > index[:-1]).all())
+    module = torch.nn.Module()
+    module.big = torch.nn.Parameter(torch.arange(numel, dtype=torch.float32) % 251, requires_grad=False)
+    fingerprint = weights_fingerprint(module)
+    with torch.no_grad():
+        module.big[-1] += 1000  # the last entry is sampled, so changing it changes the fingerprint
+    assert weights_fingerprint(module) != fingerprint
+    # Small tensors keep the indices they always had, so adapters saved before still match.
+    for small in (1, 7, 2048, 100_003, 1 << 24):
+        expected = torch.linspace(0, small - 1, min(SAMPLES_PER_TENSOR, small)).long()
+        assert torch.equal(sample_indices(small, min(SAMPLES_PER_TENSOR, small)), expected)
