@@ -52,7 +52,10 @@ def main() -> None:
     parser.add_argument("--games", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--turn-tokens", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="2 games of 2 turns: checks the script runs (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.games, args.turns, args.turn_tokens = 2, 2, 4
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     base = tiny_causal_lm(tok, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, max_positions=8192)

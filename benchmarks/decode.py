@@ -66,9 +66,23 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(t) for name, t in times.items()}, results
 
 
-def bench(size: str, batch: int, new_tokens: int, repeats: int) -> dict:
+def tiny_model(size: str):
     tok = tiny_tokenizer()
-    base = tiny_causal_lm(tok, seed=0, max_positions=2048, **SIZES[size])
+    return tiny_causal_lm(tok, seed=0, max_positions=2048, **SIZES[size]), tok, list(DEFAULT_ALPHABET)
+
+
+def real_model(source: str):
+    """A real checkpoint (directory, hub name or .gguf); every token's last character is a delimiter,
+    so, as on the tiny models, every token is an insertion point and ``random:RATE`` picks them."""
+    from memgen.loading import load_base
+
+    base, tok = load_base(source)
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return base, tok, sorted({t[-1] for t in texts if t})
+
+
+def bench(size: str, batch: int, new_tokens: int, repeats: int, loaded=None) -> dict:
+    base, tok, delimiters = loaded or tiny_model(size)
     base.generation_config.eos_token_id = None
     params = sum(p.numel() for p in base.parameters())
     prompts = (PROMPTS * batch)[:batch]
@@ -78,7 +92,7 @@ def bench(size: str, batch: int, new_tokens: int, repeats: int) -> dict:
         with torch.inference_mode():
             return base.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
-    model = MemGen(base, tok, MemGenConfig(prompt_latents=K, inference_latents=K, delimiters=list(DEFAULT_ALPHABET)))
+    model = MemGen(base, tok, MemGenConfig(prompt_latents=K, inference_latents=K, delimiters=delimiters))
     common = dict(max_new_tokens=new_tokens, ignore_eos=True, insert_at_prompt_end=False)
     seed = balanced_seed(batch, new_tokens, RATE)
     times, outs = interleaved({
@@ -114,11 +128,21 @@ def main() -> None:
     parser.add_argument("--sizes", default="8M,50M")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--model", default=None, help="a real base model (directory, hub name or .gguf) "
+                                                      "instead of the tiny --sizes")
+    parser.add_argument("--quick", action="store_true", help="a few tokens on the 8M model: checks the script runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [bench(size, int(b), args.new_tokens, args.repeats)
-               for size in args.sizes.split(",") for b in args.batches.split(",")]
+    if args.quick:
+        args.sizes, args.batches, args.new_tokens, args.repeats = "8M", "1,2", 16, 1
+    if args.model:
+        # A fresh base per batch size: MemGen puts its LoRA layers into the base it is given.
+        results = [bench(args.model, int(b), args.new_tokens, args.repeats, real_model(args.model))
+                   for b in args.batches.split(",")]
+    else:
+        results = [bench(size, int(b), args.new_tokens, args.repeats)
+                   for size in args.sizes.split(",") for b in args.batches.split(",")]
     print(json.dumps({
         "benchmark": "decode", "device": "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),

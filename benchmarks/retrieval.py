@@ -75,7 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,100000")
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="200 records, 5 queries: checks the script runs (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.queries = "200", 5
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     # One thin layer: the benchmark is about search, and 100k records must embed in minutes on 2 cores.

@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--insertions", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="batch 1, 8 tokens, 50 records: checks the script runs (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.batches, args.records, args.new_tokens, args.insertions, args.repeats = "1", 50, 8, 1, 1
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     base = tiny_causal_lm(tok, hidden_size=256, num_layers=8, seed=0)

@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "kodcode"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="4 programs: checks the script runs (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.limit = 4
 
     task = load_task("kodcode", args.data, limit=args.limit, sandbox=SandboxConfig(timeout=30, workers=args.workers))
     sandbox = task.reward.sandbox

@@ -67,7 +67,8 @@ def test_kodcode_malformed_items_report_file_and_index(tmp_path):
                                {"instruction": "y"}]))
     with pytest.raises(DataError, match=r"k\.json:\[1\]: needs 'instruction'"):
         load_task("kodcode", bad, sandbox=SANDBOX)
-    task = load_task("kodcode", bad, skip_malformed=True, sandbox=SANDBOX)
+    with pytest.warns(UserWarning, match="skipped"):
+        task = load_task("kodcode", bad, skip_malformed=True, sandbox=SANDBOX)
     assert len(task.records) == 1 and task.skipped and "k.json:[1]" in task.skipped[0]
     assert task.records[0].prompt == "x\n\nNote that the output function should be f.\n"
 

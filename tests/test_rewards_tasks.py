@@ -103,7 +103,8 @@ def test_malformed_task_lines_name_file_and_line(tmp_path):
     bad.write_text("\n".join([lines[0], '{"question": "no answer"}', lines[1], "oops", lines[2]]) + "\n")
     with pytest.raises(DataError, match=rf"{bad}:2: missing or empty field"):
         load_task("gsm8k", bad)
-    assert len(load_task("gsm8k", bad, skip_malformed=True).records) == 3
+    with pytest.warns(UserWarning, match="skipped"):
+        assert len(load_task("gsm8k", bad, skip_malformed=True).records) == 3
 
 
 def test_eval_cli_reports_and_writes_jsonl(tmp_path, tok):

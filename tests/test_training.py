@@ -212,7 +212,7 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path):
     path.write_text('{"prompt": "a", "completion": "b"}\n{not json}\n{"prompt": "c"}\n{"prompt": "d", "completion": "e"}\n')
     with pytest.raises(DataError, match=rf"{path}:2: "):
         load_records(path)
-    with pytest.warns(UserWarning, match="skipped malformed"):
+    with pytest.warns(UserWarning, match="skipped"):  # each line, then the count
         report = load_records(path, skip_malformed=True)
     assert [r.prompt for r in report.records] == ["a", "d"]
     assert [m.split(": ")[0] for m in report.skipped] == [f"{path}:2", f"{path}:3"]

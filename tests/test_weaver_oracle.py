@@ -40,7 +40,7 @@ def oracle(model, prompt, completion, insertions):
 
     def feed(embeds, backbone=plain.get_decoder(), past=None):
         n = embeds.shape[0]
-        out = backbone(inputs_embeds=embeds[None], past_key_values=cache if past is None else past, use_cache=True,
+        out = backbone(inputs_embeds=embeds[None], cache=cache if past is None else past, use_cache=True,
                        position_ids=torch.arange(state["pos"], state["pos"] + n)[None])
         return out.last_hidden_state[0]
 
