@@ -71,12 +71,12 @@ def tiny_model(size: str):
     return tiny_causal_lm(tok, seed=0, max_positions=2048, **SIZES[size]), tok, list(DEFAULT_ALPHABET)
 
 
-def real_model(source: str):
+def real_model(source: str, dtype: str = "float32"):
     """A real checkpoint (directory, hub name or .gguf); every token's last character is a delimiter,
     so, as on the tiny models, every token is an insertion point and ``random:RATE`` picks them."""
     from memgen.loading import load_base
 
-    base, tok = load_base(source)
+    base, tok = load_base(source, dtype=getattr(torch, dtype))
     texts = tok.batch_decode([[i] for i in range(len(tok))])
     return base, tok, sorted({t[-1] for t in texts if t})
 
@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--model", default=None, help="a real base model (directory, hub name or .gguf) "
                                                       "instead of the tiny --sizes")
+    parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="with --model: the dtype the base runs in")
     parser.add_argument("--quick", action="store_true", help="a few tokens on the 8M model: checks the script runs")
     args = parser.parse_args()
     if args.threads:
@@ -138,7 +140,8 @@ def main() -> None:
         args.sizes, args.batches, args.new_tokens, args.repeats = "8M", "1,2", 16, 1
     if args.model:
         # A fresh base per batch size: MemGen puts its LoRA layers into the base it is given.
-        results = [bench(args.model, int(b), args.new_tokens, args.repeats, real_model(args.model))
+        results = [bench(f"{args.model} ({args.base_dtype})", int(b), args.new_tokens, args.repeats,
+                         real_model(args.model, args.base_dtype))
                    for b in args.batches.split(",")]
     else:
         results = [bench(size, int(b), args.new_tokens, args.repeats)

@@ -56,7 +56,7 @@ def bench_trl(model_dir: Path, rows: list[dict], args) -> list[float]:
 
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.base_dtype))
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -92,7 +92,7 @@ def bench_memgen(model_dir: Path, rows: list[dict], args) -> tuple[list[float], 
                                    lora_r=args.lora_r, lora_alpha=2 * args.lora_r, insertion="all",
                                    max_insertions=args.max_insertions, progress=False, save_every=0,
                                    tensorboard=False, max_completion_tokens=10_000, max_prompt_tokens=10_000,
-                                   mixed_precision=args.mixed_precision)
+                                   mixed_precision=args.mixed_precision, base_dtype=args.base_dtype)
         train_weaver(config)
         rows_out = read_metrics(config.output_dir)
     return [r["step_seconds"] for r in rows_out], rows_out[-1]
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--completion-chars", type=int, default=160)
     parser.add_argument("--model", default=None, help="a real base model (directory, hub name or .gguf)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="autocast for both sides")
+    parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the frozen base is stored in, both sides (peft and memgen keep LoRA in float32)")
     parser.add_argument("--quick", action="store_true", help="3 steps of batch 2 on a 2-layer model: checks it runs")
     args = parser.parse_args()
     if args.quick:
@@ -162,6 +164,7 @@ def main() -> None:
         "benchmark": "train_throughput", "device": "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "model": args.model or f"tiny qwen2 {args.hidden}x{args.layers}", "mixed_precision": args.mixed_precision,
+        "base_dtype": args.base_dtype,
         "model_params_m": round(params / 1e6, 1), "batch": args.batch, "tokens_per_step": tokens_per_step,
         "lora_r": args.lora_r, "latents_per_insertion": args.k,
         "memgen_insertions_per_example": last.get("insertions_per_example"),

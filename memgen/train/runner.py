@@ -104,7 +104,7 @@ class Run:
         )
         set_seed(config.seed)
         if model is None:
-            base, tokenizer = load_base(config.model)
+            base, tokenizer = load_base(config.model, dtype=getattr(torch, config.base_dtype))
             if config.adapter:
                 model = MemGen.from_pretrained(config.adapter, base, tokenizer)
             else:
