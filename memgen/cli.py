@@ -19,15 +19,17 @@ from .dataclass_cli import add_dataclass_arguments, config_from_args, load_yaml
 from .errors import AdapterError, MemGenError
 
 
-def load_model(model: str, adapter: str | None, gguf_file: str | None = None):
+def load_model(model: str, adapter: str | None, gguf_file: str | None = None, base_dtype: str = "float32"):
     """A MemGen from a base model (directory, hub name or GGUF file) and an optional adapter directory."""
     from .loading import load_base, resolve_source
     from .model import MemGen, read_adapter_meta
+    from .precision import resolve_base_dtype
 
     resolve_source(model, gguf_file)  # fail fast on a mistaken path, before anything loads
     if adapter is not None:
         read_adapter_meta(Path(adapter))
-    base, tokenizer = load_base(model, gguf_file)
+    dtype, _ = resolve_base_dtype(base_dtype, "cpu")  # where load_base puts the model
+    base, tokenizer = load_base(model, gguf_file, dtype=dtype)
     if adapter is None:
         return MemGen(base, tokenizer), False
     return MemGen.from_pretrained(adapter, base, tokenizer), True
@@ -40,7 +42,7 @@ def _config(cls: type, args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     config = _config(GenerateConfig, args)
-    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
     if not has_adapter and config.policy.kind != "off":
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
     prompt = args.prompt
@@ -99,7 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     config = _config(EvalConfig, args)
     task = _eval_task(config)
-    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
     if not has_adapter and config.policy_needs_adapter():
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
     summary = evaluate_task(model, task, config)
@@ -118,7 +120,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
     config = _config(AnalyzeConfig, args)
     task = _eval_task(config)
-    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file)
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
     if not has_adapter:
         print("memgen: warning: no --adapter given, so the latents come from an untrained weaver", file=sys.stderr)
     report = analyze(model, task, config, describe={"model": args.model, "adapter": args.adapter or ""})
@@ -135,7 +137,7 @@ def _agent(args: argparse.Namespace) -> int:
         summary = replay_split(_config(ExpertConfig, args))
         print(format_replay(summary))
         return 0 if not summary["failed"] else 1
-    model, _ = load_model(args.model, args.adapter, args.gguf_file)
+    model, _ = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
     play(model, _config(PlayConfig, args))
     return 0
 
@@ -185,6 +187,8 @@ def _command(parent, name: str, text: str, cls: type, handler, model: bool = Fal
         command.add_argument("--model", required=True,
                              help="base model: a save_pretrained directory, a hub name, or a .gguf file")
         command.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory")
+        command.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                             help="dtype the base runs in (auto: bfloat16 where bf16 is native)")
         command.add_argument("--adapter", default=None, help="memgen adapter directory (MemGen.save_pretrained)")
     if json_flag:
         command.add_argument("--json", action="store_true", help=json_flag)

@@ -69,3 +69,15 @@ def test_grpo_first_iteration_ratio_is_exactly_one_on_a_bf16_base(tok, tmp_path)
     rows = read_metrics(config.output_dir)
     assert [r["ratio_max_deviation"] for r in rows[0::2]] == [0.0, 0.0]  # first iteration of each rollout batch
     assert rows[1]["ratio_max_deviation"] > 0  # the second iteration sees the updated weaver
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_base_dtype_is_bfloat16_only_where_native(monkeypatch, native):
+    from memgen.precision import resolve_base_dtype
+
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
+    dtype, reason = resolve_base_dtype("auto", "cpu")
+    assert dtype == (torch.bfloat16 if native else torch.float32) and reason.startswith("auto")
+    assert resolve_base_dtype("float32", "cpu")[0] == torch.float32
+    with pytest.raises(Exception, match="base dtype must be one of"):
+        resolve_base_dtype("fp8", "cpu")

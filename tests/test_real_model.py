@@ -71,8 +71,17 @@ def hf_generate(base, tokenizer, prompts: list[list[int]], **kw) -> list[list[in
     return rows
 
 
+def memgen_on(base, tokenizer, **config) -> MemGen:
+    """A MemGen whose weaver and trigger actually change outputs and decisions (as conftest's make_memgen).
+
+    Seeded first: peft draws the LoRA initialisation from the global generator, which earlier
+    tests in the session would otherwise have moved.
+    """
+    torch.manual_seed(0)
+    return randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG, **config)))
+
+
 def randomized(model: MemGen, seed: int = 0) -> MemGen:
-    """A weaver and trigger that actually change outputs and decisions (as conftest's make_memgen)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.weaver_parameters():
@@ -124,7 +133,7 @@ def test_never_firing_trigger_matches_generate(exported, questions):
     base, tokenizer = load_base(exported)
     prompts = chat_ids(tokenizer, questions)
     reference = hf_generate(base, tokenizer, prompts, max_new_tokens=40, do_sample=False)
-    model = randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG, trigger_at_prompt_end=True)))
+    model = memgen_on(base, tokenizer, trigger_at_prompt_end=True)
     out = model.generate(prompts, memory="trigger", trigger_threshold=1.1, max_new_tokens=40)
     assert [c.token_ids for c in out.completions] == reference
     assert all(c.num_insertions == 0 for c in out.completions)
@@ -136,7 +145,7 @@ def test_cached_insertions_match_full_recompute(exported, questions):
     from test_cached_insertion import recompute_logits
 
     base, tokenizer = load_base(exported)
-    model = randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG)))
+    model = memgen_on(base, tokenizer)
     prompts = chat_ids(tokenizer, questions)
     with torch.no_grad():
         out = model.generate(prompts, memory="random:0.6", max_new_tokens=32, do_sample=True, seed=3,
@@ -145,15 +154,15 @@ def test_cached_insertions_match_full_recompute(exported, questions):
         for prompt, completion in zip(prompts, out.completions):
             inserted += completion.num_insertions
             expected = recompute_logits(model, prompt, completion)
-            # float32: logits of this model are O(10-30); a cached decode and one full forward
-            # sum in different orders, measured here up to ~2e-4 apart.
-            torch.testing.assert_close(completion.logits, expected, atol=2e-3, rtol=0)
+            # float32: logits reach ~40 here; a cached decode and one full forward sum in different
+            # orders, measured 7.5e-5 apart at most on this machine.
+            torch.testing.assert_close(completion.logits, expected, atol=5e-4, rtol=0)
     assert inserted >= 2 * len(prompts)
 
 
 def test_teacher_forced_logprobs_match_rollout(exported, questions):
     base, tokenizer = load_base(exported)
-    model = randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG)))
+    model = memgen_on(base, tokenizer)
     prompts = chat_ids(tokenizer, questions)
     with torch.no_grad():
         rollout = model.generate(prompts, memory="random:0.5", max_new_tokens=32, do_sample=True, seed=21,
@@ -164,13 +173,13 @@ def test_teacher_forced_logprobs_match_rollout(exported, questions):
         tf = model.teacher_forced(prompts, completions, positions)
     for r, c in enumerate(rollout.completions):
         n = len(c.token_ids)
-        # float32: one token per forward against whole chunks; measured gaps are below 1e-4 nats.
-        torch.testing.assert_close(tf.logprobs[r, :n], torch.tensor(c.logprobs), atol=1e-3, rtol=0)
+        # float32: one token per forward against whole chunks; measured 2.3e-5 nats apart at most.
+        torch.testing.assert_close(tf.logprobs[r, :n], torch.tensor(c.logprobs), atol=2e-4, rtol=0)
 
 
 def test_saved_adapter_reloads_onto_the_gguf_base_with_the_same_tokens(exported, gguf, questions, tmp_path):
     base, tokenizer = load_base(exported)
-    model = randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG)))
+    model = memgen_on(base, tokenizer)
     prompts = chat_ids(tokenizer, questions[:2])
     before = model.generate(prompts, memory="always", max_new_tokens=24, max_insertions=3)
     model.save_pretrained(tmp_path / "adapter")
@@ -204,7 +213,9 @@ def test_cli_eval_on_16_gsm8k_problems(exported, tmp_path):
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 16
 
 
-def test_mistaken_model_paths_get_one_line_errors(exported, tmp_path):
+def test_mistaken_model_paths_get_one_line_errors(tmp_path, capsys):
+    from memgen.cli import main
+
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "memgen_config.json").write_text("{}")
@@ -214,6 +225,34 @@ def test_mistaken_model_paths_get_one_line_errors(exported, tmp_path):
     cases = [(adapter, "is a memgen adapter"), (empty, "holds no base model: expected config.json"),
              (tmp_path / "missing", "does not exist"), (tmp_path / "missing.gguf", "GGUF file")]
     for path, message in cases:
-        done = _memgen("generate", "--model", path, "--prompt", "hi", timeout=120)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        assert main(["generate", "--model", str(path), "--prompt", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
+    """The recipe a user runs first: weaver SFT on GSM8K through the chat template, then eval with the adapter."""
+    done = _memgen("train", "weaver", "--method", "sft", "--model", exported, "--task", "gsm8k",
+                   "--data", GSM8K.with_name("train.jsonl"), "--limit", 4, "--use-chat-template", "true",
+                   "--max-steps", 2, "--per-device-batch-size", 2, "--prompt-latents", 4, "--inference-latents", 4,
+                   "--lora-r", 4, "--save-every", 0, "--progress", "false", "--output-dir", tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 and m["insertions_per_example"] > 1
+                                                         for m in metrics)
+    done = _memgen("eval", "--model", exported, "--adapter", tmp_path / "run" / "final", "--task", "gsm8k",
+                   "--data", GSM8K, "--limit", 2, "--use-chat-template", "true", "--memory", "always",
+                   "--max-new-tokens", 24, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["n"] == 2 and summary["mean_insertions"] > 0
+
+
+def test_bfloat16_base_memory_off_matches_generate(exported, questions):
+    """A bfloat16 base (what base_dtype=auto picks where bf16 is native) keeps the equivalence with generate."""
+    base, tokenizer = load_base(exported, dtype=torch.bfloat16)
+    prompts = chat_ids(tokenizer, questions)
+    reference = hf_generate(base, tokenizer, prompts, max_new_tokens=32, do_sample=False)
+    model = MemGen(base, tokenizer, MemGenConfig(**CONFIG))
+    assert model.reasoner.dtype == torch.bfloat16
+    assert [c.token_ids for c in model.generate(prompts, memory="off", max_new_tokens=32).completions] == reference

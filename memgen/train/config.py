@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..config import MemGenConfig, MemoryPolicy
 from ..dataclass_cli import check_ranges, help_field
 from ..errors import ConfigError
+from ..precision import BASE_DTYPES
 from ..tasks.sandbox import CodeExecutionFields
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -48,8 +49,8 @@ class TrainConfig(CodeExecutionFields):
     warmup_steps: int = help_field(0, "linear warmup steps", ge=0)
     max_grad_norm: float = help_field(1.0, "gradient clipping norm (0 = off)", ge=0)
     mixed_precision: str = help_field("no", "no | bf16 | fp16 (accelerate autocast)")
-    base_dtype: str = help_field("float32", "dtype the frozen base is stored and run in: float32 | bfloat16 "
-                                            "(trainable weights stay float32 either way)")
+    base_dtype: str = help_field("float32", "dtype the frozen base is stored and run in: float32 | bfloat16 | "
+                                            "auto (bfloat16 where bf16 is native); trainable weights stay float32")
     save_every: int = help_field(50, "write a checkpoint every N steps (0 = only at the end)", ge=0)
     save_total_limit: int = help_field(2, "keep this many newest checkpoints", ge=1)
     log_every: int = help_field(1, "log metrics every N steps", ge=1)
@@ -83,8 +84,8 @@ class TrainConfig(CodeExecutionFields):
         check_ranges(self)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.base_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"base_dtype must be float32 or bfloat16, got {self.base_dtype!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype must be one of {list(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
 

@@ -34,6 +34,7 @@ from ..checkpoint import atomic_directory, atomic_torch_save
 from ..data import Record, prompt_token_ids
 from ..errors import ConfigError
 from ..loading import load_base
+from ..precision import resolve_base_dtype
 from ..model import MemGen
 from ..precision import warn_if_bf16_emulated
 from ..tasks import Task, load_task
@@ -104,7 +105,8 @@ class Run:
         )
         set_seed(config.seed)
         if model is None:
-            base, tokenizer = load_base(config.model, dtype=getattr(torch, config.base_dtype))
+            dtype, _ = resolve_base_dtype(config.base_dtype, self.accelerator.device)
+            base, tokenizer = load_base(config.model, dtype=dtype)
             if config.adapter:
                 model = MemGen.from_pretrained(config.adapter, base, tokenizer)
             else:
@@ -279,7 +281,10 @@ class Run:
             totals: dict[str, float] = {}
             for micro in range(config.gradient_accumulation_steps):
                 with acc.accumulate(self.model):
-                    loss, metrics = step_fn(self, micro)
+                    # The step calls the unwrapped model's methods (teacher_forced, generate), which the
+                    # prepared model's autocast wrapper never sees: --mixed-precision was a no-op before.
+                    with acc.autocast():
+                        loss, metrics = step_fn(self, micro)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(self.parameters, config.max_grad_norm or float("inf"))
