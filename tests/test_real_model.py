@@ -81,6 +81,11 @@ def memgen_on(base, tokenizer, **config) -> MemGen:
     return randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG, **config)))
 
 
+def memgen_and_prompts(exported, questions) -> tuple[MemGen, list[list[int]]]:
+    base, tokenizer = load_base(exported)
+    return memgen_on(base, tokenizer), chat_ids(tokenizer, questions)
+
+
 def randomized(model: MemGen, seed: int = 0) -> MemGen:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -144,9 +149,7 @@ def test_never_firing_trigger_matches_generate(exported, questions):
 def test_cached_insertions_match_full_recompute(exported, questions):
     from test_cached_insertion import recompute_logits
 
-    base, tokenizer = load_base(exported)
-    model = memgen_on(base, tokenizer)
-    prompts = chat_ids(tokenizer, questions)
+    model, prompts = memgen_and_prompts(exported, questions)
     with torch.no_grad():
         out = model.generate(prompts, memory="random:0.6", max_new_tokens=32, do_sample=True, seed=3,
                              max_insertions=4, output_logits=True, return_latents=True, compact_after=1)
@@ -161,9 +164,7 @@ def test_cached_insertions_match_full_recompute(exported, questions):
 
 
 def test_teacher_forced_logprobs_match_rollout(exported, questions):
-    base, tokenizer = load_base(exported)
-    model = memgen_on(base, tokenizer)
-    prompts = chat_ids(tokenizer, questions)
+    model, prompts = memgen_and_prompts(exported, questions)
     with torch.no_grad():
         rollout = model.generate(prompts, memory="random:0.5", max_new_tokens=32, do_sample=True, seed=21,
                                  max_insertions=4, return_logprobs=True)
@@ -178,9 +179,7 @@ def test_teacher_forced_logprobs_match_rollout(exported, questions):
 
 
 def test_saved_adapter_reloads_onto_the_gguf_base_with_the_same_tokens(exported, gguf, questions, tmp_path):
-    base, tokenizer = load_base(exported)
-    model = memgen_on(base, tokenizer)
-    prompts = chat_ids(tokenizer, questions[:2])
+    model, prompts = memgen_and_prompts(exported, questions[:2])
     before = model.generate(prompts, memory="always", max_new_tokens=24, max_insertions=3)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = MemGen.from_pretrained(tmp_path / "adapter", str(gguf))  # the same base, loaded the other way
