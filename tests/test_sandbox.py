@@ -394,7 +394,8 @@ def open_up(directory):
             os.symlink(os.readlink(src), dst); continue
         os.mkdir(dst) if os.path.isdir(src) else open(dst, "w").close()
         mount(src, dst, None, MS_BIND | MS_REC)
-for needed in sys.argv[1:]:
+probe = sys.argv[1]
+for needed in sys.argv[2:]:
     parts = os.path.realpath(needed).split("/")
     for depth in range(2, len(parts) + 1):
         directory = "/".join(parts[:depth])
@@ -405,20 +406,47 @@ from memgen.tasks.sandbox import Program, Sandbox, SandboxConfig
 sandbox = Sandbox(SandboxConfig(timeout=4, processes=32))
 bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
 result = sandbox.run(Program({}, ["-c", bomb]))
-print(json.dumps({"uid": os.getuid(), "mechanisms": sandbox.mechanisms, "status": result.status}))
+probed = sandbox.run(Program({}, ["-c", probe]))
+print(json.dumps({"uid": os.getuid(), "mechanisms": sandbox.mechanisms, "status": result.status,
+                  "probe": probed.stdout, "probe_status": probed.status}))
 """
 
 
-def test_fork_bomb_is_contained_when_memgen_is_not_root():
-    if os.geteuid() != 0:  # already an ordinary user: the module's own fork-bomb test is this case
-        pytest.skip("runs as an ordinary user already (test_fork_bomb_is_contained)")
+def test_contained_when_memgen_is_not_root(tmp_path):
+    """As an ordinary user (nobody): a fork bomb is contained without any cgroup, and host sockets,
+    root-only files and host processes stay out of reach."""
+    if os.geteuid() != 0:  # already an ordinary user: the module's other tests are this case
+        pytest.skip("runs as an ordinary user already")
+    directory = Path(tempfile.mkdtemp(prefix="memgen-sock-", dir="/var/tmp" if os.path.isdir("/var/tmp") else REPO))
+    directory.chmod(0o777)
+    paths, listeners = _unix_listeners(directory)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    probe = _UNIX_CLIENT.format(paths=paths) + (
+        "import os, signal\n"
+        "try:\n    open('/etc/shadow').read(); print('read shadow')\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        f"try:\n    os.kill({victim.pid}, signal.SIGKILL); print('killed')\nexcept OSError as e:\n"
+        "    print(type(e).__name__)\n")
     needed = [sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, str(REPO)]
-    done = subprocess.run([sys.executable, "-c", _AS_NOBODY, *needed], capture_output=True, text=True, timeout=120,
-                          cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.splitlines()[-1])
+    try:
+        done = subprocess.run([sys.executable, "-c", _AS_NOBODY, probe, *needed], capture_output=True, text=True,
+                              timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout.splitlines()[-1])
+        _assert_nothing_received(listeners)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        for s in listeners:
+            s.close()
+        shutil.rmtree(directory)
     assert report["uid"] == 65534 and report["status"] == "timeout"
     assert report["mechanisms"]["processes"].startswith("RLIMIT_NPROC")
     assert report["mechanisms"]["uid"].startswith("uid 65534")
     assert not any(v.startswith("none") for v in report["mechanisms"].values())
+    assert report["probe_status"] == "passed"
+    lines = report["probe"].splitlines()
+    assert "reached" not in report["probe"] and lines.count("refused ENOENT") == 4 and "own" in lines
+    assert lines[-2] in ("FileNotFoundError", "PermissionError") and lines[-1] in ("ProcessLookupError",
+                                                                                  "PermissionError")
     assert subprocess.run(["true"]).returncode == 0
