@@ -450,3 +450,28 @@ def test_contained_when_memgen_is_not_root(tmp_path):
     assert lines[-2] in ("FileNotFoundError", "PermissionError") and lines[-1] in ("ProcessLookupError",
                                                                                   "PermissionError")
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_an_installation_under_tmp_stays_visible_read_only(tmp_path):
+    """A virtualenv or interpreter under /tmp (a CI checkout there) is bound inside the private /tmp.
+
+    The private /tmp is mounted before the read-only binds, so a bound path below /tmp is not
+    hidden by it; this binds a directory under the host's /tmp as the interpreter's own would be.
+    """
+    installed = Path(tempfile.mkdtemp(prefix="memgen-installed-", dir="/tmp"))
+    try:
+        (installed / "module.py").write_text("VALUE = 42\n")
+        installed.chmod(0o755)
+        (installed / "module.py").chmod(0o644)
+        sandbox = Sandbox(SandboxConfig(timeout=4))
+        sandbox._layout = {**sandbox._layout, "binds": sandbox._layout["binds"] + [str(installed)],
+                           "read_paths": sandbox._layout["read_paths"] + [str(installed)]}
+        code = (f"import sys; sys.path.insert(0, {str(installed)!r}); import module; print(module.VALUE)\n"
+                f"try:\n    open({str(installed / 'module.py')!r}, 'a').write('x')\nexcept OSError as e:\n"
+                "    print(type(e).__name__)\n")
+        result = sandbox.run(Program({}, ["-c", code]))
+        assert result.status == "passed", result.stderr
+        assert result.stdout.split()[0] == "42" and result.stdout.split()[1] in ("OSError", "PermissionError")
+        assert (installed / "module.py").read_text() == "VALUE = 42\n"
+    finally:
+        shutil.rmtree(installed)

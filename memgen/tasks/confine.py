@@ -189,6 +189,11 @@ def _minimal_root(spec: dict, report: dict, owner: tuple[int, int], pid_ns: bool
     root, workdir, size = spec["workdir"], spec["workdir"], spec["tmpfs_bytes"]
     if not _tmpfs(root, 1 << 20, (os.getuid(), os.getgid()), "0755"):
         raise OSError(f"tmpfs for the new root: {_errno_text()}")
+    # The private /tmp first, the binds after: an interpreter or virtualenv that lives under
+    # /tmp (a CI checkout there) must stay visible, read-only, inside the private /tmp.
+    os.makedirs(root + "/tmp")
+    if not _tmpfs(root + "/tmp", size, owner):
+        raise OSError(f"tmpfs for /tmp: {_errno_text()}")
     for link in spec["root_links"]:
         os.symlink(os.readlink(link), root + link)
     for path in spec["binds"]:
@@ -211,9 +216,6 @@ def _minimal_root(spec: dict, report: dict, owner: tuple[int, int], pid_ns: bool
         report["proc"] = "private"
     else:
         _bind("/proc", root)
-    os.makedirs(root + "/tmp")
-    if not _tmpfs(root + "/tmp", size, owner):
-        raise OSError(f"tmpfs for /tmp: {_errno_text()}")
     if os.path.realpath(workdir).startswith("/tmp/"):
         report["workdir"] = f"in a private /tmp tmpfs of {size} bytes"
     else:
