@@ -466,12 +466,15 @@ def test_an_installation_under_tmp_stays_visible_read_only(tmp_path):
         sandbox = Sandbox(SandboxConfig(timeout=4))
         sandbox._layout = {**sandbox._layout, "binds": sandbox._layout["binds"] + [str(installed)],
                            "read_paths": sandbox._layout["read_paths"] + [str(installed)]}
-        code = (f"import sys; sys.path.insert(0, {str(installed)!r}); import module; print(module.VALUE)\n"
+        # The run must still be inside its minimal root (a failed build falls back to the host's).
+        code = ("import os; print(os.path.exists('/etc/shadow'), os.getuid() == 0)\n"
+                f"import sys; sys.path.insert(0, {str(installed)!r}); import module; print(module.VALUE)\n"
                 f"try:\n    open({str(installed / 'module.py')!r}, 'a').write('x')\nexcept OSError as e:\n"
                 "    print(type(e).__name__)\n")
         result = sandbox.run(Program({}, ["-c", code]))
         assert result.status == "passed", result.stderr
-        assert result.stdout.split()[0] == "42" and result.stdout.split()[1] in ("OSError", "PermissionError")
+        assert result.stdout.split()[:3] == ["False", "False", "42"]
+        assert result.stdout.split()[3] in ("OSError", "PermissionError")
         assert (installed / "module.py").read_text() == "VALUE = 42\n"
     finally:
         shutil.rmtree(installed)
