@@ -10,7 +10,6 @@ deprecation warning they raise.
 import warnings
 
 import pytest
-import torch
 
 from conftest import ARCHES, PROMPTS, make_memgen
 
