@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import resource
 import statistics
 import sys
@@ -98,13 +99,6 @@ def bench_memgen(model_dir: Path, rows: list[dict], args) -> tuple[list[float], 
     return [r["step_seconds"] for r in rows_out], rows_out[-1]
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -148,7 +142,7 @@ def main() -> None:
         from safetensors import safe_open
 
         with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
-            params = sum(_numel(weights.get_slice(k).get_shape()) for k in weights.keys())
+            params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
         tokens_per_step = sum(len(tokenizer(r["prompt"])["input_ids"]) + len(tokenizer(r["completion"])["input_ids"])
                               + 1 for r in rows[: args.batch])
         from accelerate.state import AcceleratorState

@@ -8,7 +8,7 @@ problems and gets the arithmetic or the bookkeeping wrong (0.08 on a single two-
 
 Variety, so that no arm saturates on one template:
 
-* operations: add (gets, buys, finds, ...), subtract (gives away, loses, eats, ...),
+* operations: add (gets, buys, finds, ...), subtract (gives away, loses, uses, ...),
   multiply (doubles, triples: "ends up with twice as many") and divide (shares equally,
   keeping one share), with exact, non-negative integer results;
 * **wordings**: every operation has several phrasings. Each operation's phrasings are split
@@ -18,8 +18,9 @@ Variety, so that no arm saturates on one template:
 
 Splits are disjoint by question text, drawn from separate random streams (``split:seed``),
 and the validation split exists to choose settings on; the test splits are for reporting.
-Answers follow one format the SFT targets teach and :func:`answer_of` reads: a sentence per
-step ending in ``.`` (the delimiters where memory is woven), then ``The answer is N.``
+Answers follow one format the SFT targets teach and :func:`as_task`'s reward reads (GSM8K's
+``The answer is N``): a sentence per step ending in ``.`` (the delimiters where memory is
+woven), then ``The answer is N.``
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Ada", "Luis", "N
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cookies", "cards", "stamps",
          "beads", "toy cars", "balloons", "crayons", "tickets", "buttons"]
 
-# Phrasings per operation: "{n}" names, "{x}" the amount, "{i}" the items, "{p}" the pronoun.
+# Phrasings per operation: "{n}" names, "{x}" the amount, "{i}" the items.
 # The last phrasing of each operation is held out of training and validation.
 WORDINGS: dict[str, list[str]] = {
     "add": ["{n} gets {x} more {i}.", "{n} buys {x} {i}.", "A friend gives {n} {x} {i}.",
@@ -71,10 +72,10 @@ class Difficulty:
     """largest amount an add or a subtract changes the count by"""
 
 
-def _event(rng: random.Random, value: int, operations: tuple[str, ...], difficulty: Difficulty) -> tuple[str, int] | None:
-    """One operation applicable to ``value`` and its amount, or None when none fits."""
+def _event(rng: random.Random, value: int, difficulty: Difficulty) -> tuple[str, int] | None:
+    """One of the difficulty's operations applicable to ``value`` and its amount, or None when none fits."""
     choices = []
-    for op in operations:
+    for op in difficulty.operations:
         if op == "add":
             amounts = [x for x in range(2, difficulty.max_amount + 1) if value + x <= MAX_VALUE]
         elif op == "sub":  # amounts from 2: "gives away 1 apples" is not English
@@ -95,23 +96,22 @@ def _phrase(rng: random.Random, op: str, amount: int, held_out: bool, name: str,
 
 def make_problem(rng: random.Random, difficulty: Difficulty, held_out_wording: bool = False) -> Record:
     """One problem: the question as the prompt, the step-by-step solution as the completion."""
-    while True:
+    while True:  # until every event found an operation that fits the running count
         name, items = rng.choice(NAMES), rng.choice(ITEMS)
         value = rng.randint(2, difficulty.max_start)
-        sentences, solution, ok = [f"{name} has {value} {items}."], [f"{name} starts with {value} {items}."], True
+        sentences, solution = [f"{name} has {value} {items}."], [f"{name} starts with {value} {items}."]
         for step in range(difficulty.steps):
-            event = _event(rng, value, difficulty.operations, difficulty)
+            event = _event(rng, value, difficulty)
             if event is None:
-                ok = False
                 break
             op, amount = event
             # A held-out-wording problem uses the held-out phrasing for at least its first event.
             held = held_out_wording and (step == 0 or rng.random() < 0.5)
             sentences.append(_phrase(rng, op, amount, held, name, items))
-            new = {"add": value + amount, "sub": value - amount, "mul": value * amount, "div": value // max(amount, 1)}[op]
+            new = {"add": value + amount, "sub": value - amount, "mul": value * amount, "div": value // amount}[op]
             solution.append(SOLUTION[op].format(n=name, x=amount, a=value, b=new))
             value = new
-        if ok:
+        else:
             break
     question = " ".join(sentences) + f" How many {items} does {name} have now?"
     completion = " ".join(solution) + f" The answer is {value}."
