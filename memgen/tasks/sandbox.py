@@ -29,7 +29,7 @@ address only as a pointer, so it could only refuse ``socket(AF_UNIX)`` as a whol
 breaks ``multiprocessing`` (its forkserver and managers listen on unix sockets inside the
 sandbox); and Landlock (ABI 7 on the kernel this was written on) governs creating socket
 files, not connecting to them. A root that holds no host socket path closes every such
-connect and leaves the program's own sockets working. The pids cgroup that root runs
+connect and leaves the program's own sockets working. The pids cgroup that runs as root
 needed earlier is gone: with a uid of its own per run, ``RLIMIT_NPROC`` counts exactly
 that run's processes. Every mechanism the platform refuses is named in
 :attr:`Sandbox.mechanisms`; by default the sandbox then refuses to run
