@@ -149,6 +149,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _real_demo(args: argparse.Namespace) -> int:
+    from .demo.real_model import RealDemoConfig, run_real_demo
+
+    run_real_demo(_config(RealDemoConfig, args))
+    return 0
+
+
 def _experience(args: argparse.Namespace) -> int:
     from .experience.config import ExperienceConfig, run_experience
 
@@ -200,6 +207,7 @@ def _command(parent, name: str, text: str, cls: type, handler, model: bool = Fal
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo.pipeline import DemoConfig
+    from .demo.real_model import RealDemoConfig
     from .evaluate import EvalConfig
     from .train.config import TriggerTrainConfig, WeaverTrainConfig
 
@@ -253,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the written weights (GGUF dequantizes to float32)")
     export.set_defaults(handler=_export_base)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
+    _command(sub, "real-demo", "the demo's experiment on a real pretrained model (SmolLM2-135M-Instruct by "
+             "default): every arm, 3 seeds, cached and resumable", RealDemoConfig, _real_demo)
     return parser
 
 

@@ -194,3 +194,37 @@ if __name__ == "__main__":  # python -m memgen.demo.english [MODEL]: the validat
     grid = [Difficulty(2, ("add", "sub")), Difficulty(3, ("add", "sub")), Difficulty(2, ("add", "sub", "mul", "div")),
             Difficulty(3, ("add", "sub", "mul", "div"))]
     print(json.dumps(validate_vanilla(source, grid), indent=1))
+
+
+# ------------------------------------------------------------------ what the model already does
+FACT_WORDINGS = {"add": ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."],
+                 "sub": ["What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}."]}
+
+
+def arithmetic_facts(seed: int, sizes: dict[str, int], largest: int = 20) -> dict[str, list[Record]]:
+    """One-step sums and differences of numbers up to ``largest``, asked directly: a skill the model has.
+
+    The experiment's "already known" task: memory that leaks into it shows as lost accuracy, and
+    the trigger should learn to stay quiet on it. Splits (train for the trigger's RL mix,
+    validation, test) are disjoint by question; the pairs are shuffled by ``seed``.
+    """
+    questions = []
+    for a in range(2, largest + 1):
+        for b in range(1, largest + 1):
+            for op, value in (("add", a + b), ("sub", a - b)):
+                if op == "sub" and b >= a:
+                    continue
+                for wording in FACT_WORDINGS[op]:
+                    sign = "+" if op == "add" else "-"
+                    questions.append(Record(wording.format(a=a, b=b), f"{a} {sign} {b} = {value}. The answer is {value}.",
+                                            {"answer": str(value)}, "arithmetic"))
+    random.Random(f"facts:{seed}").shuffle(questions)
+    out, start = {}, 0
+    for name in ("train", "validation", "test"):
+        n = sizes.get(name, 0)
+        if start + n > len(questions):
+            raise ValueError(f"only {len(questions)} arithmetic questions up to {largest}; asked for {sum(sizes.values())}")
+        if n:
+            out[name] = questions[start: start + n]
+        start += n
+    return out

@@ -1,0 +1,201 @@
+"""The real-model experiment's arms: each trained once per seed, saved, and loaded on a re-run.
+
+| arm | what trains | evaluated with |
+| --- | --- | --- |
+| vanilla | nothing | memory off |
+| lora_sft | peft LoRA on the reasoner, same rank, targets, data, steps and schedule as the weaver | memory off, merged |
+| memgen_sft | weaver SFT, latents at the prompt end and every delimiter | memory always |
+| memgen_trigger | trigger RL on the frozen SFT weaver (sparsity penalty), on in-domain + known prompts | memory trigger |
+| prompt_only | weaver SFT with latents at the prompt end only (SoftCoT-style) | prompt end only |
+| memgen_grpo | a short weaver GRPO from the SFT weaver | memory always |
+
+Every arm trains on the same records through the model's own chat template, with the loss on
+the answer tokens (and the end-of-turn token) only. A finished arm is an adapter directory
+with ``train.json`` (seconds, trainable parameters), renamed into place only when complete, so
+an interrupted run loads what finished and trains the rest; weaver runs also checkpoint every
+``save_every`` steps and resume mid-run.
+
+LoRA-SFT is evaluated merged into a float32 copy of the base. Merged into bfloat16 weights, an
+update smaller than half a bfloat16 step of its weight (2^-9 relative) would round away, so a
+bf16 merge would not be the model that was trained; unmerged, the peft layers could not sit
+under MemGen's own adapter. Its decoding is therefore float32 while the other arms' is the
+base dtype (see DEMO.md for what that costs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import MemGenConfig
+from ..data import prompt_token_ids
+from ..model import MemGen
+from ..tasks import Task
+from ..train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
+from ..train.runner import latest_checkpoint
+
+ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "prompt_only", "memgen_grpo"]
+MEMORY = {"vanilla": "off", "lora_sft": "off", "memgen_sft": "always", "memgen_trigger": "trigger",
+          "prompt_only": "prompt_end", "memgen_grpo": "always"}
+
+
+def memgen_config(cfg) -> MemGenConfig:
+    return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
+                        lora_alpha=2 * cfg.lora_r)
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _finish(directory: Path, save, seconds: float, params: int) -> None:
+    """Write an adapter with ``save(tmp)`` and its train.json, then rename it into place."""
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    (tmp / "train.json").write_text(json.dumps({"train_seconds": round(seconds, 1), "trainable_params": params}))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def train_info(directory: Path) -> dict | None:
+    path = directory / "train.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _weaver_train_config(cfg, run_dir: Path, **overrides) -> WeaverTrainConfig:
+    values = dict(model="in-memory", data="in-memory", output_dir=str(run_dir), max_steps=cfg.sft_steps,
+                  per_device_batch_size=cfg.batch_size, learning_rate=cfg.weaver_lr, seed=cfg.seed,
+                  save_every=cfg.save_every, save_total_limit=1, progress=cfg.progress,
+                  max_insertions=cfg.max_insertions, tensorboard=False, lr_scheduler="cosine",
+                  warmup_steps=cfg.warmup_steps, max_new_tokens=cfg.max_new_tokens, use_chat_template=True,
+                  resume=latest_checkpoint(run_dir) is not None)
+    values.update(overrides)
+    return WeaverTrainConfig(**values)
+
+
+def _weaver_arm(name: str, base, tokenizer, cfg, seed_dir: Path, train: Task, start_from: Path | None,
+                trainer, config) -> float:
+    model = (MemGen.from_pretrained(start_from, base, tokenizer) if start_from
+             else MemGen(base, tokenizer, memgen_config(cfg)))
+    started = time.perf_counter()
+    trainer(config, model=model, task=train)
+    seconds = time.perf_counter() - started
+    params = count(model.weaver_parameters()) + (count(model.trigger_parameters()) if name == "memgen_trigger" else 0)
+    _finish(seed_dir / "adapters" / name, lambda d: model.save_pretrained(d, save_tokenizer=False), seconds, params)
+    return seconds
+
+
+def train_memgen_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
+    config = _weaver_train_config(cfg, seed_dir / "runs" / "memgen_sft", method="sft", insertion="all")
+    _weaver_arm("memgen_sft", base, tokenizer, cfg, seed_dir, train, None, train_weaver, config)
+
+
+def train_prompt_only(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
+    config = _weaver_train_config(cfg, seed_dir / "runs" / "prompt_only", method="sft", max_insertions=0)
+    _weaver_arm("prompt_only", base, tokenizer, cfg, seed_dir, train, None, train_weaver, config)
+
+
+def train_memgen_grpo(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
+    config = _weaver_train_config(cfg, seed_dir / "runs" / "memgen_grpo", method="grpo", max_steps=cfg.grpo_steps,
+                                  per_device_batch_size=cfg.rl_batch_size, num_generations=cfg.num_generations,
+                                  learning_rate=cfg.grpo_lr, lr_scheduler="constant", warmup_steps=0,
+                                  loss_type="dapo")
+    _weaver_arm("memgen_grpo", base, tokenizer, cfg, seed_dir, train, seed_dir / "adapters" / "memgen_sft",
+                train_weaver, config)
+
+
+def train_memgen_trigger(base, tokenizer, cfg, seed_dir: Path, mix: Task) -> None:
+    """Trigger RL on the frozen SFT weaver; ``mix`` holds in-domain and already-known prompts."""
+    run_dir = seed_dir / "runs" / "memgen_trigger"
+    config = TriggerTrainConfig(model="in-memory", data="in-memory", output_dir=str(run_dir),
+                                max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
+                                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                                learning_rate=cfg.trigger_lr, sparsity_lambda=cfg.sparsity_lambda, seed=cfg.seed,
+                                save_every=cfg.save_every, save_total_limit=1, progress=cfg.progress,
+                                max_insertions=cfg.max_insertions, tensorboard=False, use_chat_template=True,
+                                resume=latest_checkpoint(run_dir) is not None)
+    _weaver_arm("memgen_trigger", base, tokenizer, cfg, seed_dir, mix, seed_dir / "adapters" / "memgen_sft",
+                train_trigger, config)
+
+
+def encode_sft(tokenizer, record) -> tuple[list[int], list[int]]:
+    """(prompt ids through the chat template, answer ids + end of turn): what weaver SFT trains on."""
+    prompt = prompt_token_ids(record, tokenizer, True)
+    completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt, completion
+
+
+def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
+    """peft LoRA on a copy of the base: answer-only NLL, the weaver's batch, steps, lr schedule and data order."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from ..train.runner import _lr_lambda
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
+    schedule = _weaver_train_config(cfg, seed_dir / "runs" / "lora_sft", learning_rate=cfg.lora_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order, position, epoch = [], 0, 0
+    log = (seed_dir / "runs" / "lora_sft")
+    log.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model.train()
+    with open(log / "metrics.jsonl", "w") as metrics:
+        for step in tqdm(range(cfg.sft_steps), desc="train lora_sft", disable=not cfg.progress, dynamic_ncols=True):
+            if position + cfg.batch_size > len(order):  # the runner's order: a fresh permutation per epoch
+                order = torch.randperm(len(train.records),
+                                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+                position, epoch = 0, epoch + 1
+            picks, position = order[position: position + cfg.batch_size], position + cfg.batch_size
+            pairs = [encode_sft(tokenizer, train.records[i]) for i in picks]
+            width = max(len(p) + len(c) for p, c in pairs)
+            ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in pairs])
+            labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in pairs])
+            mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in pairs])
+            # labels are shifted inside the model: position t predicts t + 1, as memgen's SFT does.
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 6),
+                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
+    model.eval()
+    _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, time.perf_counter() - started,
+            count(trainable))
+
+
+def lora_merged(base, tokenizer, cfg, directory: Path) -> MemGen:
+    """The saved LoRA merged into a float32 copy of the base (see the module docstring), memory off."""
+    from peft import PeftModel
+
+    copied = copy.deepcopy(base)
+    for tensor in [*copied.parameters(), *copied.buffers()]:  # transformers refuses .float() on a GGUF-loaded model
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.float()
+    merged = PeftModel.from_pretrained(copied, directory).merge_and_unload().eval()
+    return MemGen(merged, tokenizer, memgen_config(cfg))
+
+
+TRAINERS = {"lora_sft": train_lora_sft, "memgen_sft": train_memgen_sft, "memgen_trigger": train_memgen_trigger,
+            "prompt_only": train_prompt_only, "memgen_grpo": train_memgen_grpo}
+
+
+def load_arm(name: str, base, tokenizer, cfg, seed_dir: Path) -> MemGen:
+    if name == "vanilla":
+        return MemGen(base, tokenizer, memgen_config(cfg))
+    if name == "lora_sft":
+        return lora_merged(base, tokenizer, cfg, seed_dir / "adapters" / name)
+    return MemGen.from_pretrained(seed_dir / "adapters" / name, base, tokenizer)

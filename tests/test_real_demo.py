@@ -1,0 +1,165 @@
+"""The real-model experiment (``memgen real-demo``): its measures proven against references, then the
+real entry point run end to end in ``--quick`` on SmolLM2-135M-Instruct, and resumed from its cache.
+
+* the trigger's insertions that the KL measure finds on a fixed answer are exactly where the
+  engine wove while generating that answer (greedy trigger decisions, tiny model);
+* vanilla's KL from itself is 0 and a changed model's is positive;
+* the LoRA-SFT arm merged into float32 gives the logits of peft's unmerged model;
+* the LoRA-SFT arm trains on exactly the tokens weaver SFT trains on;
+* the already-known arithmetic splits are disjoint and their answers right.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_memgen, toy_task_records
+from memgen.data import Record
+from memgen.demo import drift, real_arms
+from memgen.demo.english import arithmetic_facts
+from memgen.tasks.rewards import math_reward
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def test_trigger_insertions_on_a_fixed_answer_are_where_the_engine_wove(tok):
+    model = make_memgen(tok, seed=3)
+    prompts = [tok(p)["input_ids"] for p in ("copy abc:", "copy dea:", "Hello, world.", "a")]
+    out = model.generate(prompts, memory="trigger", max_new_tokens=24, max_insertions=3)
+    completions = [c.token_ids for c in out.completions]
+    woven = [c.insertion_positions for c in out.completions]
+    assert any(len(w) > 1 for w in woven) and any(len(w) < 1 + len(model.delimiter_positions(c, False))
+                                                  for w, c in zip(woven, completions)), "trigger never chose"
+    assert drift.insertions_for(model, "trigger", prompts, completions, cap=3) == woven
+
+
+def test_always_insertions_are_where_the_engine_wove(tok):
+    model = make_memgen(tok, seed=4)
+    prompts = [tok(p)["input_ids"] for p in ("copy abc:", "Hello, world.")]
+    out = model.generate(prompts, memory="always", max_new_tokens=20, max_insertions=2)
+    completions = [c.token_ids for c in out.completions]
+    assert drift.insertions_for(model, "always", prompts, completions, cap=2) == [
+        c.insertion_positions for c in out.completions]
+
+
+def test_kl_is_zero_from_itself_and_positive_for_a_changed_model(tok):
+    model = make_memgen(tok, seed=5)
+    prompts = [tok(p)["input_ids"] for p in ("copy abc:", "copy bcd:", "Hello, world.")]
+    completions = drift.sample_reference(model, prompts, max_new_tokens=12, seed=0)
+    reference = drift.token_logprobs(model, prompts, completions, [[] for _ in prompts])
+    assert drift.kl_from_reference(reference, reference)["kl"] == 0.0
+    always = drift.insertions_for(model, "always", prompts, completions, cap=4)
+    changed = drift.token_logprobs(model, prompts, completions, always)
+    result = drift.kl_from_reference(reference, changed)
+    assert result["kl"] > 0 and result["tokens"] == sum(len(c) for c in completions)
+
+
+def test_lora_merged_into_float32_matches_the_unmerged_peft_model(tok, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import make_base
+    from memgen.demo.real_model import RealDemoConfig
+
+    cfg = RealDemoConfig(lora_r=4)
+    base = make_base(tok)
+    peft_model = get_peft_model(make_base(tok), LoraConfig(
+        r=4, lora_alpha=8, target_modules=real_arms.memgen_config(cfg).lora_target_modules))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "lora")
+    merged = real_arms.lora_merged(base, tok, cfg, tmp_path / "lora")
+    ids = torch.tensor([tok("copy abc: abc, abc.")["input_ids"]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = merged.reasoner_model(input_ids=ids).logits
+    assert (want - make_base(tok)(input_ids=ids).logits).abs().max() > 1e-2  # the adapter changes the model
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_arm_trains_on_the_tokens_weaver_sft_trains_on(tok, tmp_path):
+    from memgen.train import WeaverTrainConfig
+    from memgen.train.runner import Run
+    from memgen.train.sft import sft_example
+
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        records = toy_task_records(8)
+        model = make_memgen(tok, randomize=False)
+        from memgen.tasks import Task
+
+        task = Task("toy", records, math_reward, {}, [])
+        run = Run(WeaverTrainConfig(model="x", data="x", output_dir=str(tmp_path), use_chat_template=True,
+                                    max_insertions=8, progress=False, tensorboard=False), "weaver", model, task)
+        for i, record in enumerate(records):
+            prompt, completion, _, _ = sft_example(run, record, i, 0)
+            assert real_arms.encode_sft(tok, record) == (prompt, completion)
+    finally:
+        tok.chat_template = None
+
+
+def test_arithmetic_facts_are_disjoint_and_right():
+    splits = arithmetic_facts(0, {"train": 300, "validation": 64, "test": 64})
+    questions = [r.prompt for s in splits.values() for r in s]
+    assert len(questions) == len(set(questions)) == 428
+    for record in splits["test"]:
+        assert math_reward([record.prompt], [record.completion], answer=[record.columns["answer"]]) == [1.0]
+    assert arithmetic_facts(1, {"test": 5})["test"] != arithmetic_facts(0, {"test": 5})["test"]
+    with pytest.raises(ValueError, match="arithmetic questions"):
+        arithmetic_facts(0, {"train": 5000})
+
+
+def outcomes(payload: dict) -> list:
+    """Per arm: accuracy and insertions per set, and the KL (timings left out)."""
+    return [(row["arm"], row["kl"], {name: (cell["accuracy"], cell["mean_insertions"]) for name, cell in row["sets"].items()})
+            for row in payload["arms"]]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
+def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
+    out = tmp_path / "real"
+    command = [sys.executable, "-m", "memgen", "real-demo", "--quick", "--out", str(out), "--progress", "false",
+               "--data-dir", str(DATA)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    payload = json.loads((out / "results.json").read_text())
+    for name in ("report.md", "accuracy.png", "kl.png", "seed-0/run.json"):
+        assert (out / name).is_file(), name
+    arms = [row["arm"] for row in payload["arms"]]
+    assert arms == real_arms.ARMS
+    vanilla = payload["arms"][0]
+    assert vanilla["kl"]["mean"] == 0.0 and vanilla["sets"]["in_domain"]["mean_insertions"] == 0
+    assert set(vanilla["sets"]) == {"in_domain", "more_steps", "unseen_wording", "known", "gsm8k"}
+    always = next(r for r in payload["arms"] if r["arm"] == "memgen_sft")
+    assert always["sets"]["in_domain"]["mean_insertions"] >= 1  # the prompt end at least
+    assert {c["measure"] for c in payload["claims"]} >= {"memgen_sft - vanilla, in-domain",
+                                                         "KL(lora_sft) - KL(memgen_trigger)"}
+    for arm in real_arms.ARMS[1:]:
+        assert (out / "seed-0" / "adapters" / arm / "train.json").is_file(), arm
+    assert "## The paper's claims on this model" in (out / "report.md").read_text()
+
+    # A finished seed is read back, not re-run: the second run trains and decodes nothing.
+    (out / "results.json").unlink()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "training" not in second.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert outcomes(again) == outcomes(payload) and again["claims"] == payload["claims"]
+
+    # An arm whose scores are gone is re-scored from its saved adapter, with the same answers.
+    (out / "seed-0" / "run.json").unlink()
+    for path in (out / "seed-0" / "scores" / "memgen_sft").iterdir():
+        path.unlink()
+    third = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "training" not in third.stdout
+    rescored = json.loads((out / "results.json").read_text())
+    assert outcomes(rescored) == outcomes(payload)
