@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from conftest import make_memgen, toy_task_records
-from memgen.data import Record
 from memgen.demo import drift, real_arms
 from memgen.demo.english import answer_reward, general_knowledge
 from memgen.tasks.rewards import math_reward
@@ -166,9 +165,11 @@ def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
 
     # A finished seed is read back, not re-run: the second run trains and decodes nothing.
     (out / "results.json").unlink()
+    answers = {p: p.stat().st_mtime_ns for p in (out / "seed-0" / "answers").iterdir()}
     second = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "training" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "seed-0" / "answers").iterdir()} == answers
     again = json.loads((out / "results.json").read_text())
     assert outcomes(again) == outcomes(payload) and again["claims"] == payload["claims"]
 

@@ -175,6 +175,7 @@ def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
             optimizer.zero_grad(set_to_none=True)
             metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 6),
                                       "lr": scheduler.get_last_lr()[0]}) + "\n")
+            metrics.flush()  # so a long run can be watched
     model.eval()
     _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, time.perf_counter() - started,
             count(trainable))

@@ -14,8 +14,9 @@ the same questions of a frozen pretrained instruct model, read offline from the 
 
 Arms (:mod:`memgen.demo.real_arms`) train on the same problems through the model's chat
 template with answer-only loss. Per seed, each arm's adapter and each score are cached under
-``--out/seed-N``, so an interrupted run (or a session that ends) resumes where it stopped;
-``run.json`` marks a finished seed. Then the claims are checked per seed and in the mean and
+``--out/seed-N``, so an interrupted run (or a session that ends) resumes where it stopped,
+and a re-run with more seeds or arms computes only what is new (``run.json`` records each
+seed's rows). Then the claims are checked per seed and in the mean and
 ``results.json``, ``report.md`` and plots are written, as the default demo does.
 
 Settings were chosen on the validation split only (DEMO.md, "Real model"); ``--validate``
@@ -254,15 +255,22 @@ def run_seed(cfg: RealDemoConfig, seed: int, base, tokenizer, log=print) -> dict
             train = data["mix"] if arm == "memgen_trigger" else data["train"]
             real_arms.TRAINERS[arm](base, tokenizer, cfg, seed_dir, train)
         info = real_arms.train_info(directory) or {"train_seconds": 0.0, "trainable_params": 0}
-        model = vanilla if arm == "vanilla" else real_arms.load_arm(arm, base, tokenizer, cfg, seed_dir)
+        loaded = {}
+
+        def model():  # loaded only if some score of this arm is not cached yet
+            if "model" not in loaded:
+                loaded["model"] = vanilla if arm == "vanilla" else real_arms.load_arm(arm, base, tokenizer, cfg,
+                                                                                      seed_dir)
+            return loaded["model"]
+
         scores = {name: _cached(seed_dir / "scores" / arm / f"{name}.json",
-                                lambda: score(model, cfg, arm, name, task, seed, seed_dir))
+                                lambda: score(model(), cfg, arm, name, task, seed, seed_dir))
                   for name, task in data["tests"].items() if name != "gsm8k" or arm in GSM8K_ARMS}
-        kl = _cached(seed_dir / "scores" / arm / "kl.json", lambda: kl_of(model, cfg, arm, ref, prompts))
+        kl = _cached(seed_dir / "scores" / arm / "kl.json", lambda: kl_of(model(), cfg, arm, ref, prompts))
         rows.append({"arm": arm, "memory": real_arms.MEMORY[arm], **info, "sets": scores, "kl": kl})
         log(f"seed {seed} {arm}: " + ", ".join(f"{n}={s['accuracy']:.3f}" for n, s in scores.items())
             + f", KL={kl['kl']:.4f}")
-        del model
+        loaded.clear()
     result = {"seed": seed, "arms": rows}
     (seed_dir / "run.json").write_text(json.dumps(result, indent=1))
     return result
@@ -427,9 +435,8 @@ def run_real_demo(config: RealDemoConfig) -> dict:
     print(f"reasoner: {cfg.model}, {reasoner['params'] / 1e6:.1f}M parameters, {reasoner['dtype']} ({reasoner['reason']})")
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     runs = []
-    for seed in seeds:
-        done = out / f"seed-{seed}" / "run.json"
-        runs.append(json.loads(done.read_text()) if done.is_file() else run_seed(cfg, seed, base, tokenizer))
+    for seed in seeds:  # a finished seed costs only its adapters' loading: every score is read from its cache
+        runs.append(run_seed(cfg, seed, base, tokenizer))
     payload = {"config": asdict(cfg), "seeds": seeds, "reasoner": reasoner, "arms": aggregate(runs),
                "claims": check_claims(runs), "runs": runs, "total_seconds": round(time.perf_counter() - started, 1),
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
