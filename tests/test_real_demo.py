@@ -155,6 +155,8 @@ def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
     assert vanilla["kl"]["mean"] == 0.0 and vanilla["sets"]["in_domain"]["mean_insertions"] == 0
     assert set(vanilla["sets"]) == {"in_domain", "more_steps", "unseen_wording", "known", "gsm8k"}
     assert "gsm8k" not in payload["arms"][-1]["sets"]  # memgen_grpo: no harm check (GSM8K_ARMS)
+    reference = json.loads((out / "seed-0" / "kl_reference.json").read_text())
+    assert len(reference["completions"]) == len(reference["logprobs"]) == 2  # --quick asks for 2 KL prompts
     always = next(r for r in payload["arms"] if r["arm"] == "memgen_sft")
     assert always["sets"]["in_domain"]["mean_insertions"] >= 1  # the prompt end at least
     assert {c["measure"] for c in payload["claims"]} >= {"memgen_sft - vanilla, in-domain",

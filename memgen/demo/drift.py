@@ -1,9 +1,10 @@
 """How far a trained arm's output distribution moved from the unchanged model on general prompts.
 
 Accuracy on one known task shows forgetting only where that task looks. This measures change
-everywhere the prompts reach: the mean per-token KL(vanilla || arm) over held-out chat prompts
-(TriviaQA questions in the real-model experiment), estimated on answers *sampled from the
-unchanged model*. Each answer is teacher-forced under the vanilla model and under the arm, and
+everywhere the prompts reach: the mean per-token KL(vanilla || arm) over held-out everyday chat
+prompts (:data:`GENERAL_PROMPTS`, written for this measure: no arm trains on anything like
+them; the offline TriviaQA sample holds a single question, too few), estimated on answers
+*sampled from the unchanged model*. Each answer is teacher-forced under the vanilla model and under the arm, and
 the per-token estimator ``k3 = r - 1 - log r`` with ``r = p_arm / p_vanilla`` (unbiased for
 KL(vanilla || arm) under vanilla's samples, never negative, lower variance than ``-log r``) is
 averaged over every answer token. ``k1 = -log r`` is reported beside it.
@@ -23,6 +24,26 @@ from __future__ import annotations
 import torch
 
 from ..model import MemGen
+
+# Everyday requests of the kinds chat models get: advice, explanation, writing, lists, small talk.
+GENERAL_PROMPTS = [
+    "Give me three tips for sleeping better.", "Write a short poem about the sea.",
+    "Why is the sky blue?", "What should I pack for a weekend camping trip?",
+    "Explain what a computer virus is to a child.", "Suggest a name for a friendly orange cat.",
+    "How do I make a cup of green tea?", "Write a thank-you note to a neighbour who watered my plants.",
+    "What are some fun things to do on a rainy day?", "Describe a sunset in two sentences.",
+    "How can I stay focused while studying?", "What is the difference between weather and climate?",
+    "Tell me a fun fact about octopuses.", "Write a haiku about autumn leaves.",
+    "What are the benefits of drinking water?", "How do plants make their food?",
+    "Give me a simple recipe for pancakes.", "What is a good way to start a conversation with someone new?",
+    "Explain why exercise is good for the heart.", "Write a two-sentence story about a lost key.",
+    "What are the planets in our solar system?", "How do I politely decline an invitation?",
+    "Why do leaves change colour in the fall?", "Suggest three hobbies that cost little money.",
+    "What does a librarian do?", "Write a short motivational message for a friend starting a new job.",
+    "How does a rainbow form?", "List some healthy snacks for children.",
+    "What is the purpose of a seatbelt?", "Describe your ideal weekend in a few sentences.",
+    "How can I reduce waste at home?", "Why do we have seasons?",
+]
 
 
 def sample_reference(model: MemGen, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:

