@@ -86,25 +86,30 @@ def _train_lora(model, tokenizer, cfg, train: Task, desc: str) -> list:
     model.train()
     for _ in tqdm(range(cfg.sft_steps), desc=desc, disable=not cfg.progress, dynamic_ncols=True):
         picks = torch.randint(len(train.records), (cfg.batch_size,), generator=generator).tolist()
-        seqs, labels = [], []
+        pairs = []
         for i in picks:
             r = train.records[i]
-            p = tokenizer(r.prompt)["input_ids"]
-            c = tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            seqs.append(p + c)
-            labels.append([-100] * len(p) + c)
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            pairs.append((tokenizer(r.prompt)["input_ids"],
+                          tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+        completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad)
     model.eval()
     return trainable
+
+
+def completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad: int) -> torch.Tensor:
+    """One optimizer step of answer-only NLL on (prompt ids, completion ids) pairs, right-padded; returns the loss."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in pairs])
+    labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in pairs])
+    mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in pairs])
+    # labels are shifted inside the model: position t predicts t + 1, as memgen's SFT does.
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _merged(peft_model, tokenizer, cfg) -> MemGen:

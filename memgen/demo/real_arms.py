@@ -38,6 +38,7 @@ from ..model import MemGen
 from ..tasks import Task
 from ..train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
 from ..train.runner import latest_checkpoint
+from .arms import completion_nll_step
 
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "prompt_only", "memgen_grpo"]
 MEMORY = {"vanilla": "off", "lora_sft": "off", "memgen_sft": "always", "memgen_trigger": "trigger",
@@ -162,17 +163,7 @@ def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
                 position, epoch = 0, epoch + 1
             picks, position = order[position: position + cfg.batch_size], position + cfg.batch_size
             pairs = [encode_sft(tokenizer, train.records[i]) for i in picks]
-            width = max(len(p) + len(c) for p, c in pairs)
-            ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in pairs])
-            labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in pairs])
-            mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in pairs])
-            # labels are shifted inside the model: position t predicts t + 1, as memgen's SFT does.
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad)
             metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 6),
                                       "lr": scheduler.get_last_lr()[0]}) + "\n")
             metrics.flush()  # so a long run can be watched
