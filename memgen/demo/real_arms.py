@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_directory
 from ..config import MemGenConfig
 from ..data import prompt_token_ids
 from ..model import MemGen
@@ -58,13 +58,10 @@ def count(params) -> int:
 
 
 def _finish(directory: Path, save, seconds: float, params: int) -> None:
-    """Write an adapter with ``save(tmp)`` and its train.json, then rename it into place."""
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    (tmp / "train.json").write_text(json.dumps({"train_seconds": round(seconds, 1), "trainable_params": params}))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    """Write an adapter with ``save(scratch)`` and its train.json, renamed into place only when complete."""
+    with atomic_directory(directory) as scratch:
+        save(scratch)
+        (scratch / "train.json").write_text(json.dumps({"train_seconds": round(seconds, 1), "trainable_params": params}))
 
 
 def train_info(directory: Path) -> dict | None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..dataclass_cli import check_ranges, help_field
+from ..checkpoint import atomic_write_text
 from ..data import DataError
 from ..errors import ConfigError
 from ..evaluate import EvalConfig, evaluate, format_table
@@ -169,9 +170,7 @@ def seed_data(cfg: RealDemoConfig, seed: int) -> dict:
              "unseen_wording": as_task("english", splits["test_unseen_wording"]),
              "known": known_task("known", facts["test"])}
     if cfg.gsm8k_size:
-        gsm8k = load_task("gsm8k", _data_file(cfg, "gsm8k/test.jsonl"))
-        tasks["gsm8k"] = Task("gsm8k", gsm8k.records[: cfg.gsm8k_size], gsm8k.reward, {}, gsm8k.stop,
-                              failure_type=gsm8k.failure_type)
+        tasks["gsm8k"] = load_task("gsm8k", _data_file(cfg, "gsm8k/test.jsonl"), limit=cfg.gsm8k_size)
     return {"train": as_task("english-train", splits["train"]), "mix": mix_task, "tests": tasks,
             "validation": {"in_domain": as_task("english", splits["validation"]),
                            "known": known_task("known", facts["validation"])}}
@@ -198,9 +197,7 @@ def _cached(path: Path, compute):
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp-write")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(value, indent=1))
     return value
 
 
@@ -270,7 +267,7 @@ def run_seed(cfg: RealDemoConfig, seed: int, base, tokenizer, log=print) -> dict
             + f", KL={kl['kl']:.4f}")
         loaded.clear()
     result = {"seed": seed, "arms": rows}
-    (seed_dir / "run.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(seed_dir / "run.json", json.dumps(result, indent=1))
     return result
 
 
