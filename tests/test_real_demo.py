@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import make_memgen, toy_task_records
 from memgen.demo import drift, real_arms
@@ -163,6 +164,9 @@ def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
                                                          "KL(lora_sft) - KL(memgen_trigger)"}
     for arm in real_arms.ARMS[1:]:
         assert (out / "seed-0" / "adapters" / arm / "train.json").is_file(), arm
+    for arm in ("memgen_trigger", "memgen_grpo"):  # RL rollouts sample at the demo's rollout temperature
+        saved = yaml.safe_load((out / "seed-0" / "runs" / arm / "config.yaml").read_text())
+        assert saved["temperature"] == payload["config"]["rollout_temperature"] == 0.7, arm
     assert "## The paper's claims on this model" in (out / "report.md").read_text()
 
     # A finished seed is read back, not re-run: the second run trains and decodes nothing.

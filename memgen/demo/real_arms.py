@@ -106,7 +106,7 @@ def train_memgen_grpo(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None
     config = _weaver_train_config(cfg, seed_dir / "runs" / "memgen_grpo", method="grpo", max_steps=cfg.grpo_steps,
                                   per_device_batch_size=cfg.rl_batch_size, num_generations=cfg.num_generations,
                                   learning_rate=cfg.grpo_lr, lr_scheduler="constant", warmup_steps=0,
-                                  loss_type="dapo")
+                                  loss_type="dapo", temperature=cfg.rollout_temperature)
     _weaver_arm("memgen_grpo", base, tokenizer, cfg, seed_dir, train, seed_dir / "adapters" / "memgen_sft",
                 train_weaver, config)
 
@@ -118,6 +118,7 @@ def train_memgen_trigger(base, tokenizer, cfg, seed_dir: Path, mix: Task) -> Non
                                 max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
                                 num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
                                 learning_rate=cfg.trigger_lr, sparsity_lambda=cfg.sparsity_lambda, seed=cfg.seed,
+                                temperature=cfg.rollout_temperature,
                                 save_every=cfg.save_every, save_total_limit=1, progress=cfg.progress,
                                 max_insertions=cfg.max_insertions, tensorboard=False, use_chat_template=True,
                                 resume=latest_checkpoint(run_dir) is not None)

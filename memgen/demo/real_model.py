@@ -103,6 +103,8 @@ class RealDemoConfig:
     grpo_lr: float = help_field(1e-4, "weaver GRPO learning rate", gt=0)
     rl_batch_size: int = help_field(4, "prompts per RL step", ge=1)
     num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
+    rollout_temperature: float = help_field(0.7, "sampling temperature of trigger-RL and GRPO rollouts (chosen on "
+                                                 "validation: DEMO.md, 'Why the first trigger stayed silent')", gt=0)
     max_new_tokens: int = help_field(128, "longest answer (word problems, known questions, RL rollouts)", ge=1)
     gsm8k_max_new_tokens: int = help_field(256, "longest GSM8K answer", ge=1)
     eval_batch_size: int = help_field(16, "answers decoded together at evaluation", ge=1)
