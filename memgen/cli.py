@@ -82,18 +82,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval_task(config):
     """The task an EvalConfig names: an agent task (episodes) or a single-turn one; evaluation applies --limit."""
-    from .agents.tasks import is_env_task, load_env_task
-    from .tasks import load_task
+    from .tasks import load_named_task
 
     if not config.data and config.task != "ledger":
         raise MemGenError("--data is required")
-    if is_env_task(config.task):
-        if config.memory_source != "weaver":
-            raise MemGenError("agent tasks evaluate with --memory-source weaver")
-        return load_env_task(config.task, config.data, config.split or "valid_seen", None, config.max_turns or None,
-                             config.step_timeout)
-    return load_task(config.task, config.data, config.skip_malformed, config.seed, split=config.split,
-                     sandbox=config.sandbox_config())
+    task = load_named_task(config, env_split=config.split or "valid_seen")
+    if task.episodic and config.memory_source != "weaver":  # before any model is loaded
+        raise MemGenError("agent tasks evaluate with --memory-source weaver")
+    return task
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -1,26 +1,24 @@
-"""``memgen eval``: batched generation on a task, scored per example, summarised as a table.
+"""``memgen eval``: the evaluation config, and one entry point that scores any task.
 
-Greedy decoding (seeded) with the chosen memory policy. Each answer's text is cut at the
-task's first stop string before scoring. Writes one JSON line per example (prompt,
-completion, reward, insertions, seconds) and returns the summary: accuracy (mean reward),
-extra metrics (e.g. F1 for QA), mean insertions per answer and decode time per answer.
+The task runs itself through the engine (:meth:`memgen.tasks.protocol.TaskProtocol.evaluate`):
+answer tasks decode greedily (seeded) with the chosen memory policy and score each answer
+(:mod:`memgen.tasks.answering`); agent tasks play episodes (:mod:`memgen.agents.evaluate`).
+Both write one JSON line per example and return a summary.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections import Counter
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-from .config import GenerateConfig, MemoryPolicy
-from .data import prompt_token_ids
-from .errors import ConfigError, MemGenError
+from .config import MemoryPolicy
 from .dataclass_cli import check_ranges, help_field
-from .tasks import Task
-from .tasks.sandbox import STATUSES, CodeExecutionFields
-from .tasks.rewards import cut_at_stop
+from .errors import ConfigError
+from .experience.sources import memory_source
+from .tables import format_table
+from .tasks.protocol import run_in_batches
+from .tasks.sandbox import CodeExecutionFields
+
+__all__ = ["EvalConfig", "evaluate", "evaluate_task", "format_table", "run_in_batches", "MEMORY_SOURCES"]
 
 
 MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
@@ -74,167 +72,20 @@ class EvalConfig(CodeExecutionFields):
         return self.memory != "off"
 
 
-def evaluate(model, task: Task, config: EvalConfig, experience=None, insertion_filter=None, observe=None) -> dict:
-    """Score ``model`` on ``task``; ``experience`` (an ExperienceReader) overrides ``config.experience``.
+def evaluate(model, task, config: EvalConfig, experience=None, insertion_filter=None, observe=None) -> dict:
+    """Score ``model`` on ``task`` (any task: answers or episodes) and return the summary.
 
-    ``insertion_filter`` goes to :meth:`MemGen.generate` (rows then count their withheld insertions as
-    ``suppressed``). ``observe(records, completions, rows)``, called after each batch, sees the
-    completions with their latents kept (how :mod:`memgen.analysis` collects them).
+    ``experience`` (an ExperienceReader) overrides ``config.experience``. ``insertion_filter`` goes to
+    :meth:`MemGen.generate` (rows then count their withheld insertions as ``suppressed``).
+    ``observe(records, outputs, rows)``, called after each batch, sees the completions (or
+    episodes) with their latents kept (how :mod:`memgen.analysis` collects them).
     """
-    rewrite = None
-    if experience is None and config.memory_source != "weaver":
-        from .experience.weaving import open_reader
-
-        experience = open_reader(config, model)
-    if config.memory_source in ("expel", "awm"):
-        rewrite = _prompt_memory(experience.store, config, config.experience_task or task.name)
-        experience = None  # the store feeds the prompt, not the weaver
-
-    records = task.records[: config.limit] if config.limit is not None else task.records
-    if not records:
-        raise MemGenError(f"task {task.name} has no records to evaluate")
-    gen = GenerateConfig(memory=config.memory, max_new_tokens=config.max_new_tokens, stop=task.stop,
-                         max_insertions=config.max_insertions, insert_at_prompt_end=config.insert_at_prompt_end,
-                         seed=config.seed, return_latents=observe is not None)
-    def score(batch):
-        began = time.perf_counter()
-        shown = [_rewritten(r, rewrite) for r in batch] if rewrite is not None else batch
-        output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
-                                gen, experience=experience, insertion_filter=insertion_filter)
-        seconds = time.perf_counter() - began
-        texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
-        columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
-        prompts = [r.prompt for r in batch]
-        rewards, outcomes = task.score(prompts, texts, **columns)
-        extras = {name: fn(prompts, texts, **columns) for name, fn in task.extra_metrics.items()}
-        rows = []
-        for i, (record, completion) in enumerate(zip(batch, output.completions)):
-            # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
-            decided = [ins for ins in completion.insertions if ins.position > 0 or ins.probability is not None]
-            row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
-                   "reward": float(rewards[i]), "insertions": completion.num_insertions,
-                   "decisions": len(decided),
-                   "decided_insertions": sum(ins.inserted for ins in decided),
-                   "insertion_positions": completion.insertion_positions,
-                   "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
-            row.update({name: float(values[i]) for name, values in extras.items()})
-            if outcomes is not None:
-                o = outcomes[i]
-                row.update({"status": o.status, "limit": o.limit, "exec_seconds": o.seconds, "detail": o.detail})
-            if experience is not None:  # the records each woven insertion read, in insertion order
-                row["retrieved"] = [ins.retrieved for ins in completion.insertions if ins.inserted]
-            if task.failure_type is not None:
-                row["failure"] = task.failure_type(record.prompt, texts[i], task.gold(record))
-            if insertion_filter is not None:
-                row["suppressed"] = sum(ins.suppressed for ins in completion.insertions)
-            rows.append(row)
-        if observe is not None:
-            observe(batch, output.completions, rows)
-        return rows, seconds
-
-    rows, total_seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", score,
-                                         ("acc", "reward"))
-    n = len(rows)
-    summary = {
-        "task": task.name, "memory": config.memory, "n": n,
-        "accuracy": sum(r["reward"] for r in rows) / n,
-        "mean_insertions": sum(r["insertions"] for r in rows) / n,
-        "seconds_per_answer": total_seconds / n,
-        "mean_new_tokens": sum(r["new_tokens"] for r in rows) / n,
-    }
-    decisions = sum(r["decisions"] for r in rows)
-    # Share of delimiter decision points where memory was woven (None when memory is off).
-    summary["invocation_rate"] = sum(r["decided_insertions"] for r in rows) / decisions if decisions else None
-    for name in task.extra_metrics:
-        summary[name] = sum(r[name] for r in rows) / n
-    if task.failure_type is not None:
-        summary["failures"] = dict(sorted(Counter(r["failure"] for r in rows).items()))
-    if task.outcomes is not None:
-        summary["pass@1"] = summary["accuracy"]
-        for status in (s for s in STATUSES if s != "passed"):
-            summary[status] = sum(r["status"] == status for r in rows)
-        summary["skipped"] = len(task.unavailable)  # left out at load: this machine cannot score them
-    return summary
+    memory = memory_source(config, model, task.name, experience)
+    return task.evaluate(model, config, memory, insertion_filter=insertion_filter, observe=observe)
 
 
 def evaluate_task(model, task, config: EvalConfig, insertion_filter=None, observe=None) -> dict:
-    """:func:`evaluate` for answer tasks, :func:`memgen.agents.evaluate.evaluate_agent` for agent tasks (episodes)."""
-    from .agents.tasks import EnvTask
-
-    if isinstance(task, EnvTask):
-        from .agents.evaluate import evaluate_agent
-
-        return evaluate_agent(model, task, config, insertion_filter=insertion_filter, observe=observe)
+    """:func:`evaluate` (kept for callers that named it for agent tasks)."""
     return evaluate(model, task, config, insertion_filter=insertion_filter, observe=observe)
 
 
-def run_in_batches(model, records, config, desc: str, score_batch, shown: tuple[str, str]):
-    """Score ``records`` in batches of ``config.batch_size`` with ``model`` in eval mode.
-
-    ``score_batch(batch) -> (rows, seconds)``; every row goes to ``config.output`` (JSONL) as it
-    comes, and the progress bar shows ``shown = (label, key)``: the running mean of ``row[key]``.
-    Returns all rows and the seconds the batches reported.
-    """
-    from tqdm.auto import tqdm
-
-    rows, total_seconds = [], 0.0
-    handle = None
-    if config.output:
-        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(config.output, "w")
-    bar = tqdm(total=len(records), disable=not config.progress, desc=desc, dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(records), config.batch_size):
-            batch = records[start: start + config.batch_size]
-            batch_rows, seconds = score_batch(batch)
-            total_seconds += seconds
-            for row in batch_rows:
-                rows.append(row)
-                if handle:
-                    handle.write(json.dumps(row) + "\n")
-            bar.update(len(batch))
-            label, key = shown
-            bar.set_postfix({label: f"{sum(r[key] for r in rows) / len(rows):.3f}"})
-    finally:
-        bar.close()
-        if handle:
-            handle.close()
-        model.train(was_training)
-    return rows, total_seconds
-
-
-def _rewritten(record, rewrite):
-    """The record with its prompt (or its last user message) passed through ``rewrite``."""
-    if record.messages:
-        messages = [dict(m) for m in record.messages]
-        last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-        messages[last]["content"] = rewrite(messages[last]["content"])
-        return replace(record, messages=messages)
-    return replace(record, prompt=rewrite(record.prompt))
-
-
-def _prompt_memory(store, config: EvalConfig, task: str):
-    """prompt -> prompt with ExpeL's insights and examples, or AWM's workflows, from ``store``."""
-    template = Path(config.experience_template).read_text() if config.experience_template else ""
-    if config.memory_source == "expel":
-        from .experience.expel import ExpeLConfig, expel_prompt
-
-        expel = ExpeLConfig(top_k=config.experience_top_k, task_template=template)
-        return lambda prompt: expel_prompt(store, task, prompt, expel)
-    from .experience.awm import AWMConfig, awm_prompt
-
-    awm = AWMConfig(task_template=template)
-    return lambda prompt: awm_prompt(store, task, prompt, awm)
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain-text table (also valid Markdown)."""
-    def cell(value):
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    line = lambda cells: "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths)) + " |"
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])

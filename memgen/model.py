@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .checkpoint import atomic_directory, weights_fingerprint
 from .config import GenerateConfig, MemGenConfig
 from .delimiters import delimiter_mask, delimiter_token_ids

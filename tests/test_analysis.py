@@ -12,7 +12,7 @@ import torch
 from conftest import PROMPTS, make_base, make_memgen
 from memgen.analysis import (AnalyzeConfig, ClusterFilter, Collection, analyze, collect, fit_clusters,
                              silhouette_sweep)
-from memgen.demo.domains import FAILURE_TYPES, as_task, failure_type, make_split
+from memgen.tasks.domains import FAILURE_TYPES, as_task, failure_type, make_split
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 CLI = [sys.executable, "-m", "memgen"]

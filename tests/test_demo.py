@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from memgen.demo.domains import answer_reward, disjoint_splits, make_problem
+from memgen.tasks.domains import answer_reward, disjoint_splits, make_problem
 
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "memgen_random", "prompt_only", "memgen_grpo"]
 
@@ -125,7 +125,7 @@ def test_decoding_with_notes_matches_row_by_row_decoding():
 
     import torch
 
-    from memgen.demo.domains import note
+    from memgen.tasks.domains import note
     from memgen.demo.reasoner import decode_with_notes, demo_tokenizer
     from memgen.tiny import tiny_causal_lm
 
@@ -173,7 +173,7 @@ def test_domains_are_disjoint_and_scored():
 def test_notes_sit_at_insertion_points_and_are_never_targets():
     import random
 
-    from memgen.demo.domains import NOTE_WIDTH, note, with_notes
+    from memgen.tasks.domains import NOTE_WIDTH, note, with_notes
     from memgen.demo.reasoner import ReasonerConfig, _examples, demo_tokenizer
 
     record = make_problem(random.Random(5), "N")

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 from ..errors import MemGenError
-from ..evaluate import run_in_batches
+from ..tasks.protocol import run_in_batches
 from .runner import run_episodes
 
 

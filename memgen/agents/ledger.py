@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 
-from ..demo.domains import ITEMS, NAMES, VERBS
+from ..tasks.domains import ITEMS, NAMES, VERBS
 from .dialogue import TranscriptFormat
 from .env import ActionError
 

@@ -45,6 +45,34 @@ class EnvTask:
     episodic: bool = True
     stop: list[str] = field(default_factory=list)
 
+    # ------------------------------------------------ the task protocol (memgen.tasks.protocol)
+    def evaluate(self, model, config, memory=None, insertion_filter=None, observe=None) -> dict:
+        from .evaluate import evaluate_agent
+
+        if memory is not None and memory.rewrite_prompt is not None:
+            raise ConfigError("agent tasks evaluate with --memory-source weaver")
+        return evaluate_agent(model, self, config, experience=None if memory is None else memory.reader,
+                              insertion_filter=insertion_filter, observe=observe)
+
+    def rollout(self, run, records: list[Record], micro: int, memory: str, **generate_kwargs):
+        from .training import episode_rollout
+
+        return episode_rollout(run, records, micro, memory, **generate_kwargs)
+
+    def sft_step(self, run, micro: int):
+        from .training import episode_sft_step
+
+        return episode_sft_step(run, micro)
+
+    def reward_function(self, config) -> None:
+        """Episodes are rewarded by their environment (``won``), not by a reward function."""
+        return None
+
+    def decoded_spans(self, record: Record, episode, tokenizer) -> list[tuple]:
+        """One span per turn: the turn's observation segment and the reply decoded after it."""
+        return [(t + 1, tokenizer.decode(turn.segment_ids, skip_special_tokens=True), turn.completion)
+                for t, turn in enumerate(episode.turns)]
+
     def seed_of(self, record: Record):
         return record.columns.get("seed")
 

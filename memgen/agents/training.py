@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..train.rollouts import RolloutBatch
+from ..tasks.protocol import RolloutBatch
 from ..weaver import INFERENCE, PROMPT
 from .env import action_parser
 from .episode import EpisodeRow, training_rows

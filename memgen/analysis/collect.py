@@ -21,7 +21,7 @@ from ..checkpoint import atomic_directory
 from ..data import DataError
 from ..evaluate import evaluate_task
 from ..weaver import INFERENCE, PROMPT
-from .evaluation import is_episodic, outcome
+from .evaluation import outcome
 
 LATENTS_FILE = "latents.safetensors"
 INSERTIONS_FILE = "insertions.jsonl"
@@ -95,13 +95,6 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
     chars = getattr(config, "context_chars", 60)
     examples_seen: list[dict] = []
 
-    def spans(record, output):
-        """(turn number or None, the text fed before the completion, the completion) per decoded span."""
-        if is_episodic(task):
-            return [(t + 1, tokenizer.decode(turn.segment_ids, skip_special_tokens=True), turn.completion)
-                    for t, turn in enumerate(output.turns)]
-        return [(None, record.prompt, output)]
-
     def observe(records, outputs, rows):
         for record, output, row in zip(records, outputs, rows):
             example = len(examples_seen)
@@ -109,7 +102,7 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
             if group_by:
                 row["group"] = str(record.columns.get(group_by, ""))
             ordinal = 0
-            for turn, fed, completion in spans(record, output):
+            for turn, fed, completion in task.decoded_spans(record, output, tokenizer):
                 ids = completion.token_ids
                 for ins in completion.insertions:
                     if not ins.inserted or ins.latents is None:

@@ -11,9 +11,8 @@ import json
 
 
 def is_episodic(task) -> bool:
-    from ..agents.tasks import EnvTask
-
-    return isinstance(task, EnvTask)
+    """Whether ``task``'s rows are episodes (the protocol's ``episodic``)."""
+    return task.episodic
 
 
 def outcome(row: dict) -> float:

@@ -3,7 +3,7 @@
 The weavers of ``memgen_sft`` and ``memgen_grpo`` answer the held-out problems of A, B and C
 together; their pooled latents are clustered (N = ``analysis_clusters``), read, and ablated one
 cluster at a time, each against a random control, with the demo's failure classifier
-(:func:`memgen.demo.domains.failure_type`) counting what goes wrong. Each arm's full report
+(:func:`memgen.tasks.domains.failure_type`) counting what goes wrong. Each arm's full report
 (``analysis.md``, plots, the collection) lands in ``seed-S/analysis/<arm>/``; the demo's report
 gets a summary table per arm.
 """
@@ -16,7 +16,7 @@ from ..analysis import AnalyzeConfig, analyze
 from ..analysis.ablation import by_cluster, top_rise
 from ..analysis.report import silhouette_reading
 from ..evaluate import format_table
-from .domains import as_task
+from ..tasks.domains import as_task
 
 ANALYSIS_ARMS = ("memgen_sft", "memgen_grpo")
 ANALYSIS_DOMAINS = ("A", "B", "C")

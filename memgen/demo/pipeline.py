@@ -34,7 +34,7 @@ from ..dataclass_cli import check_ranges, help_field
 from ..evaluate import EvalConfig, evaluate, format_table
 from ..precision import check_precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from . import arms as arm_fns
-from .domains import NOTE_WIDTH, as_task, disjoint_splits
+from ..tasks.domains import NOTE_WIDTH, as_task, disjoint_splits
 from .faculties import report_section, run_analysis_stage
 from .reasoner import ReasonerConfig, get_reasoner
 

@@ -2,7 +2,7 @@
 
 A character-level tokenizer (no merges, so ``,`` and ``.`` are delimiter tokens of their own)
 and a small Qwen2-architecture causal LM (about 1M parameters), trained on domain-A and nonce
-problems, some carrying notes (see :mod:`memgen.demo.domains`).
+problems, some carrying notes (see :mod:`memgen.tasks.domains`).
 
 - **Rows hold whole problems.** Each training row is packed with complete problems and padded
   at the end, so no problem is cut from its prompt; the loss covers the solutions (and EOS),
@@ -51,7 +51,7 @@ from ..errors import QualityBarError
 from ..loading import load_base
 from ..precision import autocast, cpu_capability
 from ..tiny import tiny_causal_lm, tiny_tokenizer
-from .domains import ALPHABET, answer_reward, make_problem, make_split, note, with_notes
+from ..tasks.domains import ALPHABET, answer_reward, make_problem, make_split, note, with_notes
 
 FORMAT_VERSION = 8
 

@@ -85,7 +85,7 @@ def records_from_jsonl(path: str | Path, task: str = "", success_reward: float =
 
 def run_experience(command: str, config: ExperienceConfig) -> str:
     """Run ``build``, ``show`` or ``search``; returns the text to print."""
-    from ..evaluate import format_table
+    from ..tables import format_table
     from .store import ExperienceStore
 
     if not config.store:

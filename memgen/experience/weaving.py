@@ -102,10 +102,3 @@ def open_reader(config, model) -> ExperienceReader:
         top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
 
 
-def contexts_at(reader: ExperienceReader | None, prompt_text: str, tokenizer, completion: list[int],
-                insertions: list[int]) -> list[list[int]] | None:
-    """What the weaver reads at each of ``insertions`` of a known completion (SFT), as a rollout would."""
-    if reader is None:
-        return None
-    queries = [reader.query_text(prompt_text, tokenizer.decode(completion[:pos])) for pos in insertions]
-    return [got.token_ids for got in reader.read(queries)] if queries else []

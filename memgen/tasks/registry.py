@@ -1,13 +1,20 @@
-"""The task registry: a :class:`Task` (records, reward, stop strings) by name, from a data path."""
+"""The task registry: a :class:`Task` (records, reward, stop strings) by name, from a data path.
+
+:func:`load_named_task` also loads the agent environments (``alfworld``, ``ledger``), which
+live in :mod:`memgen.agents`; they are found through :data:`PLUGIN_TASKS`, an import path
+resolved on use (as entry points are), so this layer never imports the agents above it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..data import DataError, Record, report_skipped
+from . import answering
 from .answers import gpqa_records, gsm8k_records, jsonl_records, jsonl_reward, math_records, qa_records
 from .rewards import (RewardFn, choice_failure_type, choice_reward, exact_match_reward, f1_reward,
                       math_failure_type, math_reward, qa_failure_type)
@@ -29,6 +36,25 @@ class Task:
     failure_type: Callable[[str, str, object], str] | None = None
     """``(prompt, completion, gold) -> type`` ('correct' for a right answer): what kind of failure an answer is,
     so evaluation and ``memgen analyze`` can count outcomes by type; gold is :meth:`gold`"""
+
+    episodic: ClassVar[bool] = False
+
+    # ------------------------------------------------ the task protocol (memgen.tasks.protocol)
+    def evaluate(self, model, config, memory=None, insertion_filter=None, observe=None) -> dict:
+        return answering.evaluate_answers(model, self, config, memory, insertion_filter, observe)
+
+    def rollout(self, run, records: list[Record], micro: int, memory: str, **generate_kwargs):
+        return answering.answer_rollout(run, records, micro, run.reward_fn, memory, **generate_kwargs)
+
+    def sft_step(self, run, micro: int):
+        return answering.sft_step(run, micro)
+
+    def reward_function(self, config) -> RewardFn:
+        return answering.resolve_rewards(config, self)
+
+    def decoded_spans(self, record: Record, output, tokenizer) -> list[tuple]:
+        """One span: the answer to the prompt (see :meth:`memgen.tasks.protocol.TaskProtocol.decoded_spans`)."""
+        return [(None, record.prompt, output)]
 
     def gold(self, record: Record):
         """What ``failure_type`` compares against: the record's ``answer`` column, else its aliases, else its
@@ -99,6 +125,24 @@ TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
     "kodcode": lambda path, o: _code_task("kodcode", path, o),
     "bigcodebench": lambda path, o: _code_task("bigcodebench", path, o),
 }
+
+
+# Tasks that live in a layer above this one, as "module:loader": resolved on use, so this module never
+# imports them. Each loader takes (name, data, split, limit, max_turns, step_timeout).
+PLUGIN_TASKS: dict[str, str] = {"alfworld": "memgen.agents.tasks:load_env_task",
+                                "ledger": "memgen.agents.tasks:load_env_task"}
+
+
+def load_named_task(config, env_split: str, limit: int | None = None):
+    """The task a train or eval config names (``task``, ``data``, ``split``, ...): a :class:`Task`, or a
+    plugin task (an agent environment). Answer tasks read ``config.split`` (bigcodebench); plugin
+    tasks play the episodes of ``env_split``."""
+    if config.task in PLUGIN_TASKS:
+        module, _, attr = PLUGIN_TASKS[config.task].partition(":")
+        loader = getattr(importlib.import_module(module), attr)
+        return loader(config.task, config.data, env_split, limit, config.max_turns or None, config.step_timeout)
+    return load_task(config.task, config.data, config.skip_malformed, config.seed, limit, config.split,
+                     config.sandbox_config())
 
 
 def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,

@@ -9,23 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TrainConfig, TriggerTrainConfig, WeaverTrainConfig
-from .rollouts import resolve_rewards
 from .runner import Run, latest_checkpoint
 
 
 def train_weaver(config: WeaverTrainConfig, model=None, task=None, reward_fn=None) -> Path:
     """Weaver SFT or GRPO. ``model`` / ``task`` / ``reward_fn`` override what ``config`` would load."""
     from .grpo import grpo_step
-    from .sft import sft_step
 
     run = Run(config, "weaver", model=model, task=task)
     if config.method == "sft":
-        if getattr(run.task, "episodic", False):
-            from ..agents.training import episode_sft_step
-
-            return run.train(episode_sft_step)
-        return run.train(sft_step)
-    run.reward_fn = reward_fn or _rewards(config, run.task)
+        return run.train(run.task.sft_step)
+    run.reward_fn = reward_fn or run.task.reward_function(config)
     return run.train(grpo_step)
 
 
@@ -37,13 +31,8 @@ def train_trigger(config: TriggerTrainConfig, model=None, task=None, reward_fn=N
     if model is None and not config.adapter:
         raise ConfigError("trigger training needs the trained weaver: pass --adapter DIR")
     run = Run(config, "trigger", model=model, task=task)
-    run.reward_fn = reward_fn or _rewards(config, run.task)
+    run.reward_fn = reward_fn or run.task.reward_function(config)
     return run.train(trigger_step)
-
-
-def _rewards(config, task):
-    """The reward function of a prompt task; agent episodes are rewarded by the environment instead."""
-    return None if getattr(task, "episodic", False) else resolve_rewards(config, task)
 
 
 __all__ = ["TrainConfig", "WeaverTrainConfig", "TriggerTrainConfig", "train_weaver", "train_trigger",

@@ -37,7 +37,7 @@ from ..loading import load_base
 from ..precision import resolve_base_dtype
 from ..model import MemGen
 from ..precision import warn_if_bf16_emulated
-from ..tasks import Task, load_task
+from ..tasks import Task, load_named_task
 from .logging import MetricsLogger
 
 STATE_FILE = "trainer_state.pt"
@@ -77,13 +77,7 @@ def _lr_lambda(config) -> Callable[[int], float]:
 
 def _load_task(config):
     """The config's task: prompts and a reward, or for agent tasks the training split's episodes."""
-    from ..agents.tasks import is_env_task, load_env_task
-
-    if is_env_task(config.task):
-        return load_env_task(config.task, config.data, "train", config.limit, config.max_turns or None,
-                             config.step_timeout)
-    return load_task(config.task, config.data, config.skip_malformed, config.seed, config.limit, config.split,
-                     config.sandbox_config())
+    return load_named_task(config, env_split="train", limit=config.limit)
 
 
 class Run:

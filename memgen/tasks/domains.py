@@ -34,7 +34,7 @@ import re
 import string
 
 from ..data import Record
-from ..tasks import Task
+from .registry import Task
 
 NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim"]
 ITEMS = ["pens", "cups", "eggs", "keys", "hats", "toys", "cards", "books"]
