@@ -33,8 +33,15 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
 
 
 def play(model, games, args, seed: int) -> tuple[float, list]:
-    config = AgentConfig(memory="always", max_turns=args.turns, max_turn_tokens=args.turn_tokens, do_sample=True,
-                         seed=seed, max_insertions=2, progress=False)
+    config = AgentConfig(
+        memory="always",
+        max_turns=args.turns,
+        max_turn_tokens=args.turn_tokens,
+        do_sample=True,
+        seed=seed,
+        max_insertions=2,
+        progress=False,
+    )
     start = time.perf_counter()
     envs = [alfworld_env(g, max_steps=args.turns) for g in games]
     try:
@@ -69,17 +76,31 @@ def main() -> None:
         seconds, _ = play(model, [game], args, seed=0)
         sequential += seconds
     turns = sum(len(e.turns) for e in episodes)
-    print(json.dumps({
-        "benchmark": "agents", "games": len(games), "split": args.split, "turns_per_episode": turns / len(games),
-        "turn_tokens": args.turn_tokens, "params": sum(p.numel() for p in base.parameters()),
-        "batched_seconds": round(batched, 2), "sequential_seconds": round(sequential, 2),
-        "batched_episodes_per_min": round(60 * len(games) / batched, 2),
-        "sequential_episodes_per_min": round(60 * len(games) / sequential, 2),
-        "speedup": round(sequential / batched, 2),
-        "end_reasons": sorted({e.end_reason for e in episodes}),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_capability": cpu_capability()},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "agents",
+                "games": len(games),
+                "split": args.split,
+                "turns_per_episode": turns / len(games),
+                "turn_tokens": args.turn_tokens,
+                "params": sum(p.numel() for p in base.parameters()),
+                "batched_seconds": round(batched, 2),
+                "sequential_seconds": round(sequential, 2),
+                "batched_episodes_per_min": round(60 * len(games) / batched, 2),
+                "sequential_episodes_per_min": round(60 * len(games) / sequential, 2),
+                "speedup": round(sequential / batched, 2),
+                "end_reasons": sorted({e.end_reason for e in episodes}),
+                "machine": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "cpu_capability": cpu_capability(),
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,16 @@ SIZES = {
     "8M": dict(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=1024),
     "50M": dict(hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4, intermediate_size=2048),
 }
-PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then",
-           "Q: what is 3 + 4? A:", "The weaver writes memory.", "x",
-           "Once upon a time, in a land far away,", "1, 2, 3,", "Hello there.", "def f(x):\n    return"]
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then",
+    "Q: what is 3 + 4? A:",
+    "The weaver writes memory.",
+    "x",
+    "Once upon a time, in a land far away,",
+    "1, 2, 3,",
+    "Hello there.",
+    "def f(x):\n    return",
+]
 K = 8
 RATE = 1 / 16
 
@@ -95,19 +102,26 @@ def bench(size: str, batch: int, new_tokens: int, repeats: int, loaded=None) -> 
     model = MemGen(base, tok, MemGenConfig(prompt_latents=K, inference_latents=K, delimiters=delimiters))
     common = dict(max_new_tokens=new_tokens, ignore_eos=True, insert_at_prompt_end=False)
     seed = balanced_seed(batch, new_tokens, RATE)
-    times, outs = interleaved({
-        "generate": hf,
-        "off": lambda: model.generate(prompts, memory="off", **common),
-        "insert": lambda: model.generate(prompts, memory=f"random:{RATE}", seed=seed, max_insertions=new_tokens,
-                                         **common),
-    }, repeats)
+    times, outs = interleaved(
+        {
+            "generate": hf,
+            "off": lambda: model.generate(prompts, memory="off", **common),
+            "insert": lambda: model.generate(
+                prompts, memory=f"random:{RATE}", seed=seed, max_insertions=new_tokens, **common
+            ),
+        },
+        repeats,
+    )
     t_hf, t_off, t_mem = times["generate"], times["off"], times["insert"]
     hf_out, off_out, mem_out = outs["generate"], outs["off"], outs["insert"]
-    same = [c.token_ids for c in off_out.completions] == hf_out[:, enc["input_ids"].shape[1]:].tolist()
+    same = [c.token_ids for c in off_out.completions] == hf_out[:, enc["input_ids"].shape[1] :].tolist()
     inserted = sum(c.num_insertions for c in mem_out.completions)
     total = batch * new_tokens
     return {
-        "model": size, "params_m": round(params / 1e6, 1), "batch": batch, "new_tokens_per_row": new_tokens,
+        "model": size,
+        "params_m": round(params / 1e6, 1),
+        "batch": batch,
+        "new_tokens_per_row": new_tokens,
         "generate_tok_s": round(total / t_hf, 1),
         "memgen_off_tok_s": round(total / t_off, 1),
         "memgen_insert_tok_s": round(total / t_mem, 1),
@@ -128,10 +142,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="8M,50M")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    parser.add_argument("--model", default=None, help="a real base model (directory, hub name or .gguf) "
-                                                      "instead of the tiny --sizes")
-    parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="with --model: the dtype the base runs in")
+    parser.add_argument(
+        "--model", default=None, help="a real base model (directory, hub name or .gguf) instead of the tiny --sizes"
+    )
+    parser.add_argument(
+        "--base-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="with --model: the dtype the base runs in",
+    )
     parser.add_argument("--quick", action="store_true", help="a few tokens on the 8M model: checks the script runs")
     args = parser.parse_args()
     if args.threads:
@@ -140,19 +159,41 @@ def main() -> None:
         args.sizes, args.batches, args.new_tokens, args.repeats = "8M", "1,2", 16, 1
     if args.model:
         # A fresh base per batch size: MemGen puts its LoRA layers into the base it is given.
-        results = [bench(f"{args.model} ({args.base_dtype})", int(b), args.new_tokens, args.repeats,
-                         real_model(args.model, args.base_dtype))
-                   for b in args.batches.split(",")]
+        results = [
+            bench(
+                f"{args.model} ({args.base_dtype})",
+                int(b),
+                args.new_tokens,
+                args.repeats,
+                real_model(args.model, args.base_dtype),
+            )
+            for b in args.batches.split(",")
+        ]
     else:
-        results = [bench(size, int(b), args.new_tokens, args.repeats)
-                   for size in args.sizes.split(",") for b in args.batches.split(",")]
-    print(json.dumps({
-        "benchmark": "decode", "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "targets": {"off_time_ratio_vs_generate": "<= 1.05", "insert_time_ratio_vs_generate (50M, batch 1)": "<= 1.3"},
-        "results": results,
-    }, indent=2))
+        results = [
+            bench(size, int(b), args.new_tokens, args.repeats)
+            for size in args.sizes.split(",")
+            for b in args.batches.split(",")
+        ]
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode",
+                "device": "cpu",
+                "torch_threads": torch.get_num_threads(),
+                "cpu_capability": cpu_capability(),
+                "native_bf16": cpu_has_native_bf16(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "targets": {
+                    "off_time_ratio_vs_generate": "<= 1.05",
+                    "insert_time_ratio_vs_generate (50M, batch 1)": "<= 1.3",
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

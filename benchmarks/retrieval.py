@@ -35,8 +35,11 @@ VERBS = ["finds", "drops", "gets", "loses", "wins", "pays"]
 
 
 def problem(rng: random.Random, i: int) -> ExperienceRecord:
-    text = f"Q: {rng.choice(NAMES)} has {rng.randint(1, 9)} {rng.choice(ITEMS)}. " + " ".join(
-        f"{rng.choice(VERBS)} {rng.randint(1, 9)}." for _ in range(rng.randint(2, 4))) + f" #{i}"
+    text = (
+        f"Q: {rng.choice(NAMES)} has {rng.randint(1, 9)} {rng.choice(ITEMS)}. "
+        + " ".join(f"{rng.choice(VERBS)} {rng.randint(1, 9)}." for _ in range(rng.randint(2, 4)))
+        + f" #{i}"
+    )
     return ExperienceRecord(task="bench", input=text, trajectory=" 3,+2=5,so 5.", success=True, reward=1.0)
 
 
@@ -66,9 +69,14 @@ def bench(size: int, queries: int, embedder) -> dict:
         lexical = ExperienceStore(f"{tmp}/dense", retriever="bm25", read_only=True)
         lexical.search(asks[0], 4)  # builds the BM25 index once
         bm25 = statistics.median(ms(lambda a=a: lexical.search(a, 4), 3) for a in asks)
-    return {"records": size, "dim": embedder.dim, "build_seconds": round(build_s, 2),
-            "dense_search_ms": round(dense_search, 3), "dense_total_ms": round(dense_total, 3),
-            "bm25_ms": round(bm25, 3)}
+    return {
+        "records": size,
+        "dim": embedder.dim,
+        "build_seconds": round(build_s, 2),
+        "dense_search_ms": round(dense_search, 3),
+        "dense_total_ms": round(dense_total, 3),
+        "bm25_ms": round(bm25, 3),
+    }
 
 
 def main() -> None:
@@ -82,13 +90,24 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     # One thin layer: the benchmark is about search, and 100k records must embed in minutes on 2 cores.
-    model = tiny_causal_lm(tokenizer, hidden_size=384, num_layers=1, num_heads=6, num_kv_heads=2,
-                           intermediate_size=384).eval()
+    model = tiny_causal_lm(
+        tokenizer, hidden_size=384, num_layers=1, num_heads=6, num_kv_heads=2, intermediate_size=384
+    ).eval()
     embedder = ReasonerEmbedder(model, tokenizer, max_tokens=48, batch_size=256)
     results = [bench(int(s), args.queries, embedder) for s in args.sizes.split(",")]
-    print(json.dumps({"benchmark": "retrieval", "results": results, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "cpu_capability": cpu_capability(),
-                      "python": platform.python_version()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "retrieval",
+                "results": results,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "cpu_capability": cpu_capability(),
+                "python": platform.python_version(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

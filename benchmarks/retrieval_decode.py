@@ -27,18 +27,23 @@ import tempfile
 import time
 
 import torch
+from retrieval import problem  # benchmarks/retrieval.py: the synthetic trajectories
 
 from memgen import MemGen, MemGenConfig
 from memgen.experience import ExperienceReader, ExperienceStore, RetrievalConfig
 from memgen.precision import cpu_capability
 from memgen.tiny import tiny_causal_lm, tiny_tokenizer
 
-from retrieval import problem  # benchmarks/retrieval.py: the synthetic trajectories
-
 
 def run_once(model, prompts, reader, args) -> tuple[float, object]:
-    kw = dict(memory="always", max_new_tokens=args.new_tokens, max_insertions=args.insertions, ignore_eos=True,
-              do_sample=True, seed=0)
+    kw = dict(
+        memory="always",
+        max_new_tokens=args.new_tokens,
+        max_insertions=args.insertions,
+        ignore_eos=True,
+        do_sample=True,
+        seed=0,
+    )
     start = time.perf_counter()
     out = model.generate(prompts, experience=reader, **kw)
     return time.perf_counter() - start, out
@@ -55,10 +60,13 @@ def measure(model, prompts, reader, args) -> dict:
         plain.append(p), aug.append(a), ratios.append(a / p)
     tokens = sum(len(c.token_ids) for c in plain_out.completions)
     read = [len(i.context_ids or []) for c in aug_out.completions for i in c.insertions if i.inserted]
-    return {"plain_tokens_per_s": round(tokens / statistics.median(plain), 1),
-            "retrieval_tokens_per_s": round(sum(len(c.token_ids) for c in aug_out.completions) / statistics.median(aug), 1),
-            "slowdown": round(statistics.median(ratios), 3), "insertions_per_row": len(read) / len(prompts),
-            "retrieved_tokens_per_insertion": sum(read) / max(len(read), 1)}
+    return {
+        "plain_tokens_per_s": round(tokens / statistics.median(plain), 1),
+        "retrieval_tokens_per_s": round(sum(len(c.token_ids) for c in aug_out.completions) / statistics.median(aug), 1),
+        "slowdown": round(statistics.median(ratios), 3),
+        "insertions_per_row": len(read) / len(prompts),
+        "retrieved_tokens_per_insertion": sum(read) / max(len(read), 1),
+    }
 
 
 def main() -> None:
@@ -70,18 +78,30 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--insertions", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="batch 1, 8 tokens, 50 records: checks the script runs (CI)")
+    parser.add_argument(
+        "--quick", action="store_true", help="batch 1, 8 tokens, 50 records: checks the script runs (CI)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.batches, args.records, args.new_tokens, args.insertions, args.repeats = "1", 50, 8, 1, 1
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     base = tiny_causal_lm(tok, hidden_size=256, num_layers=8, seed=0)
-    model = MemGen(base, tok, MemGenConfig(prompt_latents=8, inference_latents=8, delimiters=[",", ".", " ", "a", "e", "o"]))
+    model = MemGen(
+        base, tok, MemGenConfig(prompt_latents=8, inference_latents=8, delimiters=[",", ".", " ", "a", "e", "o"])
+    )
     rng = random.Random(0)
-    results = {"machine": {"cpu_capability": cpu_capability(), "threads": torch.get_num_threads(),
-                           "python": platform.python_version(), "torch": torch.__version__},
-               "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1), "config": vars(args), "runs": []}
+    results = {
+        "machine": {
+            "cpu_capability": cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
+        "config": vars(args),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         with ExperienceStore(f"{tmp}/s", retriever="bm25") as store:
             store.add_many(problem(rng, i) for i in range(args.records))

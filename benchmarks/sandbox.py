@@ -94,25 +94,30 @@ def main() -> None:
     overhead = [(b - p) * 1000 for p, b in zip(plain, boxed)]
     plain_rate = throughput(lambda p: run_plain(sandbox, p), programs, args.workers)
     boxed_rate = throughput(lambda p: run_sandboxed(sandbox, p), programs, args.workers)
-    print(json.dumps({
-        "benchmark": "sandbox_kodcode",
-        "programs": len(programs),
-        "plain_ms_median": statistics.median(plain) * 1000,
-        "sandbox_ms_median": statistics.median(boxed) * 1000,
-        "overhead_ms_median": statistics.median(overhead),
-        "overhead_ms_mean": statistics.mean(overhead),
-        "overhead_ms_p90": statistics.quantiles(overhead, n=10)[-1],
-        "target_overhead_ms": TARGET_OVERHEAD_MS,
-        "target_met": statistics.median(overhead) < TARGET_OVERHEAD_MS,
-        "workers": args.workers,
-        "plain_executions_per_s": plain_rate,
-        "sandbox_executions_per_s": boxed_rate,
-        "throughput_ratio": boxed_rate / plain_rate,
-        "mechanisms": sandbox.mechanisms,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": cpu_capability(),
-        "cores": os.cpu_count(),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sandbox_kodcode",
+                "programs": len(programs),
+                "plain_ms_median": statistics.median(plain) * 1000,
+                "sandbox_ms_median": statistics.median(boxed) * 1000,
+                "overhead_ms_median": statistics.median(overhead),
+                "overhead_ms_mean": statistics.mean(overhead),
+                "overhead_ms_p90": statistics.quantiles(overhead, n=10)[-1],
+                "target_overhead_ms": TARGET_OVERHEAD_MS,
+                "target_met": statistics.median(overhead) < TARGET_OVERHEAD_MS,
+                "workers": args.workers,
+                "plain_executions_per_s": plain_rate,
+                "sandbox_executions_per_s": boxed_rate,
+                "throughput_ratio": boxed_rate / plain_rate,
+                "mechanisms": sandbox.mechanisms,
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_capability": cpu_capability(),
+                "cores": os.cpu_count(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -68,13 +68,32 @@ def bench_trl(model_dir: Path, rows: list[dict], args) -> list[float]:
             times.append(time.perf_counter() - self.start)
 
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                           learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-                           max_length=None, completion_only_loss=True, dataloader_num_workers=0,
-                           disable_tqdm=True, seed=0, bf16=args.mixed_precision == "bf16", fp16=False)
+        config = SFTConfig(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            learning_rate=1e-4,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            max_length=None,
+            completion_only_loss=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+            bf16=args.mixed_precision == "bf16",
+            fp16=False,
+        )
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=TARGETS, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=lora, callbacks=[StepTimer()])
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[StepTimer()],
+        )
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary; stdout is the JSON
             trainer.train()
     return times
@@ -87,13 +106,28 @@ def bench_memgen(model_dir: Path, rows: list[dict], args) -> tuple[list[float], 
     with tempfile.TemporaryDirectory() as out:
         data = Path(out) / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = WeaverTrainConfig(model=str(model_dir), data=str(data), output_dir=str(Path(out) / "run"),
-                                   method="sft", max_steps=args.steps, per_device_batch_size=args.batch,
-                                   learning_rate=1e-4, prompt_latents=args.k, inference_latents=args.k,
-                                   lora_r=args.lora_r, lora_alpha=2 * args.lora_r, insertion="all",
-                                   max_insertions=args.max_insertions, progress=False, save_every=0,
-                                   tensorboard=False, max_completion_tokens=10_000, max_prompt_tokens=10_000,
-                                   mixed_precision=args.mixed_precision, base_dtype=args.base_dtype)
+        config = WeaverTrainConfig(
+            model=str(model_dir),
+            data=str(data),
+            output_dir=str(Path(out) / "run"),
+            method="sft",
+            max_steps=args.steps,
+            per_device_batch_size=args.batch,
+            learning_rate=1e-4,
+            prompt_latents=args.k,
+            inference_latents=args.k,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            insertion="all",
+            max_insertions=args.max_insertions,
+            progress=False,
+            save_every=0,
+            tensorboard=False,
+            max_completion_tokens=10_000,
+            max_prompt_tokens=10_000,
+            mixed_precision=args.mixed_precision,
+            base_dtype=args.base_dtype,
+        )
         train_weaver(config)
         rows_out = read_metrics(config.output_dir)
     return [r["step_seconds"] for r in rows_out], rows_out[-1]
@@ -116,8 +150,12 @@ def main() -> None:
     parser.add_argument("--completion-chars", type=int, default=160)
     parser.add_argument("--model", default=None, help="a real base model (directory, hub name or .gguf)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="autocast for both sides")
-    parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype the frozen base is stored in, both sides (peft and memgen keep LoRA in float32)")
+    parser.add_argument(
+        "--base-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype the frozen base is stored in, both sides (peft and memgen keep LoRA in float32)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 steps of batch 2 on a 2-layer model: checks it runs")
     args = parser.parse_args()
     if args.quick:
@@ -135,16 +173,19 @@ def main() -> None:
             tokenizer = load_tokenizer(model_dir)
         else:
             tokenizer = tiny_tokenizer()
-            model = tiny_causal_lm(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                   num_kv_heads=2)
+            model = tiny_causal_lm(
+                tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2
+            )
             model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
         from safetensors import safe_open
 
         with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
             params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
-        tokens_per_step = sum(len(tokenizer(r["prompt"])["input_ids"]) + len(tokenizer(r["completion"])["input_ids"])
-                              + 1 for r in rows[: args.batch])
+        tokens_per_step = sum(
+            len(tokenizer(r["prompt"])["input_ids"]) + len(tokenizer(r["completion"])["input_ids"]) + 1
+            for r in rows[: args.batch]
+        )
         from accelerate.state import AcceleratorState
 
         trl_times = bench_trl(model_dir, rows, args)
@@ -152,26 +193,40 @@ def main() -> None:
         AcceleratorState._reset_state(True)  # the Trainer's accelerator state would pin memgen's settings
         memgen_times, last = bench_memgen(model_dir, rows, args)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trl_step = statistics.median(trl_times[args.warmup:])
-    memgen_step = statistics.median(memgen_times[args.warmup:])
-    print(json.dumps({
-        "benchmark": "train_throughput", "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "cpu_capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
-        "model": args.model or f"tiny qwen2 {args.hidden}x{args.layers}", "mixed_precision": args.mixed_precision,
-        "base_dtype": args.base_dtype,
-        "model_params_m": round(params / 1e6, 1), "batch": args.batch, "tokens_per_step": tokens_per_step,
-        "lora_r": args.lora_r, "latents_per_insertion": args.k,
-        "memgen_insertions_per_example": last.get("insertions_per_example"),
-        "trl_lora_sft_tok_s": round(tokens_per_step / trl_step, 1),
-        "memgen_weaver_sft_tok_s": round(tokens_per_step / memgen_step, 1),
-        "memgen_over_trl_throughput": round(trl_step / memgen_step, 3),
-        "target": ">= 0.7",
-        "steps_timed": len(trl_times) - args.warmup,
-        "trl_step_s": round(trl_step, 3), "memgen_step_s": round(memgen_step, 3),
-        # ru_maxrss is the process's high-water mark: TRL runs first, so the memgen figure is
-        # the larger of the two; run each side alone for memgen's own peak.
-        "peak_rss_mb_after_trl": round(trl_peak_mb), "peak_rss_mb_after_memgen": round(peak_mb),
-    }, indent=2))
+    trl_step = statistics.median(trl_times[args.warmup :])
+    memgen_step = statistics.median(memgen_times[args.warmup :])
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "device": "cpu",
+                "torch_threads": torch.get_num_threads(),
+                "cpu_capability": cpu_capability(),
+                "native_bf16": cpu_has_native_bf16(),
+                "model": args.model or f"tiny qwen2 {args.hidden}x{args.layers}",
+                "mixed_precision": args.mixed_precision,
+                "base_dtype": args.base_dtype,
+                "model_params_m": round(params / 1e6, 1),
+                "batch": args.batch,
+                "tokens_per_step": tokens_per_step,
+                "lora_r": args.lora_r,
+                "latents_per_insertion": args.k,
+                "memgen_insertions_per_example": last.get("insertions_per_example"),
+                "trl_lora_sft_tok_s": round(tokens_per_step / trl_step, 1),
+                "memgen_weaver_sft_tok_s": round(tokens_per_step / memgen_step, 1),
+                "memgen_over_trl_throughput": round(trl_step / memgen_step, 3),
+                "target": ">= 0.7",
+                "steps_timed": len(trl_times) - args.warmup,
+                "trl_step_s": round(trl_step, 3),
+                "memgen_step_s": round(memgen_step, 3),
+                # ru_maxrss is the process's high-water mark: TRL runs first, so the memgen figure is
+                # the larger of the two; run each side alone for memgen's own peak.
+                "peak_rss_mb_after_trl": round(trl_peak_mb),
+                "peak_rss_mb_after_memgen": round(peak_mb),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,11 @@ model.eval()
 
 # 3. Save (peft adapter + memgen_config.json + safetensors) and restore onto a fresh base copy.
 model.save_pretrained("runs/quickstart-adapter")
-restored = MemGen.from_pretrained("runs/quickstart-adapter", tiny_causal_lm(tok, hidden_size=64, num_layers=2, init_std=0.2), tok)
-same = restored.generate("Q: 2 + 3 = ?", config).completions[0].token_ids == \
-    model.generate("Q: 2 + 3 = ?", config).completions[0].token_ids
+restored = MemGen.from_pretrained(
+    "runs/quickstart-adapter", tiny_causal_lm(tok, hidden_size=64, num_layers=2, init_std=0.2), tok
+)
+same = (
+    restored.generate("Q: 2 + 3 = ?", config).completions[0].token_ids
+    == model.generate("Q: 2 + 3 = ?", config).completions[0].token_ids
+)
 print("restored adapter reproduces generation:", same)

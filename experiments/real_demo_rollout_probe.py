@@ -31,17 +31,29 @@ def probe(model, task, records, temperature: float, memory: str, cfg, samples: i
     prompts = [prompt_token_ids(r, model.tokenizer, True) for r in records]
     rewards = []
     for start in range(0, len(prompts), max(1, cfg.eval_batch_size // samples)):
-        chunk = prompts[start: start + max(1, cfg.eval_batch_size // samples)]
-        out = model.generate(chunk, GenerateConfig(memory=memory, do_sample=True, temperature=temperature,
-                                                   max_new_tokens=cfg.max_new_tokens, max_insertions=cfg.max_insertions,
-                                                   num_samples=samples, seed=seed + start, stop=list(task.stop)))
+        chunk = prompts[start : start + max(1, cfg.eval_batch_size // samples)]
+        out = model.generate(
+            chunk,
+            GenerateConfig(
+                memory=memory,
+                do_sample=True,
+                temperature=temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                max_insertions=cfg.max_insertions,
+                num_samples=samples,
+                seed=seed + start,
+                stop=list(task.stop),
+            ),
+        )
         texts = [cut_at_stop(c.text, task.stop) for c in out.completions]
-        recs = records[start: start + len(chunk)]
+        recs = records[start : start + len(chunk)]
         columns = {k: [r.columns.get(k) for r in recs for _ in range(samples)] for k in recs[0].columns}
         rewards += task.reward([r.prompt for r in recs for _ in range(samples)], texts, **columns)
-    groups = [rewards[i: i + samples] for i in range(0, len(rewards), samples)]
-    return {"reward": round(sum(rewards) / len(rewards), 3),
-            "informative_groups": round(sum(len(set(g)) > 1 for g in groups) / len(groups), 3)}
+    groups = [rewards[i : i + samples] for i in range(0, len(rewards), samples)]
+    return {
+        "reward": round(sum(rewards) / len(rewards), 3),
+        "informative_groups": round(sum(len(set(g)) > 1 for g in groups) / len(groups), 3),
+    }
 
 
 def main() -> None:
@@ -64,10 +76,15 @@ def main() -> None:
             for name, task in validation.items():
                 for memory in ("off", "always"):
                     started = time.perf_counter()
-                    row = {"temperature": temperature, "task": name, "memory": memory,
-                           **probe(model, task, task.records[: args.prompts], temperature, memory, cfg,
-                                   args.samples, args.seed),
-                           "seconds": round(time.perf_counter() - started, 1)}
+                    row = {
+                        "temperature": temperature,
+                        "task": name,
+                        "memory": memory,
+                        **probe(
+                            model, task, task.records[: args.prompts], temperature, memory, cfg, args.samples, args.seed
+                        ),
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     print(json.dumps({"seed": args.seed, "prompts": args.prompts, "samples": args.samples, "rows": rows}))

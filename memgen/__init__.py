@@ -5,5 +5,14 @@ from .errors import AdapterError, ConfigError, InputError, MemGenError
 from .model import MemGen
 from .version import __version__
 
-__all__ = ["MemGen", "MemGenConfig", "GenerateConfig", "MemoryPolicy", "MemGenError", "AdapterError",
-           "ConfigError", "InputError", "__version__"]
+__all__ = [
+    "MemGen",
+    "MemGenConfig",
+    "GenerateConfig",
+    "MemoryPolicy",
+    "MemGenError",
+    "AdapterError",
+    "ConfigError",
+    "InputError",
+    "__version__",
+]

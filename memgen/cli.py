@@ -1,9 +1,9 @@
 """The ``memgen`` command line. Flags come from the same dataclass configs the Python API uses.
 
-    memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
-                    [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
-    memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
-    memgen analyze --model DIR --adapter DIR --task TASK --data FILE --out DIR [--clusters 4] [any AnalyzeConfig flag]
+memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
+                [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
+memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
+memgen analyze --model DIR --adapter DIR --task TASK --data FILE --out DIR [--clusters 4] [any AnalyzeConfig flag]
 """
 
 from __future__ import annotations
@@ -57,13 +57,19 @@ def _generate(args: argparse.Namespace) -> int:
         print()
     completion = output.completions[0]
     if args.json:
-        print(json.dumps({
-            "text": completion.text,
-            "token_ids": completion.token_ids,
-            "finish_reason": completion.finish_reason,
-            "insertions": [{"position": i.position, "probability": i.probability, "inserted": i.inserted}
-                           for i in completion.insertions],
-        }))
+        print(
+            json.dumps(
+                {
+                    "text": completion.text,
+                    "token_ids": completion.token_ids,
+                    "finish_reason": completion.finish_reason,
+                    "insertions": [
+                        {"position": i.position, "probability": i.probability, "inserted": i.inserted}
+                        for i in completion.insertions
+                    ],
+                }
+            )
+        )
     return 0
 
 
@@ -121,8 +127,23 @@ def _analyze(args: argparse.Namespace) -> int:
         print("memgen: warning: no --adapter given, so the latents come from an untrained weaver", file=sys.stderr)
     report = analyze(model, task, config, describe={"model": args.model, "adapter": args.adapter or ""})
     if args.json:
-        print(json.dumps({k: report[k] for k in ("task", "examples", "insertions", "clusters", "sizes",
-                                                 "silhouette", "baseline", "ablations")}))
+        print(
+            json.dumps(
+                {
+                    k: report[k]
+                    for k in (
+                        "task",
+                        "examples",
+                        "insertions",
+                        "clusters",
+                        "sizes",
+                        "silhouette",
+                        "baseline",
+                        "ablations",
+                    )
+                }
+            )
+        )
     return 0
 
 
@@ -187,11 +208,16 @@ def _command(parent, name: str, text: str, cls: type, handler, model: bool = Fal
     """A subcommand whose flags are the fields of ``cls`` (plus --config YAML, and --model/--adapter)."""
     command = parent.add_parser(name, help=text)
     if model:
-        command.add_argument("--model", required=True,
-                             help="base model: a save_pretrained directory, a hub name, or a .gguf file")
+        command.add_argument(
+            "--model", required=True, help="base model: a save_pretrained directory, a hub name, or a .gguf file"
+        )
         command.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory")
-        command.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                             help="dtype the base runs in (auto: bfloat16 where bf16 is native)")
+        command.add_argument(
+            "--base-dtype",
+            default="float32",
+            choices=["float32", "bfloat16", "auto"],
+            help="dtype the base runs in (auto: bfloat16 where bf16 is native)",
+        )
         command.add_argument("--adapter", default=None, help="memgen adapter directory (MemGen.save_pretrained)")
     if json_flag:
         command.add_argument("--json", action="store_true", help=json_flag)
@@ -209,56 +235,107 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="memgen", description="Generative latent memory for causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = _command(sub, "generate", "generate text with latent memory", GenerateConfig, _generate, model=True,
-                   json_flag='print {"text", "token_ids", "insertions"} as JSON')
+    gen = _command(
+        sub,
+        "generate",
+        "generate text with latent memory",
+        GenerateConfig,
+        _generate,
+        model=True,
+        json_flag='print {"text", "token_ids", "insertions"} as JSON',
+    )
     gen.add_argument("--prompt", required=True, help="prompt text")
-    gen.add_argument("--use-chat-template", action="store_true",
-                     help="send the prompt as a user message through the tokenizer's chat template")
+    gen.add_argument(
+        "--use-chat-template",
+        action="store_true",
+        help="send the prompt as a user message through the tokenizer's chat template",
+    )
     train = sub.add_parser("train", help="train the weaver (sft | grpo) or the trigger (RL)")
     targets = train.add_subparsers(dest="target", required=True)
     _command(targets, "weaver", "weaver SFT or GRPO (reasoner frozen)", WeaverTrainConfig, _train)
     _command(targets, "trigger", "trigger RL with the sparsity penalty (weaver frozen)", TriggerTrainConfig, _train)
-    _command(sub, "eval", "evaluate on a benchmark task", EvalConfig, _eval, model=True,
-             json_flag="print the summary as JSON")
+    _command(
+        sub,
+        "eval",
+        "evaluate on a benchmark task",
+        EvalConfig,
+        _eval,
+        model=True,
+        json_flag="print the summary as JSON",
+    )
     from .analysis import AnalyzeConfig
 
-    _command(sub, "analyze", "memory faculties: collect, cluster, read and ablate the woven latents (paper App. G)",
-             AnalyzeConfig, _analyze, model=True, json_flag="print the clusters, silhouette and ablations as JSON")
+    _command(
+        sub,
+        "analyze",
+        "memory faculties: collect, cluster, read and ablate the woven latents (paper App. G)",
+        AnalyzeConfig,
+        _analyze,
+        model=True,
+        json_flag="print the clusters, silhouette and ablations as JSON",
+    )
     from .experience.config import ExperienceConfig
 
     experience = sub.add_parser("experience", help="build, show, search or derive from an experience store")
     actions = experience.add_subparsers(dest="action", required=True)
-    for action, text in (("build", "add trajectories from a JSONL file (records or `memgen eval --output`)"),
-                         ("show", "count and list the records"), ("search", "the records nearest to --query"),
-                         ("insights", "ExpeL: extract insights from the --task trajectories with --model"),
-                         ("workflows", "AWM: induce workflows from the --task successes with --model")):
+    for action, text in (
+        ("build", "add trajectories from a JSONL file (records or `memgen eval --output`)"),
+        ("show", "count and list the records"),
+        ("search", "the records nearest to --query"),
+        ("insights", "ExpeL: extract insights from the --task trajectories with --model"),
+        ("workflows", "AWM: induce workflows from the --task successes with --model"),
+    ):
         _command(actions, action, text, ExperienceConfig, _experience)
     from .agents.play import ExpertConfig, PlayConfig
 
     agent = sub.add_parser("agent", help="multi-turn agents: watch an episode, or replay the ALFWorld expert")
     agent_actions = agent.add_subparsers(dest="action", required=True)
     _command(agent_actions, "play", "play one episode and show it turn by turn", PlayConfig, _agent, model=True)
-    _command(agent_actions, "expert", "replay the ALFWorld expert on a split (exit 1 if any game fails)",
-             ExpertConfig, _agent)
+    _command(
+        agent_actions,
+        "expert",
+        "replay the ALFWorld expert on a split (exit 1 if any game fails)",
+        ExpertConfig,
+        _agent,
+    )
     from .tasks.references import ReferenceCheckConfig
 
     sandbox = sub.add_parser("sandbox", help="the code-execution sandbox: what it enforces here, reference checks")
     sandbox_actions = sandbox.add_subparsers(dest="action", required=True)
     info = sandbox_actions.add_parser("info", help="print the isolation mechanisms in force on this machine")
     info.set_defaults(handler=_sandbox)
-    _command(sandbox_actions, "check", "run a code task's reference solutions in the sandbox (exit 1 if any fails)",
-             ReferenceCheckConfig, _sandbox, json_flag="print the summary, failures and skips as JSON")
-    export = sub.add_parser("export-base", help="write a base model (e.g. a GGUF file) once as a plain "
-                                                "save_pretrained directory, so later runs skip the dequantization")
+    _command(
+        sandbox_actions,
+        "check",
+        "run a code task's reference solutions in the sandbox (exit 1 if any fails)",
+        ReferenceCheckConfig,
+        _sandbox,
+        json_flag="print the summary, failures and skips as JSON",
+    )
+    export = sub.add_parser(
+        "export-base",
+        help="write a base model (e.g. a GGUF file) once as a plain "
+        "save_pretrained directory, so later runs skip the dequantization",
+    )
     export.add_argument("--model", required=True, help="a .gguf file, a save_pretrained directory or a hub name")
     export.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory")
     export.add_argument("--out", required=True, help="the directory to write")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the written weights (GGUF dequantizes to float32)")
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (GGUF dequantizes to float32)",
+    )
     export.set_defaults(handler=_export_base)
     _command(sub, "demo", "the offline end-to-end MemGen experiment (tiny reasoner, all arms)", DemoConfig, _demo)
-    _command(sub, "real-demo", "the demo's experiment on a real pretrained model (SmolLM2-135M-Instruct by "
-             "default): every arm, 3 seeds, cached and resumable", RealDemoConfig, _real_demo)
+    _command(
+        sub,
+        "real-demo",
+        "the demo's experiment on a real pretrained model (SmolLM2-135M-Instruct by "
+        "default): every arm, 3 seeds, cached and resumable",
+        RealDemoConfig,
+        _real_demo,
+    )
     return parser
 
 

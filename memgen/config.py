@@ -33,21 +33,32 @@ class MemGenConfig:
     lora_dropout: float = help_field(0.0, "LoRA dropout of the weaver adapter", ge=0, lt=1)
     lora_target_modules: list[str] = help_field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "reasoner linear layers that carry the weaver LoRA (['all-linear']: every linear layer but the head)")
+        "reasoner linear layers that carry the weaver LoRA (['all-linear']: every linear layer but the head)",
+    )
     trigger_hidden: int = help_field(128, "hidden width of the trigger MLP (0: a linear head)", ge=0)
     trigger_init_prob: float = help_field(0.5, "P(invoke) of the untrained trigger", gt=0, lt=1)
-    trigger_at_prompt_end: bool = help_field(False, "the prompt-end insertion is a trigger decision too (read at "
-                                                    "the last prompt token; under memory trigger or random:P), so "
-                                                    "the trigger can leave a whole answer unwoven; off: always woven")
+    trigger_at_prompt_end: bool = help_field(
+        False,
+        "the prompt-end insertion is a trigger decision too (read at "
+        "the last prompt token; under memory trigger or random:P), so "
+        "the trigger can leave a whole answer unwoven; off: always woven",
+    )
     weaver: str = help_field("lora", "weaver kind: 'lora' (LoRA on the reasoner, active only on query slots)")
-    anchor_context: bool = help_field(True, "add a learned linear map of the reasoner's state at the insertion "
-                                             "point to every latent (a direct path for context)")
+    anchor_context: bool = help_field(
+        True,
+        "add a learned linear map of the reasoner's state at the insertion "
+        "point to every latent (a direct path for context)",
+    )
     latent_init_text: str | None = help_field(
-        None, "start each latent at the embedding of this text's tokens (cycled over the K slots), like "
-              "PEFT prompt tuning's TEXT init ('a|b' averages the alternatives slot by slot); the context paths "
-              "then start at zero")
-    latent_positions: str = help_field("advance", "advance: latents take the next K positions (paper); "
-                                                  "tied: latents share the preceding token's position")
+        None,
+        "start each latent at the embedding of this text's tokens (cycled over the K slots), like "
+        "PEFT prompt tuning's TEXT init ('a|b' averages the alternatives slot by slot); the context paths "
+        "then start at zero",
+    )
+    latent_positions: str = help_field(
+        "advance",
+        "advance: latents take the next K positions (paper); tied: latents share the preceding token's position",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.delimiters, str):
@@ -57,8 +68,10 @@ class MemGenConfig:
         for name in ("prompt_latents", "inference_latents"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} (K) must be a positive integer, got {value!r}; "
-                                  "use memory policy 'off' to generate without latents")
+                raise ConfigError(
+                    f"{name} (K) must be a positive integer, got {value!r}; "
+                    "use memory policy 'off' to generate without latents"
+                )
         check_ranges(self)
         if not self.delimiters or any(not isinstance(d, str) or len(d) != 1 for d in self.delimiters):
             raise ConfigError(f"delimiters must be a non-empty list of single characters, got {self.delimiters!r}")
@@ -81,7 +94,7 @@ class MemoryPolicy:
     p: float = 0.0
 
     @classmethod
-    def parse(cls, text: "str | MemoryPolicy") -> "MemoryPolicy":
+    def parse(cls, text: str | MemoryPolicy) -> MemoryPolicy:
         if isinstance(text, MemoryPolicy):
             return text
         raw = str(text).strip().lower()
@@ -113,14 +126,19 @@ class GenerateConfig:
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     insert_at_prompt_end: bool = help_field(True, "weave latents at the prompt end (unless memory is off)")
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per row (prompt end not counted)", ge=0)
-    trigger_threshold: float = help_field(0.5, "insert when P(invoke) >= this (memory=trigger, no sampling); above 1 "
-                                               "never inserts but still logs P(invoke)", ge=0)
+    trigger_threshold: float = help_field(
+        0.5,
+        "insert when P(invoke) >= this (memory=trigger, no sampling); above 1 never inserts but still logs P(invoke)",
+        ge=0,
+    )
     sample_trigger: bool = help_field(False, "draw trigger decisions as Bernoulli(P(invoke)) instead of thresholding")
     stop: list[str] = help_field([], "stop strings; a row ends once its text contains one")
     ignore_eos: bool = help_field(False, "keep generating past EOS (benchmarks)")
     num_samples: int = help_field(1, "samples per prompt; the prompt is prefilled once and its cache shared", ge=1)
     seed: int | None = help_field(None, "seed for token sampling and trigger decisions", ge=0)
-    return_logprobs: bool = help_field(False, "return log-probs of the chosen tokens (temperature-scaled, before top-k/top-p)")
+    return_logprobs: bool = help_field(
+        False, "return log-probs of the chosen tokens (temperature-scaled, before top-k/top-p)"
+    )
     return_latents: bool = help_field(False, "keep the woven latent vectors in the insertion log")
     output_logits: bool = help_field(False, "return every step's raw logits (debugging and equivalence tests)")
     compact_after: int = help_field(64, "compact the KV cache once this many masked pad slots have accumulated", ge=0)

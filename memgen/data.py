@@ -14,9 +14,10 @@ from __future__ import annotations
 import gzip
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import MemGenError
 
@@ -49,8 +50,9 @@ def skip_or_raise(message: str, skip_malformed: bool, skipped: list[str]) -> Non
     skipped.append(message)
 
 
-def read_jsonl(path: str | Path, skip_malformed: bool = False,
-               validate=None) -> tuple[list[tuple[int, dict]], list[str]]:
+def read_jsonl(
+    path: str | Path, skip_malformed: bool = False, validate=None
+) -> tuple[list[tuple[int, dict]], list[str]]:
     """Parse a JSONL file (``.gz`` too) into (line number, object) pairs; blank lines are ignored.
 
     ``validate(obj)`` may raise ``ValueError`` (or ``SyntaxError``) to reject a line, so errors
@@ -90,8 +92,9 @@ def _render_messages(messages: list[dict], tokenizer, use_chat_template: bool, a
     return text + ("assistant:" if add_generation_prompt else "")
 
 
-def to_record(obj: dict, source: str, tokenizer=None, use_chat_template: bool = False,
-              require_completion: bool = True) -> Record:
+def to_record(
+    obj: dict, source: str, tokenizer=None, use_chat_template: bool = False, require_completion: bool = True
+) -> Record:
     """One TRL-style row -> :class:`Record`; raises ``ValueError`` with the reason."""
     columns = {k: v for k, v in obj.items() if k not in ("prompt", "completion", "messages")}
     if "messages" in obj:
@@ -101,8 +104,9 @@ def to_record(obj: dict, source: str, tokenizer=None, use_chat_template: bool = 
         if messages[-1].get("role") != "assistant":
             if require_completion:
                 raise ValueError("the last message must be the assistant's (the completion)")
-            return Record(_render_messages(messages, tokenizer, use_chat_template, True), None, columns, source,
-                          messages)
+            return Record(
+                _render_messages(messages, tokenizer, use_chat_template, True), None, columns, source, messages
+            )
         prompt = _render_messages(messages[:-1], tokenizer, use_chat_template, True)
         completion = str(messages[-1]["content"])
         return Record(prompt, completion, columns, source, messages[:-1])
@@ -133,8 +137,9 @@ def render_prompt(record: Record, tokenizer, use_chat_template: bool) -> str:
     if not use_chat_template:
         return record.prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise MemGenError("--use-chat-template: this tokenizer has no chat template (set tokenizer.chat_template, "
-                          "or drop the flag)")
+        raise MemGenError(
+            "--use-chat-template: this tokenizer has no chat template (set tokenizer.chat_template, or drop the flag)"
+        )
     messages = record.messages or [{"role": "user", "content": record.prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -153,8 +158,14 @@ def report_skipped(source, skipped: list[str]) -> None:
         warnings.warn(f"{source}: skipped {len(skipped)} malformed record(s)", stacklevel=3)
 
 
-def load_records(source: str | Path | Iterable[dict], tokenizer=None, use_chat_template: bool = False,
-                 require_completion: bool = True, skip_malformed: bool = False, report: bool = True) -> LoadReport:
+def load_records(
+    source: str | Path | Iterable[dict],
+    tokenizer=None,
+    use_chat_template: bool = False,
+    require_completion: bool = True,
+    skip_malformed: bool = False,
+    report: bool = True,
+) -> LoadReport:
     """Records from a JSONL path, or from any iterable of dicts (e.g. a ``datasets.Dataset``).
 
     ``report``: warn about skipped lines here (callers that report them themselves pass False).

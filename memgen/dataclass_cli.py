@@ -22,8 +22,16 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 
-def help_field(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
-               le: float | None = None, lt: float | None = None, **kwargs) -> Any:
+def help_field(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    **kwargs,
+) -> Any:
     """A dataclass field with a one-line help string (shown by ``--help``) and, for numbers, its allowed range.
 
     ``ge``/``gt``/``le``/``lt`` bound the value; :func:`check_ranges` enforces them (``None`` always passes,
@@ -91,8 +99,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         tp = _strip_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         help_text = f"{help_text} (default: {default!r})"
         origin = typing.get_origin(tp)
         if tp is bool:

@@ -16,8 +16,7 @@ def delimiter_token_ids(tokenizer, delimiters: list[str] | tuple[str, ...]) -> l
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     vocab_size = len(tokenizer)
     ids = [i for i in range(vocab_size) if i not in special]
-    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     ends = tuple(delimiters)
     return [i for i, text in zip(ids, texts) if text and text.endswith(ends)]
 

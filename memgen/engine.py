@@ -34,10 +34,9 @@ import torch
 
 from .config import GenerateConfig
 from .errors import InputError
-from .sampling import select_tokens, token_logprobs
 from .reasoner import compact_cache
+from .sampling import select_tokens, token_logprobs
 from .weaver import INFERENCE, PROMPT, pack_context
-
 
 # Insertion decisions draw from their own generator, seeded ``seed + DECISION_SEED_OFFSET``.
 DECISION_SEED_OFFSET = 1_000_003
@@ -127,8 +126,15 @@ class _Rows:
 class DecodeSession:
     """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
 
-    def __init__(self, memgen, prompts: list[list[int]], config: GenerateConfig, stream_text: bool = False,
-                 experience=None, insertion_filter=None):
+    def __init__(
+        self,
+        memgen,
+        prompts: list[list[int]],
+        config: GenerateConfig,
+        stream_text: bool = False,
+        experience=None,
+        insertion_filter=None,
+    ):
         self.m = memgen
         self.cfg = config
         self.insertion_filter = insertion_filter
@@ -140,17 +146,23 @@ class DecodeSession:
         self.k_infer = memgen.weaver.num_latents(INFERENCE)
         self.memory_on = config.policy.kind != "off"
         self.reader = experience if self.memory_on else None
-        self.prompt_texts = [memgen.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if self.reader else []
+        self.prompt_texts = (
+            [memgen.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if self.reader else []
+        )
         self.prompt_insert = self.memory_on and config.insert_at_prompt_end
         # A prompt-end decision is drawn per sample, so it comes after the prompt's cache is shared out.
-        self.prompt_decides = self.prompt_insert and memgen.config.trigger_at_prompt_end and config.policy.kind in (
-            "trigger", "random")
+        self.prompt_decides = (
+            self.prompt_insert and memgen.config.trigger_at_prompt_end and config.policy.kind in ("trigger", "random")
+        )
         context = reasoner.context_length
         longest = max(len(p) for p in prompts)
         needed = longest + (self.k_prompt if self.prompt_insert else 0)
         if context is not None and needed >= context:
-            raise InputError(f"prompt of {longest} tokens" + (f" plus {self.k_prompt} prompt latents" if self.prompt_insert else "")
-                             + f" does not fit the model's context of {context} positions")
+            raise InputError(
+                f"prompt of {longest} tokens"
+                + (f" plus {self.k_prompt} prompt latents" if self.prompt_insert else "")
+                + f" does not fit the model's context of {context} positions"
+            )
         self.context = context
         tok = memgen.tokenizer
         eos = set()
@@ -159,8 +171,9 @@ class DecodeSession:
                 eos.add(source)
             elif source:
                 eos.update(source)
-        self.eos_ids = torch.tensor(sorted(eos) if not config.ignore_eos else [], dtype=torch.long,
-                                    device=reasoner.device)
+        self.eos_ids = torch.tensor(
+            sorted(eos) if not config.ignore_eos else [], dtype=torch.long, device=reasoner.device
+        )
         pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(eos)[0] if eos else 0)
         self.pad_id = pad
 
@@ -171,8 +184,8 @@ class DecodeSession:
         ids = torch.full((len(self.prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(self.prompts), width), dtype=torch.long)
         for i, p in enumerate(self.prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)
         return ids.to(device), mask.to(device), positions.to(device)
 
@@ -239,15 +252,21 @@ class DecodeSession:
         woven = insert
         if bool(insert.any()):
             latents, hidden, mask, next_pos, insert = m.weave_and_feed(
-                cache, mask, next_pos, insert, PROMPT, last, allow_subset=True, context=context,
-                gate=self._gate(PROMPT))
+                cache, mask, next_pos, insert, PROMPT, last, allow_subset=True, context=context, gate=self._gate(PROMPT)
+            )
             logits = torch.where(insert[:, None], m.reasoner.logits(hidden[:, -1]), logits)
         for r, (was_woven, inserted) in enumerate(zip(woven.tolist(), insert.tolist())):
             if rows is not None and not rows[r]:
                 continue
             keep = latents[r].float().cpu() if (self.cfg.return_latents and was_woven) else None
-            logs[r].append(_logged(Insertion(0, None if probs is None else probs[r], inserted, keep,
-                                             suppressed=was_woven and not inserted), found[r]))
+            logs[r].append(
+                _logged(
+                    Insertion(
+                        0, None if probs is None else probs[r], inserted, keep, suppressed=was_woven and not inserted
+                    ),
+                    found[r],
+                )
+            )
         return mask, next_pos, logits
 
     def _gate(self, kind: str):
@@ -262,10 +281,11 @@ class DecodeSession:
             if index.numel():
                 fed[index] = torch.as_tensor(keep(latents[index], kind), dtype=torch.bool, device=rows.device)
             return fed
+
         return gate
 
     def _hit_stop(self, tokens: list[int]) -> bool:
-        tail = self.m.tokenizer.decode(tokens[-self._stop_window:], skip_special_tokens=False)
+        tail = self.m.tokenizer.decode(tokens[-self._stop_window :], skip_special_tokens=False)
         return any(s in tail for s in self.cfg.stop)
 
     # ------------------------------------------------------------------ main loop
@@ -276,7 +296,7 @@ class DecodeSession:
             yield from self._decode(state)
         self.output = self._close(state, started)
 
-    def _open(self) -> "_Rows":
+    def _open(self) -> _Rows:
         """Prefill the prompts, weave at the prompt end, share the cache out to the samples."""
         cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
         self._stop_window = max((len(s) for s in cfg.stop), default=0) + 2
@@ -297,21 +317,38 @@ class DecodeSession:
             mask, next_pos = mask.repeat_interleave(g, 0), next_pos.repeat_interleave(g, 0)
             logits, last = logits.repeat_interleave(g, 0), last.repeat_interleave(g, 0)
             logs = [list(logs[i // g]) for i in range(len(logs) * g)]
-        state = _Rows(cache, mask, next_pos, logits, last, logs, token_gen, decision_gen,
-                      {"steps": 0, "compactions": 0, "max_cache_slots": int(mask.shape[1]), "max_pad_slots": 0},
-                      turn_start=[0] * mask.shape[0])
+        state = _Rows(
+            cache,
+            mask,
+            next_pos,
+            logits,
+            last,
+            logs,
+            token_gen,
+            decision_gen,
+            {"steps": 0, "compactions": 0, "max_cache_slots": int(mask.shape[1]), "max_pad_slots": 0},
+            turn_start=[0] * mask.shape[0],
+        )
         if self.prompt_decides:
             candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=m.device)
             self._decide_prompt_end(state, candidates)
         return state
 
-    def _decide_prompt_end(self, state: "_Rows", candidates: torch.Tensor) -> None:
+    def _decide_prompt_end(self, state: _Rows, candidates: torch.Tensor) -> None:
         insert, probs = self._decide(candidates, state.last, state.decision_gen, prompt_end=True)
         state.mask, state.next_pos, state.logits = self._weave_prompt_end(
-            state.cache, state.mask, state.next_pos, state.logits, state.last, state.logs, insert, probs.tolist(),
-            rows=candidates.tolist())
+            state.cache,
+            state.mask,
+            state.next_pos,
+            state.logits,
+            state.last,
+            state.logs,
+            insert,
+            probs.tolist(),
+            rows=candidates.tolist(),
+        )
 
-    def _decode(self, state: "_Rows", active: list[bool] | None = None):
+    def _decode(self, state: _Rows, active: list[bool] | None = None):
         """Decode until every row in ``active`` (default: all) has finished; yield a TokenEvent per token.
 
         Leaves each row's tokens, log-probs and finish reason in ``state``; its last token is not fed.
@@ -364,16 +401,24 @@ class DecodeSession:
             finished = finished | now_done
             for r in range(batch):
                 if was_active[r]:
-                    yield TokenEvent(r, chosen_list[r], self._delta(tokens[r], offsets[r]) if self.stream_text else "",
-                                     bool(newly_done[r]))
+                    yield TokenEvent(
+                        r,
+                        chosen_list[r],
+                        self._delta(tokens[r], offsets[r]) if self.stream_text else "",
+                        bool(newly_done[r]),
+                    )
             if bool(finished.all()):
                 break
 
             running = ~finished
             feed = torch.where(running, chosen, pad)
             state.mask = torch.cat([state.mask, running.long()[:, None]], dim=1)
-            hidden = reasoner.hidden(input_ids=feed[:, None], attention_mask=state.mask,
-                                     position_ids=state.next_pos[:, None], cache=state.cache)
+            hidden = reasoner.hidden(
+                input_ids=feed[:, None],
+                attention_mask=state.mask,
+                position_ids=state.next_pos[:, None],
+                cache=state.cache,
+            )
             state.next_pos = state.next_pos + running.long()
             logits = reasoner.logits(hidden[:, -1])
 
@@ -387,8 +432,16 @@ class DecodeSession:
                     context, found = self._retrieve(insert, lambda r: m.tokenizer.decode(tokens[r]))
                     if bool(insert.any()):
                         latents, lat_hidden, state.mask, state.next_pos, insert = m.weave_and_feed(
-                            state.cache, state.mask, state.next_pos, insert, INFERENCE, hidden[:, -1],
-                            allow_subset=True, context=context, gate=self._gate(INFERENCE))
+                            state.cache,
+                            state.mask,
+                            state.next_pos,
+                            insert,
+                            INFERENCE,
+                            hidden[:, -1],
+                            allow_subset=True,
+                            context=context,
+                            gate=self._gate(INFERENCE),
+                        )
                         logits = torch.where(insert[:, None], reasoner.logits(lat_hidden[:, -1]), logits)
                         # A withheld insertion counts as a declined one: it does not use up max_insertions.
                         n_inserted += insert.long()
@@ -397,9 +450,18 @@ class DecodeSession:
                     for r in range(batch):
                         if cand_list[r]:
                             keep = latents[r].float().cpu() if (cfg.return_latents and woven_list[r]) else None
-                            logs[r].append(_logged(Insertion(len(tokens[r]), prob_list[r], ins_list[r], keep,
-                                                             suppressed=woven_list[r] and not ins_list[r]),
-                                                   found[r]))
+                            logs[r].append(
+                                _logged(
+                                    Insertion(
+                                        len(tokens[r]),
+                                        prob_list[r],
+                                        ins_list[r],
+                                        keep,
+                                        suppressed=woven_list[r] and not ins_list[r],
+                                    ),
+                                    found[r],
+                                )
+                            )
 
             slots = state.mask.shape[1]
             pad_slots = slots - int(state.mask.sum(dim=1).max())
@@ -414,22 +476,24 @@ class DecodeSession:
         state.step_logits = step_logits
         state.turn_logs = [log[start:] for log, start in zip(logs, state.turn_start)]
 
-    def _completions(self, state: "_Rows", rows=None) -> list[Completion]:
+    def _completions(self, state: _Rows, rows=None) -> list[Completion]:
         cfg = self.cfg
         logits_by_row = torch.stack(state.step_logits, dim=1) if state.step_logits else None
         out = []
-        for r in (range(len(state.tokens)) if rows is None else rows):
-            out.append(Completion(
-                token_ids=state.tokens[r],
-                text=self.m.tokenizer.decode(state.tokens[r], skip_special_tokens=True),
-                finish_reason=state.reasons[r],
-                insertions=state.turn_logs[r],
-                logprobs=state.logprobs[r] if cfg.return_logprobs else None,
-                logits=logits_by_row[r, : len(state.tokens[r])] if logits_by_row is not None else None,
-            ))
+        for r in range(len(state.tokens)) if rows is None else rows:
+            out.append(
+                Completion(
+                    token_ids=state.tokens[r],
+                    text=self.m.tokenizer.decode(state.tokens[r], skip_special_tokens=True),
+                    finish_reason=state.reasons[r],
+                    insertions=state.turn_logs[r],
+                    logprobs=state.logprobs[r] if cfg.return_logprobs else None,
+                    logits=logits_by_row[r, : len(state.tokens[r])] if logits_by_row is not None else None,
+                )
+            )
         return out
 
-    def _close(self, state: "_Rows", started: float) -> GenerationOutput:
+    def _close(self, state: _Rows, started: float) -> GenerationOutput:
         stats = state.stats
         stats["seconds"] = time.perf_counter() - started
         stats["new_tokens"] = sum(len(t) for t in state.tokens)
@@ -443,7 +507,7 @@ class DecodeSession:
         now = decode(tokens[prefix_offset:], skip_special_tokens=True)
         if len(now) > len(before) and not now.endswith("\ufffd"):
             offsets[0], offsets[1] = read_offset, len(tokens)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
 
@@ -476,8 +540,9 @@ class TurnSession(DecodeSession):
                     on_token(event)
         return self._completions(self.state)
 
-    def next_turn(self, segments: dict[int, list[int]], restart: set[int] = frozenset(),
-                  on_token=None) -> dict[int, Completion]:
+    def next_turn(
+        self, segments: dict[int, list[int]], restart: set[int] = frozenset(), on_token=None
+    ) -> dict[int, Completion]:
         """Feed ``segments`` (row -> token ids) and decode one turn for those rows; returns row -> Completion."""
         state, m = self.state, self.m
         batch = state.mask.shape[0]
@@ -495,8 +560,10 @@ class TurnSession(DecodeSession):
             if self.context is not None:
                 over = [r for r in rows if int(state.next_pos[r]) + len(segments[r]) + k + 1 >= self.context]
                 if over:
-                    raise InputError(f"rows {over}: the next turn does not fit the model's context of "
-                                     f"{self.context} positions; truncate old turns first")
+                    raise InputError(
+                        f"rows {over}: the next turn does not fit the model's context of "
+                        f"{self.context} positions; truncate old turns first"
+                    )
             self._feed(state, {r: segments[r] for r in rows})
             for r in rows:
                 state.turn_start[r] = len(state.logs[r])
@@ -506,8 +573,16 @@ class TurnSession(DecodeSession):
                 self._decide_prompt_end(state, chosen)
             elif self.prompt_insert:
                 state.mask, state.next_pos, state.logits = self._weave_prompt_end(
-                    state.cache, state.mask, state.next_pos, state.logits, state.last, state.logs, chosen, None,
-                    rows=chosen.tolist())
+                    state.cache,
+                    state.mask,
+                    state.next_pos,
+                    state.logits,
+                    state.last,
+                    state.logs,
+                    chosen,
+                    None,
+                    rows=chosen.tolist(),
+                )
             for event in self._decode(state, active=chosen.tolist()):
                 if on_token is not None:
                     on_token(event)
@@ -539,4 +614,3 @@ class TurnSession(DecodeSession):
         stats = self.state.stats
         stats["seconds"] = time.perf_counter() - self._started
         return stats
-

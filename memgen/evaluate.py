@@ -26,12 +26,16 @@ MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
 
 @dataclass
 class EvalConfig(CodeExecutionFields):
-    task: str = help_field("gsm8k", "gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | bigcodebench, or an "
-                                    "agent task: alfworld | ledger")
-    data: str = help_field("", "data file for the task (kodcode: a file or directory; alfworld: the directory of "
-                               "the game archives)")
-    split: str = help_field("", "bigcodebench: complete (default) | instruct; agent tasks: train | valid_seen "
-                                "(default) | valid_unseen")
+    task: str = help_field(
+        "gsm8k",
+        "gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | bigcodebench, or an agent task: alfworld | ledger",
+    )
+    data: str = help_field(
+        "", "data file for the task (kodcode: a file or directory; alfworld: the directory of the game archives)"
+    )
+    split: str = help_field(
+        "", "bigcodebench: complete (default) | instruct; agent tasks: train | valid_seen (default) | valid_unseen"
+    )
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
     step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
     limit: int | None = help_field(None, "evaluate the first N examples", ge=1)
@@ -42,16 +46,25 @@ class EvalConfig(CodeExecutionFields):
     insert_at_prompt_end: bool = help_field(True, "weave at the prompt end (unless memory is off)")
     seed: int = help_field(0, "seed (GPQA option order, random:P decisions)", ge=0)
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
-    use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
-                                                "become one user turn)")
-    experience: str | None = help_field(None, "experience store: read by the weaver (--memory-source "
-                                              "weaver+retrieval) or put in the prompt (expel, awm)")
-    memory_source: str = help_field("weaver", "weaver (latents only) | weaver+retrieval (the weaver reads "
-                                              "--experience) | expel (insights + similar successes in the prompt) "
-                                              "| awm (workflows in the prompt)")
+    use_chat_template: bool = help_field(
+        False, "render prompts with the tokenizer's chat template (plain prompts become one user turn)"
+    )
+    experience: str | None = help_field(
+        None,
+        "experience store: read by the weaver (--memory-source weaver+retrieval) or put in the prompt (expel, awm)",
+    )
+    memory_source: str = help_field(
+        "weaver",
+        "weaver (latents only) | weaver+retrieval (the weaver reads "
+        "--experience) | expel (insights + similar successes in the prompt) "
+        "| awm (workflows in the prompt)",
+    )
     experience_task: str = help_field("", "task name of the insights / workflows in --experience (default: --task)")
-    experience_template: str = help_field("", "file with the expel / awm test-prompt template (default: the "
-                                              "package's prompts/expel_task.txt or awm_task.txt)")
+    experience_template: str = help_field(
+        "",
+        "file with the expel / awm test-prompt template (default: the "
+        "package's prompts/expel_task.txt or awm_task.txt)",
+    )
     experience_top_k: int = help_field(2, "expel: similar successful trajectories in the prompt", ge=0)
     experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner | bm25 | st:DIR")
     retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
@@ -87,5 +100,3 @@ def evaluate(model, task, config: EvalConfig, experience=None, insertion_filter=
 def evaluate_task(model, task, config: EvalConfig, insertion_filter=None, observe=None) -> dict:
     """:func:`evaluate` (kept for callers that named it for agent tasks)."""
     return evaluate(model, task, config, insertion_filter=insertion_filter, observe=observe)
-
-

@@ -29,8 +29,12 @@ from pathlib import Path
 from .errors import MemGenError
 
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 ADAPTER_MARKER = "memgen_config.json"
 
@@ -75,23 +79,30 @@ def resolve_source(model: str | Path, gguf_file: str | None = None) -> tuple[str
     if not path.exists():
         raise MemGenError(f"model directory {model} does not exist")
     if not path.is_dir():
-        raise MemGenError(f"{model} is a file, but a base model is a directory written by save_pretrained "
-                          "or a .gguf file")
+        raise MemGenError(
+            f"{model} is a file, but a base model is a directory written by save_pretrained or a .gguf file"
+        )
     if gguf_file:
         if not (path / gguf_file).is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             raise MemGenError(f"{model} has no GGUF file {gguf_file} (GGUF files there: {ggufs or 'none'})")
         return model, gguf_file, True
     if (path / ADAPTER_MARKER).is_file():
-        raise MemGenError(f"{model} is a memgen adapter (it holds {ADAPTER_MARKER}), not a base model: pass it "
-                          "as --adapter, and the base model it was trained on as --model")
+        raise MemGenError(
+            f"{model} is a memgen adapter (it holds {ADAPTER_MARKER}), not a base model: pass it "
+            "as --adapter, and the base model it was trained on as --model"
+        )
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if ggufs:
-            raise MemGenError(f"{model} holds GGUF file(s) {ggufs} but no config.json: pass --model "
-                              f"{path / ggufs[0]} (or --gguf-file {ggufs[0]})")
-        raise MemGenError(f"{model} holds no base model: expected config.json, weights ({WEIGHT_FILES[0]} or "
-                          f"{WEIGHT_FILES[2]}) and tokenizer files, as save_pretrained writes; found {_listing(path)}")
+            raise MemGenError(
+                f"{model} holds GGUF file(s) {ggufs} but no config.json: pass --model "
+                f"{path / ggufs[0]} (or --gguf-file {ggufs[0]})"
+            )
+        raise MemGenError(
+            f"{model} holds no base model: expected config.json, weights ({WEIGHT_FILES[0]} or "
+            f"{WEIGHT_FILES[2]}) and tokenizer files, as save_pretrained writes; found {_listing(path)}"
+        )
     missing = []
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         missing.append(f"weights ({' or '.join(WEIGHT_FILES)})")
@@ -113,8 +124,9 @@ def load_base(model: str | Path, gguf_file: str | None = None, **model_kwargs):
         base = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, **extra, **model_kwargs)
     except ImportError as exc:
         if gguf_file:
-            raise MemGenError(f"loading {gguf_file} needs the gguf package: pip install 'memgen[gguf]' ({exc})") \
-                from None
+            raise MemGenError(
+                f"loading {gguf_file} needs the gguf package: pip install 'memgen[gguf]' ({exc})"
+            ) from None
         raise
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -144,8 +156,9 @@ def export_base(model: str | Path, out: str | Path, gguf_file: str | None = None
     missing, unexpected = plain.load_state_dict(base.state_dict(), strict=False)
     missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
     if missing or unexpected:
-        raise MemGenError(f"export of {model}: weights do not fit the config (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise MemGenError(
+            f"export of {model}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     plain.generation_config = base.generation_config
     with atomic_directory(out) as scratch:
         plain.save_pretrained(str(scratch))

@@ -11,21 +11,21 @@ save/load with base-model checks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .version import __version__
 from .checkpoint import atomic_directory, weights_fingerprint
 from .config import GenerateConfig, MemGenConfig
 from .delimiters import delimiter_mask, delimiter_token_ids
 from .errors import AdapterError, InputError
 from .reasoner import Reasoner, append_rows_slots, select_rows
 from .trigger import TRIGGER_STATS, TriggerHead
+from .version import __version__
 from .weaver import LoraQueryWeaver
 
 CONFIG_FILE = "memgen_config.json"
@@ -56,8 +56,10 @@ class MemGen(nn.Module):
     def __init__(self, reasoner, tokenizer, config: MemGenConfig | None = None) -> None:
         super().__init__()
         if any(isinstance(m, LoraLayer) for m in reasoner.modules()):
-            raise AdapterError("this base model carries peft LoRA layers; pass the plain base model "
-                               "(merge or unload other adapters first)")
+            raise AdapterError(
+                "this base model carries peft LoRA layers; pass the plain base model "
+                "(merge or unload other adapters first)"
+            )
         self.config = config or MemGenConfig()
         self.tokenizer = tokenizer
         reasoner.requires_grad_(False)
@@ -76,8 +78,11 @@ class MemGen(nn.Module):
         self.prompt_trigger = self._new_trigger_head() if self.config.trigger_at_prompt_end else None
         self.delimiter_ids = delimiter_token_ids(tokenizer, self.config.delimiters)
         lookup_size = max(self.reasoner.vocab_size, len(tokenizer))
-        self.register_buffer("delimiter_lookup", delimiter_mask(self.delimiter_ids, lookup_size).to(self.reasoner.device),
-                             persistent=False)
+        self.register_buffer(
+            "delimiter_lookup",
+            delimiter_mask(self.delimiter_ids, lookup_size).to(self.reasoner.device),
+            persistent=False,
+        )
 
     # ----------------------------------------------------------------- parameters
     def weaver_parameters(self) -> list[nn.Parameter]:
@@ -96,13 +101,14 @@ class MemGen(nn.Module):
         return self.prompt_trigger if prompt_end and self.prompt_trigger is not None else self.trigger
 
     def _new_trigger_head(self) -> TriggerHead:
-        return TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden,
-                           self.config.trigger_init_prob).to(self.reasoner.device)
+        return TriggerHead(self.reasoner.hidden_size, self.config.trigger_hidden, self.config.trigger_init_prob).to(
+            self.reasoner.device
+        )
 
     def reasoner_parameters(self) -> list[nn.Parameter]:
         return list(self.reasoner_model.parameters())
 
-    def train(self, mode: bool = True) -> "MemGen":
+    def train(self, mode: bool = True) -> MemGen:
         super().train(mode)
         # The reasoner stays in eval mode (frozen); only the weaver's LoRA dropout follows `mode`.
         self.reasoner_model.eval()
@@ -115,9 +121,18 @@ class MemGen(nn.Module):
         return self.reasoner.device
 
     # ----------------------------------------------------------------- shared step
-    def weave_and_feed(self, cache, attention_mask: torch.Tensor, next_positions: torch.Tensor,
-                       rows: torch.Tensor, kind: str, anchor: torch.Tensor, allow_subset: bool = False,
-                       context=None, gate=None):
+    def weave_and_feed(
+        self,
+        cache,
+        attention_mask: torch.Tensor,
+        next_positions: torch.Tensor,
+        rows: torch.Tensor,
+        kind: str,
+        anchor: torch.Tensor,
+        allow_subset: bool = False,
+        context=None,
+        gate=None,
+    ):
         """Weave latents for ``rows`` and append them to the cache (masked pad slots for other rows).
 
         ``anchor`` (B, d) is each row's reasoner state at the insertion point (the last fed token);
@@ -133,8 +148,9 @@ class MemGen(nn.Module):
         if allow_subset:
             index = rows.nonzero().squeeze(1)
             if 0 < index.numel() <= rows.numel() // 2:
-                return self._weave_and_feed_rows(cache, attention_mask, next_positions, rows, index, kind, anchor,
-                                                 context, gate)
+                return self._weave_and_feed_rows(
+                    cache, attention_mask, next_positions, rows, index, kind, anchor, context, gate
+                )
         k = self.weaver.num_latents(kind)
         positions, advanced = self.latent_positions(next_positions, rows, k)
         latents = self.weaver.weave(self.reasoner, cache, attention_mask, positions, rows, kind, anchor, context)
@@ -164,9 +180,9 @@ class MemGen(nn.Module):
         sub_mask, sub_pos = attention_mask.index_select(0, index), next_positions.index_select(0, index)
         sub_rows = torch.ones(index.numel(), dtype=torch.bool, device=rows.device)
         sub_context = None if context is None else tuple(t.index_select(0, index) for t in context)
-        latents, hidden, _, _, sub_fed = self.weave_and_feed(sub_cache, sub_mask, sub_pos, sub_rows, kind,
-                                                             anchor.index_select(0, index), context=sub_context,
-                                                             gate=gate)
+        latents, hidden, _, _, sub_fed = self.weave_and_feed(
+            sub_cache, sub_mask, sub_pos, sub_rows, kind, anchor.index_select(0, index), context=sub_context, gate=gate
+        )
         k = latents.shape[1]
         append_rows_slots(cache, sub_cache, index, k)
         batch = rows.numel()
@@ -191,8 +207,10 @@ class MemGen(nn.Module):
                 raise InputError(f"latent_init_text {text!r}: {alternative!r} encodes to no tokens")
             tables.append(self.reasoner.embed(torch.tensor(ids, device=self.device)).detach())
         if len({t.shape[0] for t in tables}) > 1:
-            raise InputError(f"latent_init_text {text!r}: the alternatives between '|' must encode to the same "
-                             f"number of tokens, got {[t.shape[0] for t in tables]}")
+            raise InputError(
+                f"latent_init_text {text!r}: the alternatives between '|' must encode to the same "
+                f"number of tokens, got {[t.shape[0] for t in tables]}"
+            )
         return torch.stack(tables).mean(dim=0)
 
     # ----------------------------------------------------------------- tokenization
@@ -214,8 +232,9 @@ class MemGen(nn.Module):
                 raise InputError(f"prompt {i} is empty; memgen needs at least one prompt token to condition on")
             bad = [t for t in ids if not 0 <= t < self.reasoner.vocab_size]
             if bad:
-                raise InputError(f"prompt {i} has token ids {bad[:5]} outside the model's vocabulary "
-                                 f"of {self.reasoner.vocab_size}")
+                raise InputError(
+                    f"prompt {i} has token ids {bad[:5]} outside the model's vocabulary of {self.reasoner.vocab_size}"
+                )
             encoded.append(ids)
         return encoded
 
@@ -230,8 +249,15 @@ class MemGen(nn.Module):
         return ([0] if prompt_end else []) + points
 
     # ----------------------------------------------------------------- public API
-    def generate(self, prompts, config: GenerateConfig | None = None, on_token=None, experience=None,
-                 insertion_filter=None, **overrides):
+    def generate(
+        self,
+        prompts,
+        config: GenerateConfig | None = None,
+        on_token=None,
+        experience=None,
+        insertion_filter=None,
+        **overrides,
+    ):
         """Batched generation with latent memory. Returns :class:`memgen.engine.GenerationOutput`.
 
         ``overrides`` are :class:`GenerateConfig` fields; ``on_token(event)`` is called for
@@ -244,9 +270,14 @@ class MemGen(nn.Module):
         """
         from .engine import DecodeSession
 
-        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides),
-                                stream_text=on_token is not None, experience=experience,
-                                insertion_filter=insertion_filter)
+        session = DecodeSession(
+            self,
+            self.encode_prompts(prompts),
+            _merge(config, overrides),
+            stream_text=on_token is not None,
+            experience=experience,
+            insertion_filter=insertion_filter,
+        )
         for event in session:
             if on_token is not None:
                 on_token(event)
@@ -256,13 +287,15 @@ class MemGen(nn.Module):
         """Yield :class:`memgen.engine.TokenEvent` per generated token; the generator returns the output."""
         from .engine import DecodeSession
 
-        session = DecodeSession(self, self.encode_prompts(prompts), _merge(config, overrides), stream_text=True,
-                                experience=experience)
+        session = DecodeSession(
+            self, self.encode_prompts(prompts), _merge(config, overrides), stream_text=True, experience=experience
+        )
         yield from session
         return session.output
 
-    def teacher_forced(self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None,
-                       kinds=None):
+    def teacher_forced(
+        self, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None, kinds=None
+    ):
         """Batched log-probs of completions with latents spliced at ``insertions``; see :mod:`memgen.teacher_forcing`.
 
         ``contexts`` (per row, one token-id list per insertion) is the retrieved text each weaver pass
@@ -284,12 +317,16 @@ class MemGen(nn.Module):
         modules = {f"weaver.{k}": v for k, v in self.weaver.state_dict().items() if not k.startswith("lora_layers.")}
         for prefix, head in self._named_heads():
             modules.update({f"{prefix}.{k}": v for k, v in head.state_dict().items()})
-        meta = {"memgen_version": __version__, "config": self.config.to_dict(),
-                "base": dict(self.base_signature, fingerprint=self.base_fingerprint)}
+        meta = {
+            "memgen_version": __version__,
+            "config": self.config.to_dict(),
+            "base": dict(self.base_signature, fingerprint=self.base_fingerprint),
+        }
         with atomic_directory(directory) as scratch:
             self.weaver.lora_config.save_pretrained(str(scratch))
-            save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()},
-                      str(scratch / ADAPTER_WEIGHTS_FILE))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, str(scratch / ADAPTER_WEIGHTS_FILE)
+            )
             save_file({k: v.detach().contiguous().cpu() for k, v in modules.items()}, str(scratch / MODULES_FILE))
             (scratch / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if save_tokenizer and self.tokenizer is not None:
@@ -297,7 +334,7 @@ class MemGen(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_model, tokenizer=None, **model_kwargs) -> "MemGen":
+    def from_pretrained(cls, directory: str | Path, base_model, tokenizer=None, **model_kwargs) -> MemGen:
         """Restore a saved MemGen onto ``base_model`` (a model or a path/hub name), refusing a mismatched base."""
         directory = Path(directory)
         meta = read_adapter_meta(directory)
@@ -320,34 +357,41 @@ class MemGen(nn.Module):
         check_base_signature(meta["base"], self.base_signature, directory)
         # Fields added since the adapter was saved take their defaults, as in from_pretrained.
         if MemGenConfig(**meta["config"]).to_dict() != self.config.to_dict():
-            raise AdapterError(f"adapter {directory} has a different MemGen config: {meta['config']} "
-                               f"!= {self.config.to_dict()}")
+            raise AdapterError(
+                f"adapter {directory} has a different MemGen config: {meta['config']} != {self.config.to_dict()}"
+            )
         if self.base_fingerprint != meta["base"]["fingerprint"]:
-            raise AdapterError(f"adapter {directory} was trained on different base weights "
-                               f"(weights fingerprint {meta['base']['fingerprint'][:12]}… != "
-                               f"{self.base_fingerprint[:12]}…); load the base model it was trained on")
+            raise AdapterError(
+                f"adapter {directory} was trained on different base weights "
+                f"(weights fingerprint {meta['base']['fingerprint'][:12]}… != "
+                f"{self.base_fingerprint[:12]}…); load the base model it was trained on"
+            )
         lora_state = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(self.device))
         result = self.weaver.load_adapter_state_dict(lora_state)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
         if unexpected or missing:
-            raise AdapterError(f"adapter {directory} does not fit this model: unexpected {unexpected[:3]}, "
-                               f"missing {missing[:3]}")
+            raise AdapterError(
+                f"adapter {directory} does not fit this model: unexpected {unexpected[:3]}, missing {missing[:3]}"
+            )
         modules = load_file(str(directory / MODULES_FILE), device=str(self.device))
-        incompatible = self.weaver.load_state_dict({k[7:]: v for k, v in modules.items() if k.startswith("weaver.")},
-                                                   strict=False)
-        bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if not k.startswith("lora_layers.")]
+        incompatible = self.weaver.load_state_dict(
+            {k[7:]: v for k, v in modules.items() if k.startswith("weaver.")}, strict=False
+        )
+        bad = list(incompatible.unexpected_keys) + [
+            k for k in incompatible.missing_keys if not k.startswith("lora_layers.")
+        ]
         if bad:
             raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen config: {bad[:4]}")
         for prefix, head in self._named_heads():
             start = len(prefix) + 1
             incompatible = head.load_state_dict(
-                {k[start:]: v for k, v in modules.items() if k.startswith(prefix + ".")}, strict=False)
+                {k[start:]: v for k, v in modules.items() if k.startswith(prefix + ".")}, strict=False
+            )
             # Adapters saved before the head standardised its input lack the statistics: they keep the identity.
             bad = list(incompatible.unexpected_keys) + [k for k in incompatible.missing_keys if k not in TRIGGER_STATS]
             if bad:
-                raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen's {prefix} head: "
-                                   f"{bad[:4]}")
+                raise AdapterError(f"{directory / MODULES_FILE} does not fit this MemGen's {prefix} head: {bad[:4]}")
 
     def _named_heads(self) -> list[tuple[str, TriggerHead]]:
         return list(zip(("trigger", "prompt_trigger"), self.trigger_heads()))
@@ -360,8 +404,9 @@ def read_adapter_meta(directory: Path) -> dict:
         raise AdapterError(f"adapter path {directory} is not a directory")
     missing = [f for f in (CONFIG_FILE, MODULES_FILE, ADAPTER_WEIGHTS_FILE) if not (directory / f).is_file()]
     if missing:
-        raise AdapterError(f"{directory} is not a memgen adapter: missing {missing} "
-                           "(write one with MemGen.save_pretrained)")
+        raise AdapterError(
+            f"{directory} is not a memgen adapter: missing {missing} (write one with MemGen.save_pretrained)"
+        )
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
         meta["config"], meta["base"]["fingerprint"]

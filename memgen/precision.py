@@ -22,8 +22,10 @@ import torch
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
-BF16_SLOWDOWN_NOTE = ("bf16 autocast on a CPU without native bf16 is emulated: measured 36x slower than fp32 "
-                      "(53 s against 1.45 s per demo pretraining step on a 2-core AVX2 CPU)")
+BF16_SLOWDOWN_NOTE = (
+    "bf16 autocast on a CPU without native bf16 is emulated: measured 36x slower than fp32 "
+    "(53 s against 1.45 s per demo pretraining step on a 2-core AVX2 CPU)"
+)
 
 
 def cpu_capability() -> str:
@@ -56,8 +58,12 @@ class PrecisionChoice:
     reason: str
 
     def as_dict(self) -> dict:
-        return {"precision": self.precision, "requested": self.requested, "reason": self.reason,
-                "cpu_capability": cpu_capability()}
+        return {
+            "precision": self.precision,
+            "requested": self.requested,
+            "reason": self.reason,
+            "cpu_capability": cpu_capability(),
+        }
 
 
 def check_precision(requested: str, name: str = "precision") -> None:

@@ -47,11 +47,14 @@ class Reasoner:
             self.hidden_size = int(text_config.hidden_size)
             self.vocab_size = int(text_config.vocab_size)
         except Exception as exc:
-            raise UnsupportedModelError(f"{type(model).__name__} does not look like a decoder-only causal LM "
-                                        f"({type(exc).__name__}: {exc})") from None
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not look like a decoder-only causal LM ({type(exc).__name__}: {exc})"
+            ) from None
         if self.backbone is None or self.lm_head is None or self.embed_tokens is None:
-            raise UnsupportedModelError(f"{type(model).__name__} does not expose a decoder, input embeddings "
-                                        "and an LM head; memgen needs a decoder-only causal LM")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not expose a decoder, input embeddings "
+                "and an LM head; memgen needs a decoder-only causal LM"
+            )
         self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
         self.logit_softcap = getattr(text_config, "final_logit_softcapping", None)
         self.logit_divisor = float(getattr(text_config, "logits_scaling", 1.0) or 1.0)  # Granite
@@ -73,20 +76,25 @@ class Reasoner:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has {unsupported} layers; memgen splices latents into full- and "
                 "sliding-window-attention KV caches only (linear-attention, chunked and shared caches cannot be "
-                "edited this way)")
+                "edited this way)"
+            )
         if kinds == {"full_attention"}:
             return None, None
-        windows = {int(kw.get("sliding_window") or 0) for t, kw in zip(layer_types, layer_kwargs)
-                   if t == "sliding_attention"}
+        windows = {
+            int(kw.get("sliding_window") or 0) for t, kw in zip(layer_types, layer_kwargs) if t == "sliding_attention"
+        }
         if len(windows) != 1 or min(windows) < 1:
-            raise UnsupportedModelError(f"{type(model).__name__}: sliding layers with windows {sorted(windows)}; "
-                                        "memgen needs one positive sliding_window")
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: sliding layers with windows {sorted(windows)}; "
+                "memgen needs one positive sliding_window"
+            )
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         if implementation not in ("sdpa", "eager"):
             raise UnsupportedModelError(
                 f"{type(model).__name__} uses sliding-window attention with attn_implementation={implementation!r}; "
                 "memgen builds 4-D masks for sliding windows, which need 'sdpa' or 'eager' (load the model with "
-                "attn_implementation='sdpa')")
+                "attn_implementation='sdpa')"
+            )
         return tuple(sorted(kinds)), windows.pop()
 
     @torch.no_grad()
@@ -101,18 +109,35 @@ class Reasoner:
         mask = torch.ones_like(ids)
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         try:
-            expected = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                  use_cache=False).logits.float()
+            expected = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits.float()
             cache, split = self.new_cache(), 5
-            ours = self.logits(torch.cat([
-                self.hidden(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split],
-                            cache=cache),
-                self.hidden(input_ids=ids[:, split:], attention_mask=mask, position_ids=positions[:, split:],
-                            cache=cache)], dim=1))
+            ours = self.logits(
+                torch.cat(
+                    [
+                        self.hidden(
+                            input_ids=ids[:, :split],
+                            attention_mask=mask[:, :split],
+                            position_ids=positions[:, :split],
+                            cache=cache,
+                        ),
+                        self.hidden(
+                            input_ids=ids[:, split:],
+                            attention_mask=mask,
+                            position_ids=positions[:, split:],
+                            cache=cache,
+                        ),
+                    ],
+                    dim=1,
+                )
+            )
         except Exception as exc:  # the decoder does not take memgen's inputs (e.g. no position ids, no cache)
-            raise UnsupportedModelError(f"{type(self.model).__name__} cannot be driven the way memgen drives a "
-                                        f"decoder (explicit positions, masks and a KV cache): "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} cannot be driven the way memgen drives a "
+                f"decoder (explicit positions, masks and a KV cache): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         gap = float((ours - expected).abs().max())
         scale = float(expected.abs().max()) + 1e-6
         tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 3e-2  # half types round the head
@@ -120,7 +145,8 @@ class Reasoner:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__}: memgen's cached logits differ from the model's own forward by "
                 f"{gap:.3g} (logits up to {scale:.3g}): its LM head applies a transform memgen does not reproduce, "
-                "or it is not a causal decoder with a KV cache")
+                "or it is not a causal decoder with a KV cache"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -154,22 +180,37 @@ class Reasoner:
         for start in range(0, rows, chunk):
             block = self.embed(torch.arange(start, min(rows, start + chunk), device=self.device)).double()
             norm_sum += float(block.norm(dim=-1).sum())
-            total, square, count = total + float(block.sum()), square + float((block ** 2).sum()), count + block.numel()
+            total, square, count = total + float(block.sum()), square + float((block**2).sum()), count + block.numel()
         mean = total / count
-        return norm_sum / rows, (max(0.0, square - count * mean ** 2) / max(1, count - 1)) ** 0.5  # unbiased, as torch.std
+        return norm_sum / rows, (
+            max(0.0, square - count * mean**2) / max(1, count - 1)
+        ) ** 0.5  # unbiased, as torch.std
 
     def embedding_norm(self) -> float:
         """Mean L2 norm of the input-token embeddings as the decoder sees them: the scale latents are given."""
         return self.embedding_stats()[0]
 
-    def hidden(self, *, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
-               input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Last-layer (post-norm) hidden states (B, q, d) of the new slots; appends them to ``cache``."""
         if self.mask_kinds is not None:
             new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             attention_mask = self.window_masks(attention_mask, new)
-        out = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            position_ids=position_ids, cache=cache, use_cache=True)
+        out = self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
         return out.last_hidden_state
 
     def window_masks(self, attention_mask: torch.Tensor, new: int):
@@ -264,5 +305,5 @@ def append_rows_slots(cache: DynamicCache, sub: DynamicCache, rows: torch.Tensor
             full, new = getattr(layer, name), getattr(sub_layer, name)[:, :, -count:]
             grown = full.new_zeros(full.shape[0], full.shape[1], full.shape[2] + count, full.shape[3])
             grown[:, :, : full.shape[2]] = full
-            grown[rows, :, full.shape[2]:] = new
+            grown[rows, :, full.shape[2] :] = new
             setattr(layer, name, grown)

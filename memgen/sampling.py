@@ -27,8 +27,14 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return scores
 
 
-def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def select_tokens(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Choose one token per row from float32 logits (B, V)."""
     if not do_sample:
         return torch.argmax(logits, dim=-1)

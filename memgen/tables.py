@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table (also valid Markdown)."""
+
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 

@@ -49,8 +49,10 @@ class TeacherForcedOutput:
 
 def _validate(prompts, completions, insertions):
     if not (len(prompts) == len(completions) == len(insertions)):
-        raise InputError(f"got {len(prompts)} prompts, {len(completions)} completions and "
-                         f"{len(insertions)} insertion lists; they must match")
+        raise InputError(
+            f"got {len(prompts)} prompts, {len(completions)} completions and "
+            f"{len(insertions)} insertion lists; they must match"
+        )
     if not prompts:
         raise InputError("teacher_forced needs at least one example")
     for i, (p, c, ins) in enumerate(zip(prompts, completions, insertions)):
@@ -93,8 +95,9 @@ def _to_lists(x):
     return [list(map(int, row)) for row in x]
 
 
-def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0,
-                           contexts=None, kinds=None):
+def teacher_forced_forward(
+    memgen, prompt_ids, completion_ids, insertions, temperature: float = 1.0, contexts=None, kinds=None
+):
     prompts, completions = _to_lists(prompt_ids), _to_lists(completion_ids)
     insertions = [[int(p) for p in ins] for ins in insertions]
     _validate(prompts, completions, insertions)
@@ -163,15 +166,21 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             forwards += batch * span_len
             if j == 0:  # round 0 holds every row's whole prompt (its chunk ends at or after the prompt)
                 plens = torch.tensor([len(p) - 1 for p in prompts], device=device)
-                prompt_trigger = memgen.decision_head(prompt_end=True)(hidden[torch.arange(batch, device=device), plens])
+                prompt_trigger = memgen.decision_head(prompt_end=True)(
+                    hidden[torch.arange(batch, device=device), plens]
+                )
             # Each row's last fed token is the insertion point of an insertion closing this round.
             last = hidden[torch.arange(batch, device=device), (fed - 1).clamp_min(0)]
             anchor = torch.where((fed > 0)[:, None], last, anchor)
             if tgt_r:
                 r_t = torch.tensor(tgt_r, device=device)
                 picked = hidden[r_t, torch.tensor(tgt_c, device=device)]
-                collect(reasoner.logits(picked), torch.tensor(tgt_tok, device=device), r_t,
-                        torch.tensor(tgt_cols, device=device))
+                collect(
+                    reasoner.logits(picked),
+                    torch.tensor(tgt_tok, device=device),
+                    r_t,
+                    torch.tensor(tgt_cols, device=device),
+                )
             if trg_r:
                 r_t = torch.tensor(trg_r, device=device)
                 states = hidden[r_t, torch.tensor(trg_c, device=device)]
@@ -193,10 +202,12 @@ def teacher_forced_forward(memgen, prompt_ids, completion_ids, insertions, tempe
             flag = torch.zeros(batch, dtype=torch.bool, device=device)
             flag[torch.tensor(rows, device=device)] = True
             # The retrieved text the j-th insertion of each of these rows read, as the rollout did.
-            context = None if contexts is None else pack_context({r: contexts[r][j] for r in rows}, batch, pad_id,
-                                                                 device)
-            latents, lat_hidden, attention, next_pos, _ = memgen.weave_and_feed(cache, attention, next_pos, flag,
-                                                                                kind, anchor, context=context)
+            context = (
+                None if contexts is None else pack_context({r: contexts[r][j] for r in rows}, batch, pad_id, device)
+            )
+            latents, lat_hidden, attention, next_pos, _ = memgen.weave_and_feed(
+                cache, attention, next_pos, flag, kind, anchor, context=context
+            )
             forwards += 2 * batch * latents.shape[1]
             r_t = torch.tensor(rows, device=device)
             latent_norms.append(latents[r_t].float().norm(dim=-1).mean())

@@ -36,10 +36,20 @@ def tiny_tokenizer(alphabet: str = DEFAULT_ALPHABET, merges=DEFAULT_MERGES) -> P
 _ARCHES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
 
-def tiny_causal_lm(tokenizer, arch: str = "qwen2", hidden_size: int = 64, num_layers: int = 2,
-                   num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-                   max_positions: int = 1024, seed: int = 0, tie_embeddings: bool = True,
-                   init_std: float = 0.02, dtype: torch.dtype = torch.float32):
+def tiny_causal_lm(
+    tokenizer,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+    seed: int = 0,
+    tie_embeddings: bool = True,
+    init_std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+):
     """A randomly initialised decoder-only LM sized for CPU tests (hidden 32-512).
 
     A larger ``init_std`` (e.g. 0.2) gives an untrained model varied, non-repeating greedy
@@ -49,11 +59,17 @@ def tiny_causal_lm(tokenizer, arch: str = "qwen2", hidden_size: int = 64, num_la
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(_ARCHES)}")
     config_cls, model_cls = _ARCHES[arch]
     config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         initializer_range=init_std,
     )
     torch.manual_seed(seed)

@@ -31,7 +31,9 @@ class TriggerHead(nn.Module):
 
     def __init__(self, hidden_size: int, width: int, init_prob: float = 0.5) -> None:
         super().__init__()
-        layers = [nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1)] if width else [nn.Linear(hidden_size, 1)]
+        layers = (
+            [nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1)] if width else [nn.Linear(hidden_size, 1)]
+        )
         self.net = nn.Sequential(*layers)
         # Zero output weights: every state starts at exactly init_prob, so RL begins unbiased.
         nn.init.zeros_(self.net[-1].weight)

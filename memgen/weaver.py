@@ -67,8 +67,17 @@ class Weaver(nn.Module):
     def num_latents(self, kind: str) -> int:
         raise NotImplementedError
 
-    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
-              rows: torch.Tensor, kind: str, anchor: torch.Tensor, context=None) -> torch.Tensor:
+    def weave(
+        self,
+        reasoner: Reasoner,
+        cache,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        kind: str,
+        anchor: torch.Tensor,
+        context=None,
+    ) -> torch.Tensor:
         """``positions`` (B, K) are the position ids the latents will take; ``anchor`` (B, d) is the
         reasoner's last-layer state at the insertion point; ``context`` is None or (token ids (B, S),
         valid (B, S)): retrieved text the weaver reads before weaving (left-aligned, pads invalid)."""
@@ -107,8 +116,13 @@ class LoraQueryWeaver(Weaver):
         self.register_buffer("target_norm", torch.tensor(embed_norm), persistent=False)
         self._reasoner_model = [reasoner.model]  # a list: not registered as a submodule here
         targets = list(config.lora_target_modules)
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules="all-linear" if targets == ["all-linear"] else targets, bias="none")
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            bias="none",
+        )
         inject_adapter_in_model(lora, reasoner.model, adapter_name=ADAPTER_NAME)
         # peft leaves its config on the model; drop it so several MemGens can share one base,
         # and hand it back only around state-dict I/O (see _peft_io).
@@ -121,8 +135,10 @@ class LoraQueryWeaver(Weaver):
                 if isinstance(child, LoraLayer):
                     self._sites.append((parent, attr, child, child.get_base_layer()))
         if not self._sites:
-            raise ConfigError(f"no reasoner layer matched lora_target_modules={config.lora_target_modules}; name "
-                              "this model's linear layers, or use ['all-linear']")
+            raise ConfigError(
+                f"no reasoner layer matched lora_target_modules={config.lora_target_modules}; name "
+                "this model's linear layers, or use ['all-linear']"
+            )
         self.lora_layers = nn.ModuleList([site[2] for site in self._sites])
         for param in reasoner.model.parameters():
             param.requires_grad_(False)
@@ -159,8 +175,15 @@ class LoraQueryWeaver(Weaver):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         extra = list(self.anchor_map.parameters()) if self.anchor_map is not None else []
-        return [self.prompt_queries, self.inference_queries, self.prompt_offsets, self.inference_offsets,
-                *self.projection.parameters(), *extra, *self.adapter_parameters()]
+        return [
+            self.prompt_queries,
+            self.inference_queries,
+            self.prompt_offsets,
+            self.inference_offsets,
+            *self.projection.parameters(),
+            *extra,
+            *self.adapter_parameters(),
+        ]
 
     @torch.no_grad()
     def init_from_embeddings(self, embeddings: torch.Tensor) -> None:
@@ -216,8 +239,17 @@ class LoraQueryWeaver(Weaver):
         z = self.projection(hidden.to(self.projection.weight.dtype)) + self.offsets(kind)
         return z * (self.target_norm / z.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
-    def weave(self, reasoner: Reasoner, cache, attention_mask: torch.Tensor, positions: torch.Tensor,
-              rows: torch.Tensor, kind: str, anchor: torch.Tensor, context=None) -> torch.Tensor:
+    def weave(
+        self,
+        reasoner: Reasoner,
+        cache,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        kind: str,
+        anchor: torch.Tensor,
+        context=None,
+    ) -> torch.Tensor:
         queries = self.queries(kind)
         batch, k = attention_mask.shape[0], queries.shape[0]
         slots = rows.to(attention_mask.dtype)[:, None].expand(batch, k)
@@ -241,5 +273,8 @@ class LoraQueryWeaver(Weaver):
         drop_last_slots(cache, extra + k)
         hidden = hidden[:, extra:]
         if self.anchor_map is not None:
-            hidden = hidden.to(self.anchor_map.weight.dtype) + self.anchor_map(anchor.to(self.anchor_map.weight.dtype))[:, None]
+            hidden = (
+                hidden.to(self.anchor_map.weight.dtype)
+                + self.anchor_map(anchor.to(self.anchor_map.weight.dtype))[:, None]
+            )
         return self.project(hidden, kind).to(reasoner.dtype)

@@ -39,19 +39,36 @@ def make_base(tok, arch="qwen2", seed=0, **kw):
 TEST_DELIMITERS = [",", ".", "\n", " ", "a", "e", "m", "1"]
 
 
-def make_memgen(tok, arch="qwen2", seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None,
-                latent_positions="advance", **kw):
+def make_memgen(
+    tok, arch="qwen2", seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None, latent_positions="advance", **kw
+):
     """A MemGen whose weaver/trigger are randomised so they actually change outputs and decisions."""
-    return memgen_on(make_base(tok, arch, seed, **kw), tok, seed, k_prompt, k_infer, randomize, delimiters,
-                     latent_positions)
+    return memgen_on(
+        make_base(tok, arch, seed, **kw), tok, seed, k_prompt, k_infer, randomize, delimiters, latent_positions
+    )
 
 
-def memgen_on(base, tok, seed=0, k_prompt=3, k_infer=2, randomize=True, delimiters=None, latent_positions="advance",
-              lora_targets=None):
+def memgen_on(
+    base,
+    tok,
+    seed=0,
+    k_prompt=3,
+    k_infer=2,
+    randomize=True,
+    delimiters=None,
+    latent_positions="advance",
+    lora_targets=None,
+):
     """make_memgen's MemGen on a given base model (any architecture)."""
-    config = MemGenConfig(prompt_latents=k_prompt, inference_latents=k_infer, lora_r=4, trigger_hidden=16,
-                          delimiters=delimiters or TEST_DELIMITERS, latent_positions=latent_positions,
-                          **({"lora_target_modules": lora_targets} if lora_targets else {}))
+    config = MemGenConfig(
+        prompt_latents=k_prompt,
+        inference_latents=k_infer,
+        lora_r=4,
+        trigger_hidden=16,
+        delimiters=delimiters or TEST_DELIMITERS,
+        latent_positions=latent_positions,
+        **({"lora_target_modules": lora_targets} if lora_targets else {}),
+    )
     model = MemGen(base, tok, config)
     if randomize:
         g = torch.Generator().manual_seed(seed + 123)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import make_memgen
+
 from memgen.agents.dialogue import TranscriptFormat
 from memgen.agents.env import ActionError, EnvTimeout, ProcessEnv, parse_action
 from memgen.agents.episode import training_rows
@@ -47,7 +47,8 @@ def _ending_memgen(tok):
 
     model = make_memgen(tok)
     model.reasoner_model.generation_config.eos_token_id = [
-        tok.convert_tokens_to_ids(c) for c in string.ascii_letters.replace("a", "") + string.digits]
+        tok.convert_tokens_to_ids(c) for c in string.ascii_letters.replace("a", "") + string.digits
+    ]
     return model
 
 
@@ -69,8 +70,17 @@ def test_multi_turn_teacher_forcing_matches_rollout(tok, prompt_decides, budget)
     model.config.trigger_at_prompt_end = prompt_decides
     if prompt_decides:
         model.prompt_trigger = model._new_trigger_head().double()
-    episodes = _play(model, [TalkEnv(4) for _ in range(3)], memory="random:0.5", do_sample=True, seed=3,
-                     temperature=0.8, return_logprobs=True, max_context_tokens=budget, max_turns=4)
+    episodes = _play(
+        model,
+        [TalkEnv(4) for _ in range(3)],
+        memory="random:0.5",
+        do_sample=True,
+        seed=3,
+        temperature=0.8,
+        return_logprobs=True,
+        max_context_tokens=budget,
+        max_turns=4,
+    )
     rows = [row for e in episodes for row in training_rows(e)]
     assert all(len(e.turns) == 4 for e in episodes)
     if budget is None:
@@ -82,16 +92,23 @@ def test_multi_turn_teacher_forcing_matches_rollout(tok, prompt_decides, budget)
     later_starts = [p for r in rows for p, k in zip(r.insertions, r.kinds) if k == "prompt" and p > 0]
     later_starts += [p for r in rows for p, _, k in r.decisions if k == "prompt" and p > 0]
     assert later_starts, "rows must hold several turns"
-    tf = model.teacher_forced([r.prompt_ids for r in rows], [r.completion_ids for r in rows],
-                              [r.insertions for r in rows], 0.8, None, kinds)
+    tf = model.teacher_forced(
+        [r.prompt_ids for r in rows], [r.completion_ids for r in rows], [r.insertions for r in rows], 0.8, None, kinds
+    )
     for i, row in enumerate(rows):
         n = len(row.completion_ids)
         mask = torch.tensor(row.loss_mask)
-        torch.testing.assert_close(tf.logprobs[i, :n][mask], torch.tensor(row.logprobs, dtype=tf.logprobs.dtype)[mask],
-                                   atol=1e-8, rtol=0)
+        torch.testing.assert_close(
+            tf.logprobs[i, :n][mask], torch.tensor(row.logprobs, dtype=tf.logprobs.dtype)[mask], atol=1e-8, rtol=0
+        )
     # The trigger logits at every decision equal the probabilities the rollout logged.
-    logged = [ins.probability for e in episodes for t in e.turns for ins in t.completion.insertions
-              if ins.probability is not None]
+    logged = [
+        ins.probability
+        for e in episodes
+        for t in e.turns
+        for ins in t.completion.insertions
+        if ins.probability is not None
+    ]
     read = []
     for i, row in enumerate(rows):
         for pos, _, kind in row.decisions:
@@ -110,11 +127,17 @@ def test_padded_batch_of_episodes_matches_one_at_a_time(tok):
     model = make_memgen(tok)
     batch = _play(model, [TalkEnv(3) for _ in range(3)], memory="always", seed=5)
     for i in range(3):
-        alone = run_episodes(model, [TalkEnv(3)], _fmt(), AgentConfig(memory="always", max_turn_tokens=12, max_turns=4,
-                                                                      progress=False, seed=5), seeds=[i])[0]
+        alone = run_episodes(
+            model,
+            [TalkEnv(3)],
+            _fmt(),
+            AgentConfig(memory="always", max_turn_tokens=12, max_turns=4, progress=False, seed=5),
+            seeds=[i],
+        )[0]
         assert [t.completion.token_ids for t in alone.turns] == [t.completion.token_ids for t in batch[i].turns]
         assert [t.completion.insertion_positions for t in alone.turns] == [
-            t.completion.insertion_positions for t in batch[i].turns]
+            t.completion.insertion_positions for t in batch[i].turns
+        ]
 
 
 def test_never_firing_trigger_plays_the_memory_off_episode(tok):
@@ -189,9 +212,14 @@ def test_step_timeout_ends_the_episode_and_the_batch_goes_on(tok):
     slow = ProcessEnv(SleepyEnv, timeout=1.0, name="sleepy")
     started = time.time()
     try:
-        episodes = run_episodes(model, [slow, TalkEnv(2)], _fmt(),
-                                AgentConfig(memory="off", max_turn_tokens=16, max_turns=2, progress=False), seeds=[0, 1],
-                                env_ids=["sleepy", "talk"])
+        episodes = run_episodes(
+            model,
+            [slow, TalkEnv(2)],
+            _fmt(),
+            AgentConfig(memory="off", max_turn_tokens=16, max_turns=2, progress=False),
+            seeds=[0, 1],
+            env_ids=["sleepy", "talk"],
+        )
     finally:
         slow.close()
     assert time.time() - started < 30
@@ -246,19 +274,41 @@ def test_episode_grpo_with_one_turn_equals_single_turn_grpo(tok, tmp_path):
     fmt = _fmt()
     seeds = list(range(8))
 
-    episodic = EnvTask("one-turn", [Record(f"game {s}", None, {"seed": s}, f"game:{s}") for s in seeds],
-                       lambda record: OneTurnEnv(), lambda tokenizer, chat=False: fmt, max_turns=1)
-    single = Task("one-turn", [Record(fmt.first_prompt(OneTurnEnv().reset(s)[0]), None, {}, f"game:{s}")
-                               for s in seeds], _a_reward, {}, list(fmt.stop))
+    episodic = EnvTask(
+        "one-turn",
+        [Record(f"game {s}", None, {"seed": s}, f"game:{s}") for s in seeds],
+        lambda record: OneTurnEnv(),
+        lambda tokenizer, chat=False: fmt,
+        max_turns=1,
+    )
+    single = Task(
+        "one-turn",
+        [Record(fmt.first_prompt(OneTurnEnv().reset(s)[0]), None, {}, f"game:{s}") for s in seeds],
+        _a_reward,
+        {},
+        list(fmt.stop),
+    )
     results = {}
     for name, task in (("episodes", episodic), ("single", single)):
         # Replies end within their budget: the runner never acts on a cut reply, which a single-turn
         # reward (on text alone) could not know about.
         model = _ending_memgen(tok)
-        config = WeaverTrainConfig(model="tiny", data="tiny", method="grpo", max_steps=3, per_device_batch_size=2,
-                                   num_generations=4, max_new_tokens=16, max_insertions=2, learning_rate=1e-2,
-                                   output_dir=str(tmp_path / name), progress=False, save_every=0, tensorboard=False,
-                                   temperature=1.5)
+        config = WeaverTrainConfig(
+            model="tiny",
+            data="tiny",
+            method="grpo",
+            max_steps=3,
+            per_device_batch_size=2,
+            num_generations=4,
+            max_new_tokens=16,
+            max_insertions=2,
+            learning_rate=1e-2,
+            output_dir=str(tmp_path / name),
+            progress=False,
+            save_every=0,
+            tensorboard=False,
+            temperature=1.5,
+        )
         train_weaver(config, model=model, task=task)
         results[name] = (read_metrics(tmp_path / name), [p.detach().clone() for p in model.weaver_parameters()])
     ep_rows, single_rows = results["episodes"][0], results["single"][0]
@@ -278,17 +328,23 @@ def test_chat_format_renders_the_same_conversation_as_the_template():
     from memgen.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}<eos>\n{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]\n{% endif %}"
+    )
     fmt = ChatFormat(tok, system="Be brief.")
     first = fmt.first_prompt("You see a desk.", ["go to desk 1", "look"])
     reply = "go to desk 1"
-    whole = tok.apply_chat_template([
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "You see a desk.\nAdmissible commands: go to desk 1, look"},
-        {"role": "assistant", "content": reply},
-        {"role": "user", "content": "On the desk 1, you see a pen.\nAdmissible commands: take pen"}],
-        tokenize=False, add_generation_prompt=True)
+    whole = tok.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "You see a desk.\nAdmissible commands: go to desk 1, look"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "On the desk 1, you see a pen.\nAdmissible commands: take pen"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     # The reply ended at the template's EOS, which the model generated: the transition does not repeat it.
     ended = first + reply + "<eos>" + fmt.transition(reply, "eos", "On the desk 1, you see a pen.", ["take pen"])
     cut = first + reply + fmt.transition(reply, "length", "On the desk 1, you see a pen.", ["take pen"])

@@ -89,37 +89,141 @@ def test_recipe_sft_then_grpo_then_trigger_on_two_games(tmp_path):
 
     base = _tiny_model(tmp_path)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    common = ["--model", str(base), "--task", "alfworld", "--data", str(DATA), "--limit", "2",
-              "--per-device-batch-size", "2", "--max-steps", "2", "--progress", "false", "--save-every", "0",
-              "--tensorboard", "false", "--max-prompt-tokens", "3000"]
+    common = [
+        "--model",
+        str(base),
+        "--task",
+        "alfworld",
+        "--data",
+        str(DATA),
+        "--limit",
+        "2",
+        "--per-device-batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--progress",
+        "false",
+        "--save-every",
+        "0",
+        "--tensorboard",
+        "false",
+        "--max-prompt-tokens",
+        "3000",
+    ]
 
     def memgen(*args):
-        done = subprocess.run([sys.executable, "-m", "memgen", *args], env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "memgen", *args], env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    memgen("train", "weaver", "--method", "sft", "--output-dir", str(tmp_path / "sft"), "--prompt-latents", "2",
-           "--inference-latents", "2", "--lora-r", "4", "--max-insertions", "2", *common)
+    memgen(
+        "train",
+        "weaver",
+        "--method",
+        "sft",
+        "--output-dir",
+        str(tmp_path / "sft"),
+        "--prompt-latents",
+        "2",
+        "--inference-latents",
+        "2",
+        "--lora-r",
+        "4",
+        "--max-insertions",
+        "2",
+        *common,
+    )
     sft = read_metrics(tmp_path / "sft")
     assert len(sft) == 2 and all(r["loss"] > 0 and r["turns_per_episode"] >= 3 for r in sft)
-    memgen("train", "weaver", "--method", "grpo", "--adapter", str(tmp_path / "sft" / "final"), "--output-dir",
-           str(tmp_path / "grpo"), "--num-generations", "2", "--max-new-tokens", "6", "--max-turns", "3",
-           "--max-insertions", "1", *common)
+    memgen(
+        "train",
+        "weaver",
+        "--method",
+        "grpo",
+        "--adapter",
+        str(tmp_path / "sft" / "final"),
+        "--output-dir",
+        str(tmp_path / "grpo"),
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-turns",
+        "3",
+        "--max-insertions",
+        "1",
+        *common,
+    )
     grpo = read_metrics(tmp_path / "grpo")
     assert len(grpo) == 2 and all("reward_mean" in r and r["tokens"] > 0 for r in grpo)
-    memgen("train", "trigger", "--adapter", str(tmp_path / "grpo" / "final"), "--output-dir", str(tmp_path / "trig"),
-           "--num-generations", "2", "--max-new-tokens", "6", "--max-turns", "3", "--max-insertions", "1", *common)
+    memgen(
+        "train",
+        "trigger",
+        "--adapter",
+        str(tmp_path / "grpo" / "final"),
+        "--output-dir",
+        str(tmp_path / "trig"),
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-turns",
+        "3",
+        "--max-insertions",
+        "1",
+        *common,
+    )
     assert len(read_metrics(tmp_path / "trig")) == 2
 
     out = tmp_path / "episodes.jsonl"
-    summary = json.loads(memgen("eval", "--model", str(base), "--adapter", str(tmp_path / "trig" / "final"),
-                                "--task", "alfworld", "--data", str(DATA), "--split", "valid_unseen", "--limit", "2",
-                                "--max-turns", "3", "--max-new-tokens", "6", "--memory", "trigger", "--json",
-                                "--progress", "false", "--output", str(out)))
+    summary = json.loads(
+        memgen(
+            "eval",
+            "--model",
+            str(base),
+            "--adapter",
+            str(tmp_path / "trig" / "final"),
+            "--task",
+            "alfworld",
+            "--data",
+            str(DATA),
+            "--split",
+            "valid_unseen",
+            "--limit",
+            "2",
+            "--max-turns",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--memory",
+            "trigger",
+            "--json",
+            "--progress",
+            "false",
+            "--output",
+            str(out),
+        )
+    )
     assert summary["n"] == 2 and 0.0 <= summary["success"] <= 1.0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 2 and all(r["turns"] == 3 and len(r["log"]) == 3 for r in lines)
-    shown = memgen("agent", "play", "--model", str(base), "--adapter", str(tmp_path / "trig" / "final"), "--data",
-                   str(DATA), "--split", "valid_unseen", "--max-turns", "2", "--max-turn-tokens", "6")
+    shown = memgen(
+        "agent",
+        "play",
+        "--model",
+        str(base),
+        "--adapter",
+        str(tmp_path / "trig" / "final"),
+        "--data",
+        str(DATA),
+        "--split",
+        "valid_unseen",
+        "--max-turns",
+        "2",
+        "--max-turn-tokens",
+        "6",
+    )
     assert "--- turn 1" in shown and "--- turn 2" in shown and "Your task is to" in shown and "===" in shown

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_base, make_memgen
-from memgen.analysis import (AnalyzeConfig, ClusterFilter, Collection, analyze, collect, fit_clusters,
-                             silhouette_sweep)
+
+from memgen.analysis import AnalyzeConfig, ClusterFilter, Collection, analyze, collect, fit_clusters, silhouette_sweep
 from memgen.tasks.domains import FAILURE_TYPES, as_task, failure_type, make_split
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -56,8 +55,7 @@ def test_silhouette_finds_separated_groups_and_caps_n():
 
 
 def test_nearest_tokens_read_the_embedding_table(tok, monkeypatch):
-    from memgen.analysis import nearest_tokens
-    from memgen.analysis import reading
+    from memgen.analysis import nearest_tokens, reading
 
     model = make_memgen(tok)
     ids = [tok.convert_tokens_to_ids(t) for t in ("x", "7", ",")]
@@ -117,17 +115,22 @@ def test_a_withheld_insertion_leaves_no_trace(tok):
     clustering = fit_clusters(pooled, 3, seed=0)
     biggest = max(range(3), key=lambda c: clustering.sizes()[c])
     partial = ClusterFilter(clustering.centroids, {biggest}, ("prompt", "inference"))
-    rollout = model.generate(PROMPTS, memory="always", max_new_tokens=30, return_logprobs=True,
-                             insertion_filter=partial)
+    rollout = model.generate(
+        PROMPTS, memory="always", max_new_tokens=30, return_logprobs=True, insertion_filter=partial
+    )
     suppressed = [ins for c in rollout.completions for ins in c.insertions if ins.suppressed]
     assert suppressed and sum(c.num_insertions for c in rollout.completions) > 0
     assert all(not ins.inserted for ins in suppressed)
-    tf = model.teacher_forced(model.encode_prompts(PROMPTS), [c.token_ids for c in rollout.completions],
-                              [c.insertion_positions for c in rollout.completions])
+    tf = model.teacher_forced(
+        model.encode_prompts(PROMPTS),
+        [c.token_ids for c in rollout.completions],
+        [c.insertion_positions for c in rollout.completions],
+    )
     for r, c in enumerate(rollout.completions):
         n = len(c.token_ids)
-        torch.testing.assert_close(tf.logprobs[r, :n], torch.tensor(c.logprobs, dtype=tf.logprobs.dtype), atol=1e-8,
-                                   rtol=0)
+        torch.testing.assert_close(
+            tf.logprobs[r, :n], torch.tensor(c.logprobs, dtype=tf.logprobs.dtype), atol=1e-8, rtol=0
+        )
 
 
 # ---------------------------------------------------------------- failure types
@@ -163,8 +166,16 @@ def demo_task():
 
 
 def config(out, **kw):
-    kw = {"memory": "always", "max_new_tokens": 16, "batch_size": 8, "progress": False, "out": str(out),
-          "group_by": "domain", "silhouette_max": 5, **kw}
+    kw = {
+        "memory": "always",
+        "max_new_tokens": 16,
+        "batch_size": 8,
+        "progress": False,
+        "out": str(out),
+        "group_by": "domain",
+        "silhouette_max": 5,
+        **kw,
+    }
     return AnalyzeConfig(**kw)
 
 
@@ -182,8 +193,11 @@ def test_collection_round_trips(tmp_path, tok, demo_task):
     collection.save(tmp_path / "c")
     loaded = Collection.load(tmp_path / "c")
     assert torch.equal(loaded.pooled, collection.pooled)
-    assert (loaded.insertions, loaded.examples, loaded.summary) == (collection.insertions, collection.examples,
-                                                                    json.loads(json.dumps(collection.summary)))
+    assert (loaded.insertions, loaded.examples, loaded.summary) == (
+        collection.insertions,
+        collection.examples,
+        json.loads(json.dumps(collection.summary)),
+    )
     assert loaded.meta["describe"] == {"model": "tiny"}
     (tmp_path / "c" / "insertions.jsonl").write_text('{"ok": 1}\nnot json\n')
     with pytest.raises(Exception, match=r"insertions.jsonl:2"):
@@ -193,14 +207,22 @@ def test_collection_round_trips(tmp_path, tok, demo_task):
 def test_analysis_reuses_a_collection(tmp_path, tok, demo_task):
     model = make_memgen(tok)
     first = analyze(model, demo_task, config(tmp_path / "a", ablate=False, tsne=False), log=lambda *_: None)
-    again = analyze(model, demo_task, config(tmp_path / "b", ablate=False, tsne=False,
-                                             collection=str(tmp_path / "a" / "collection")), log=lambda *_: None)
+    again = analyze(
+        model,
+        demo_task,
+        config(tmp_path / "b", ablate=False, tsne=False, collection=str(tmp_path / "a" / "collection")),
+        log=lambda *_: None,
+    )
     assert again["sizes"] == first["sizes"] and again["silhouette"] == first["silhouette"]
     assert [p["nearest_tokens"] for p in again["profiles"]] == [p["nearest_tokens"] for p in first["profiles"]]
     assert not (tmp_path / "b" / "collection").exists() and not first["ablations"]
     with pytest.raises(Exception, match="16 examples != 5 to evaluate.*max_new_tokens 16 != 12"):
-        analyze(model, demo_task, config(tmp_path / "c", limit=5, max_new_tokens=12,
-                                         collection=str(tmp_path / "a" / "collection")), log=lambda *_: None)
+        analyze(
+            model,
+            demo_task,
+            config(tmp_path / "c", limit=5, max_new_tokens=12, collection=str(tmp_path / "a" / "collection")),
+            log=lambda *_: None,
+        )
 
 
 def test_analysis_of_agent_episodes(tmp_path, tok):
@@ -211,8 +233,7 @@ def test_analysis_of_agent_episodes(tmp_path, tok):
 
     task = load_env_task("ledger", "AB", "test", 6)
     model = make_memgen(tok)
-    cfg = config(tmp_path, task="ledger", max_new_tokens=12, controls=False, tsne=False, clusters=2,
-                 group_by="domain")
+    cfg = config(tmp_path, task="ledger", max_new_tokens=12, controls=False, tsne=False, clusters=2, group_by="domain")
     report = analyze(model, task, cfg, log=lambda *_: None)
     collection = Collection.load(tmp_path / "collection")
     assert report["episodic"] and len(collection.examples) == 6
@@ -222,8 +243,12 @@ def test_analysis_of_agent_episodes(tmp_path, tok):
     assert len(collection) == sum(e["insertions"] for e in collection.examples)
     assert {e["failure"] for e in collection.examples} <= {"correct", "lost", "max_turns", "context"}
     off = []
-    evaluate_agent(model, task, EvalConfig(task="ledger", memory="off", max_new_tokens=12, progress=False),
-                   observe=lambda records, episodes, logs: off.extend(logs))
+    evaluate_agent(
+        model,
+        task,
+        EvalConfig(task="ledger", memory="off", max_new_tokens=12, progress=False),
+        observe=lambda records, episodes, logs: off.extend(logs),
+    )
     ablated = [json.loads(line) for line in (tmp_path / "ablation" / "all.jsonl").read_text().splitlines()]
     assert [[t["reply"] for t in r["log"]] for r in ablated] == [[t["reply"] for t in r["log"]] for r in off]
     assert all(t["insertions"] == [] for r in off for t in r["log"])
@@ -243,10 +268,25 @@ def test_recipe_analyze_cli_on_gsm8k(tmp_path, tok):
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     make_memgen(tok).save_pretrained(tmp_path / "adapter")
-    common = ["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--task", "gsm8k",
-              "--data", str(GSM8K), "--limit", "6", "--max-new-tokens", "20", "--progress", "false"]
-    proc = run_cli("analyze", *common, "--memory", "always", "--out", str(tmp_path / "out"), "--clusters", "3",
-                   "--json")
+    common = [
+        "--model",
+        str(tmp_path / "base"),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--task",
+        "gsm8k",
+        "--data",
+        str(GSM8K),
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "20",
+        "--progress",
+        "false",
+    ]
+    proc = run_cli(
+        "analyze", *common, "--memory", "always", "--out", str(tmp_path / "out"), "--clusters", "3", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     out = tmp_path / "out"
@@ -258,8 +298,15 @@ def test_recipe_analyze_cli_on_gsm8k(tmp_path, tok):
     assert [s["n"] for s in report["silhouette"]] == list(range(2, 9))
     assert all(len(p["nearest_tokens"]) == 10 for p in report["profiles"])
     runs = [r["run"] for r in report["ablations"]]
-    assert runs == ["cluster 0", "control for 0: random " + runs[1].split()[-1], "cluster 1", runs[3], "cluster 2",
-                    runs[5], "all clusters"]
+    assert runs == [
+        "cluster 0",
+        "control for 0: random " + runs[1].split()[-1],
+        "cluster 1",
+        runs[3],
+        "cluster 2",
+        runs[5],
+        "all clusters",
+    ]
     # Every cluster withheld (prompt end included) is memory off, answer by answer, through the CLI.
     proc = run_cli("eval", *common, "--memory", "off", "--output", str(tmp_path / "off.jsonl"), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -289,11 +336,14 @@ def check_png(path: Path, min_width: int) -> None:
         assert colors is None or len(colors) > 20, f"{path} looks blank"
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"memory": "off"}, "needs memory on"),
-    ({"cluster_over": "delimiters"}, "cluster_over"),
-    ({"silhouette_min": 5, "silhouette_max": 3}, "silhouette_max"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"memory": "off"}, "needs memory on"),
+        ({"cluster_over": "delimiters"}, "cluster_over"),
+        ({"silhouette_min": 5, "silhouette_max": 3}, "silhouette_max"),
+    ],
+)
 def test_bad_analyze_config_is_refused(tmp_path, kw, message):
     with pytest.raises(Exception, match=message):
         config(tmp_path, **kw)

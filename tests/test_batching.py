@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import ARCHES, PROMPTS, make_memgen
 
 
@@ -13,11 +12,13 @@ def central_threshold(model) -> float:
     of the threshold (batched and single-row logits differ by ~1e-6).
     """
     probe = model.generate(PROMPTS, memory="trigger", max_new_tokens=48, trigger_threshold=2.0)
-    probs = torch.tensor(sorted(i.probability for c in probe.completions for i in c.insertions
-                                if i.probability is not None), dtype=torch.float64)
+    probs = torch.tensor(
+        sorted(i.probability for c in probe.completions for i in c.insertions if i.probability is not None),
+        dtype=torch.float64,
+    )
     logits = torch.logit(probs.clamp(1e-12, 1 - 1e-12))
     lo, hi = len(logits) // 4, max(len(logits) * 3 // 4, len(logits) // 4 + 1)
-    gaps = logits[lo + 1: hi + 1] - logits[lo:hi]
+    gaps = logits[lo + 1 : hi + 1] - logits[lo:hi]
     i = lo + int(torch.argmax(gaps))
     return float(torch.sigmoid((logits[i] + logits[i + 1]) / 2))
 
@@ -38,8 +39,9 @@ def test_padded_batch_matches_row_by_row(tok, arch, memory):
         single = model.generate([prompt], **kw).completions[0]
         assert completion.token_ids == single.token_ids
         assert completion.finish_reason == single.finish_reason
-        assert [(i.position, i.inserted) for i in completion.insertions] == \
-               [(i.position, i.inserted) for i in single.insertions]
+        assert [(i.position, i.inserted) for i in completion.insertions] == [
+            (i.position, i.inserted) for i in single.insertions
+        ]
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(single.logprobs), atol=1e-4, rtol=0)
         decisions += len(completion.insertions)
     if memory == "trigger":
@@ -51,8 +53,9 @@ def test_padded_batch_matches_row_by_row(tok, arch, memory):
 
 def test_finished_rows_stop_decoding_and_triggering(tok):
     model = make_memgen(tok)
-    out = model.generate(PROMPTS * 2, memory="always", max_new_tokens=60, do_sample=True, seed=11, top_k=0,
-                         max_insertions=100)
+    out = model.generate(
+        PROMPTS * 2, memory="always", max_new_tokens=60, do_sample=True, seed=11, top_k=0, max_insertions=100
+    )
     finished_early = [c for c in out.completions if c.finish_reason == "eos"]
     assert finished_early, "expected at least one row to hit EOS"
     for c in out.completions:

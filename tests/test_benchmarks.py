@@ -22,8 +22,13 @@ def test_every_benchmark_is_covered():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_quick_mode_prints_json(script):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], capture_output=True, text=True,
-                          timeout=600, cwd=BENCHMARKS.parent)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=BENCHMARKS.parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert isinstance(report, dict) and report

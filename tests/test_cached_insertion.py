@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import ARCHES, PROMPTS, make_memgen
 
 
@@ -25,9 +24,12 @@ def recompute_logits(model, prompt_ids, completion):
         positions.append(next_text)
     embeds = torch.cat(pieces)[None]
     # An explicit all-ones mask: without one, transformers reads repeated position ids as packed sequences.
-    hidden = reasoner.backbone(inputs_embeds=embeds, position_ids=torch.tensor([positions]),
-                               attention_mask=torch.ones(1, len(positions), dtype=torch.long),
-                               use_cache=False).last_hidden_state[0]
+    hidden = reasoner.backbone(
+        inputs_embeds=embeds,
+        position_ids=torch.tensor([positions]),
+        attention_mask=torch.ones(1, len(positions), dtype=torch.long),
+        use_cache=False,
+    ).last_hidden_state[0]
     return reasoner.logits(hidden[predictors])
 
 
@@ -37,8 +39,17 @@ def recompute_logits(model, prompt_ids, completion):
 def test_cached_insertions_match_full_recompute(tok, arch, compact_after, latent_positions):
     model = make_memgen(tok, arch, latent_positions=latent_positions)
     with torch.no_grad():
-        out = model.generate(PROMPTS, memory="random:0.6", max_new_tokens=40, do_sample=True, seed=3,
-                             max_insertions=5, output_logits=True, return_latents=True, compact_after=compact_after)
+        out = model.generate(
+            PROMPTS,
+            memory="random:0.6",
+            max_new_tokens=40,
+            do_sample=True,
+            seed=3,
+            max_insertions=5,
+            output_logits=True,
+            return_latents=True,
+            compact_after=compact_after,
+        )
         prompts = model.encode_prompts(PROMPTS)
         total_inserted = 0
         for prompt_ids, completion in zip(prompts, out.completions):
@@ -67,5 +78,6 @@ def test_latents_have_token_embedding_norm(tok):
     target = model.reasoner.embedding_norm()
     for ins in out.completions[0].insertions:
         if ins.inserted:
-            torch.testing.assert_close(ins.latents.norm(dim=-1), torch.full((ins.latents.shape[0],), target),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                ins.latents.norm(dim=-1), torch.full((ins.latents.shape[0],), target), atol=1e-4, rtol=1e-4
+            )

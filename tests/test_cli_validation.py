@@ -46,12 +46,17 @@ def out_of_range(bounds, kind):
     return [kind(v) for v in values]
 
 
-CASES = [(name, f.name, value) for name, (_, cls) in SUBCOMMANDS.items() for f, kind in numeric_fields(cls)
-         for value in out_of_range(f.metadata.get("range", {}), kind)]
+CASES = [
+    (name, f.name, value)
+    for name, (_, cls) in SUBCOMMANDS.items()
+    for f, kind in numeric_fields(cls)
+    for value in out_of_range(f.metadata.get("range", {}), kind)
+]
 
 
-@pytest.mark.parametrize("config_cls", [MemGenConfig, GenerateConfig, WeaverTrainConfig, TriggerTrainConfig,
-                                        EvalConfig, DemoConfig])
+@pytest.mark.parametrize(
+    "config_cls", [MemGenConfig, GenerateConfig, WeaverTrainConfig, TriggerTrainConfig, EvalConfig, DemoConfig]
+)
 def test_every_numeric_field_declares_its_range(config_cls):
     missing = [f.name for f, _ in numeric_fields(config_cls) if "range" not in f.metadata]
     assert not missing, f"{config_cls.__name__} fields without an allowed range: {missing}"
@@ -71,15 +76,18 @@ def test_out_of_range_flag_exits_2_with_one_line(capsys, command, field, value):
     assert len(lines) == 1 and lines[0].startswith("memgen: error: ") and field in lines[0], err
 
 
-@pytest.mark.parametrize("argv", [
-    ["eval", "--model", "m", "--data", "d", "--batch-size", "0"],
-    ["eval", "--model", "m", "--data", "d", "--limit", "0"],
-    ["eval", "--model", "m", "--data", "d", "--limit", "-3"],
-    ["train", "weaver", "--model", "m", "--data", "d", "--learning-rate", "-1"],
-    ["train", "weaver", "--model", "m", "--data", "d", "--save-every", "-1"],
-    ["train", "weaver", "--model", "m", "--data", "d", "--learning-rate", "nan"],
-    ["train", "weaver", "--model", "m", "--data", "d", "--reward-funcs", "task", "--reward-weights", "1", "2"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--model", "m", "--data", "d", "--batch-size", "0"],
+        ["eval", "--model", "m", "--data", "d", "--limit", "0"],
+        ["eval", "--model", "m", "--data", "d", "--limit", "-3"],
+        ["train", "weaver", "--model", "m", "--data", "d", "--learning-rate", "-1"],
+        ["train", "weaver", "--model", "m", "--data", "d", "--save-every", "-1"],
+        ["train", "weaver", "--model", "m", "--data", "d", "--learning-rate", "nan"],
+        ["train", "weaver", "--model", "m", "--data", "d", "--reward-funcs", "task", "--reward-weights", "1", "2"],
+    ],
+)
 def test_reported_bad_inputs(capsys, argv):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("memgen: error: ")

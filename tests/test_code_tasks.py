@@ -29,8 +29,10 @@ def _run(task, completions=None):
 
 # ---------------------------------------------------------------- extraction
 def test_last_block_defining_the_required_names_wins():
-    text = ("First a draft:\n```python\ndef f(x):\n    return 0\n```\nUsage:\n```python\nprint(f(1))\n```\n"
-            "Final:\n```python\ndef helper():\n    return 1\n\ndef f(x):\n    return helper() + x\n```\nDone.")
+    text = (
+        "First a draft:\n```python\ndef f(x):\n    return 0\n```\nUsage:\n```python\nprint(f(1))\n```\n"
+        "Final:\n```python\ndef helper():\n    return 1\n\ndef f(x):\n    return helper() + x\n```\nDone."
+    )
     assert extract_code(text, ["f"]).startswith("def helper")
     assert extract_code(text, ["missing"]) == "def helper():\n    return 1\n\ndef f(x):\n    return helper() + x"
 
@@ -42,7 +44,7 @@ def test_unclosed_fence_and_no_fence():
 
 
 def test_complete_split_body_or_own_function():
-    prompt = "import math\nfrom random import shuffle\n\ndef task_func(x):\n    \"\"\"Doc.\"\"\"\n"
+    prompt = 'import math\nfrom random import shuffle\n\ndef task_func(x):\n    """Doc."""\n'
     assert complete_program(prompt, "    return math.sqrt(x)\n", "task_func") == prompt + "    return math.sqrt(x)\n"
     own = "```python\ndef task_func(x):\n    return math.floor(x)\n```"
     program = complete_program(prompt, own, "task_func")
@@ -63,8 +65,14 @@ def test_missing_libraries_are_named():
 # ---------------------------------------------------------------- loaders
 def test_kodcode_malformed_items_report_file_and_index(tmp_path):
     bad = tmp_path / "k.json"
-    bad.write_text(json.dumps([{"instruction": "x", "response": "def f(): pass", "test_code": "from solution import f"},
-                               {"instruction": "y"}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {"instruction": "x", "response": "def f(): pass", "test_code": "from solution import f"},
+                {"instruction": "y"},
+            ]
+        )
+    )
     with pytest.raises(DataError, match=r"k\.json:\[1\]: needs 'instruction'"):
         load_task("kodcode", bad, sandbox=SANDBOX)
     with pytest.warns(UserWarning, match="skipped"):
@@ -91,8 +99,12 @@ def test_every_kodcode_reference_solution_passes():
 @needs_data
 def test_kodcode_wrong_answers_fail():
     task = load_task("kodcode", KODCODE, limit=6, sandbox=SANDBOX)
-    wrong = ["```python\n" + "\n".join(f"def {n}(*args, **kwargs):\n    return None" for n in r.columns["required"])
-             + "\n```" for r in task.records]
+    wrong = [
+        "```python\n"
+        + "\n".join(f"def {n}(*args, **kwargs):\n    return None" for n in r.columns["required"])
+        + "\n```"
+        for r in task.records
+    ]
     statuses = [o.status for o in _run(task, wrong)]
     assert statuses.count("passed") == 0 and "failed" in statuses
 
@@ -107,8 +119,12 @@ def test_bigcodebench_references_pass_and_missing_libraries_are_listed(split):
         assert task_id.startswith("BigCodeBench/") and reason.endswith("not installed")
     # The first 12 tasks on the standard library alone, none of it networking, keep the run
     # short; `memgen sandbox check` runs them all (see the closing note / BENCHMARKS.md).
-    offline = [r for r in task.records if all(lib in sys.stdlib_module_names for lib in r.columns["libs"])
-               and not set(r.columns["libs"]) & NETWORK_MODULES]
+    offline = [
+        r
+        for r in task.records
+        if all(lib in sys.stdlib_module_names for lib in r.columns["libs"])
+        and not set(r.columns["libs"]) & NETWORK_MODULES
+    ]
     task.records = offline[:12]
     results = _run(task)
     assert [(r.columns["task_id"], o.status) for r, o in zip(task.records, results) if not o.passed] == []
@@ -140,8 +156,7 @@ def tiny_base(tmp_path_factory):
 
 def _memgen(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "memgen", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-m", "memgen", *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -149,9 +164,30 @@ def _memgen(*args):
 @needs_data
 def test_eval_kodcode_reports_pass_at_1_timeouts_and_skips(tiny_base, tmp_path):
     out = tmp_path / "rows.jsonl"
-    summary = json.loads(_memgen("eval", "--model", str(tiny_base), "--task", "kodcode", "--data", str(KODCODE),
-                                 "--limit", "4", "--max-new-tokens", "24", "--memory", "off", "--json",
-                                 "--progress", "false", "--output", str(out), "--code-timeout", "20"))
+    summary = json.loads(
+        _memgen(
+            "eval",
+            "--model",
+            str(tiny_base),
+            "--task",
+            "kodcode",
+            "--data",
+            str(KODCODE),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--memory",
+            "off",
+            "--json",
+            "--progress",
+            "false",
+            "--output",
+            str(out),
+            "--code-timeout",
+            "20",
+        )
+    )
     assert summary["n"] == 4 and summary["pass@1"] == summary["accuracy"]
     assert summary["failed"] + summary["timeout"] + summary["crashed"] == 4 - round(4 * summary["pass@1"])
     assert summary["skipped"] == 0
@@ -164,11 +200,44 @@ def test_eval_kodcode_reports_pass_at_1_timeouts_and_skips(tiny_base, tmp_path):
 def test_recipe_grpo_on_kodcode_with_sandboxed_rewards(tiny_base, tmp_path):
     from memgen.train.logging import read_metrics
 
-    _memgen("train", "weaver", "--method", "grpo", "--model", str(tiny_base), "--task", "kodcode", "--data",
-            str(KODCODE), "--limit", "4", "--per-device-batch-size", "2", "--num-generations", "2",
-            "--max-new-tokens", "16", "--max-steps", "2", "--progress", "false", "--save-every", "0",
-            "--tensorboard", "false", "--prompt-latents", "2", "--inference-latents", "2", "--lora-r", "4",
-            "--max-prompt-tokens", "256", "--output-dir", str(tmp_path / "grpo"))
+    _memgen(
+        "train",
+        "weaver",
+        "--method",
+        "grpo",
+        "--model",
+        str(tiny_base),
+        "--task",
+        "kodcode",
+        "--data",
+        str(KODCODE),
+        "--limit",
+        "4",
+        "--per-device-batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--max-steps",
+        "2",
+        "--progress",
+        "false",
+        "--save-every",
+        "0",
+        "--tensorboard",
+        "false",
+        "--prompt-latents",
+        "2",
+        "--inference-latents",
+        "2",
+        "--lora-r",
+        "4",
+        "--max-prompt-tokens",
+        "256",
+        "--output-dir",
+        str(tmp_path / "grpo"),
+    )
     metrics = read_metrics(tmp_path / "grpo")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:  # every sampled answer ran in the sandbox, and the reward is its pass rate
@@ -177,10 +246,38 @@ def test_recipe_grpo_on_kodcode_with_sandboxed_rewards(tiny_base, tmp_path):
         assert m["reward_mean"] == pytest.approx(m["exec_passed"] / runs)
     assert (tmp_path / "grpo" / "final" / "adapter_model.safetensors").is_file()
     # Trigger RL on the same task, from the GRPO weaver: the sandbox scores its rollouts too.
-    _memgen("train", "trigger", "--model", str(tiny_base), "--adapter", str(tmp_path / "grpo" / "final"), "--task",
-            "kodcode", "--data", str(KODCODE), "--limit", "2", "--per-device-batch-size", "2", "--num-generations",
-            "2", "--max-new-tokens", "16", "--max-steps", "1", "--progress", "false", "--save-every", "0",
-            "--tensorboard", "false", "--max-prompt-tokens", "256", "--output-dir", str(tmp_path / "trigger"))
+    _memgen(
+        "train",
+        "trigger",
+        "--model",
+        str(tiny_base),
+        "--adapter",
+        str(tmp_path / "grpo" / "final"),
+        "--task",
+        "kodcode",
+        "--data",
+        str(KODCODE),
+        "--limit",
+        "2",
+        "--per-device-batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--max-steps",
+        "1",
+        "--progress",
+        "false",
+        "--save-every",
+        "0",
+        "--tensorboard",
+        "false",
+        "--max-prompt-tokens",
+        "256",
+        "--output-dir",
+        str(tmp_path / "trigger"),
+    )
     (trigger,) = read_metrics(tmp_path / "trigger")
     assert sum(trigger[f"exec_{s}"] for s in ("passed", "failed", "timeout", "crashed")) == 4
     assert trigger["task_reward_mean"] == pytest.approx(trigger["exec_passed"] / 4)
@@ -188,9 +285,27 @@ def test_recipe_grpo_on_kodcode_with_sandboxed_rewards(tiny_base, tmp_path):
 
 @needs_data
 def test_cli_sandbox_check_runs_references_and_lists_failures(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "check", "--task", "kodcode", "--data",
-                           str(KODCODE), "--limit", "5", "--progress", "false", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memgen",
+            "sandbox",
+            "check",
+            "--task",
+            "kodcode",
+            "--data",
+            str(KODCODE),
+            "--limit",
+            "5",
+            "--progress",
+            "false",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["summary"]["checked"] == 5 and report["summary"]["passed"] == 5 and report["failures"] == []
@@ -198,15 +313,49 @@ def test_cli_sandbox_check_runs_references_and_lists_failures(tmp_path):
     items = json.loads(sorted(KODCODE.glob("*.json"))[0].read_text())[:2]
     items[1]["response"] = items[1]["response"] + "\nraise SystemExit(3)\n"
     (tmp_path / "k.json").write_text(json.dumps(items))
-    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "check", "--task", "kodcode", "--data",
-                           str(tmp_path / "k.json"), "--progress", "false"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memgen",
+            "sandbox",
+            "check",
+            "--task",
+            "kodcode",
+            "--data",
+            str(tmp_path / "k.json"),
+            "--progress",
+            "false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "k.json:[1]: crashed" in done.stdout
 
 
 @needs_data
 def test_eval_bigcodebench_instruct_runs(tiny_base):
-    summary = json.loads(_memgen("eval", "--model", str(tiny_base), "--task", "bigcodebench", "--split", "instruct",
-                                 "--data", str(BIGCODEBENCH), "--limit", "2", "--max-new-tokens", "8", "--memory",
-                                 "off", "--json", "--progress", "false"))
+    summary = json.loads(
+        _memgen(
+            "eval",
+            "--model",
+            str(tiny_base),
+            "--task",
+            "bigcodebench",
+            "--split",
+            "instruct",
+            "--data",
+            str(BIGCODEBENCH),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--memory",
+            "off",
+            "--json",
+            "--progress",
+            "false",
+        )
+    )
     assert summary["n"] == 2 and summary["skipped"] > 0 and summary["task"] == "bigcodebench"

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_base, make_memgen
+
 from memgen import ConfigError, GenerateConfig, InputError, MemGen, MemGenConfig, MemoryPolicy
 from memgen.delimiters import delimiter_token_ids
 from memgen.weaver import INFERENCE
@@ -27,7 +27,9 @@ def test_lora_is_in_the_reasoner_only_during_weaver_passes(tok):
     with torch.no_grad():
         outside = model.reasoner_model(input_ids=ids).logits
         with model.weaver.lora_active():
-            assert sum(isinstance(m, LoraLayer) for m in model.reasoner_model.modules()) == len(model.weaver.lora_layers)
+            assert sum(isinstance(m, LoraLayer) for m in model.reasoner_model.modules()) == len(
+                model.weaver.lora_layers
+            )
             inside = model.reasoner_model(input_ids=ids).logits
         reference = plain(input_ids=ids).logits
     assert torch.equal(outside, reference)
@@ -46,11 +48,13 @@ def test_weaver_leaves_no_query_slots_in_cache(tok):
     cache = reasoner.new_cache()
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        hidden = reasoner.hidden(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None],
-                                 cache=cache)
+        hidden = reasoner.hidden(
+            input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None], cache=cache
+        )
         keys_before = cache.layers[0].keys.clone()
-        latents = model.weaver.weave(reasoner, cache, mask, torch.tensor([ids.shape[1]]), torch.tensor([True]), INFERENCE,
-                                     hidden[:, -1])
+        latents = model.weaver.weave(
+            reasoner, cache, mask, torch.tensor([ids.shape[1]]), torch.tensor([True]), INFERENCE, hidden[:, -1]
+        )
     assert latents.shape == (1, model.config.inference_latents, reasoner.hidden_size)
     assert cache.get_seq_length() == ids.shape[1]
     assert torch.equal(cache.layers[0].keys, keys_before)
@@ -94,16 +98,20 @@ def test_latent_init_text_alternatives_average_slot_by_slot(tok):
     torch.testing.assert_close(model.weaver.prompt_offsets.detach(), (ab + cd) / 2)
     assert not torch.allclose(model.weaver.prompt_offsets.detach(), ab)
     with pytest.raises(InputError, match="same number of tokens"):
-        MemGen(make_base(tok), tok, MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4,
-                                                 latent_init_text="ab|abc"))
+        MemGen(
+            make_base(tok),
+            tok,
+            MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4, latent_init_text="ab|abc"),
+        )
 
 
 def test_trigger_costs_no_extra_forward(tok):
     model = make_memgen(tok)
     calls = []
     handle = model.reasoner.backbone.register_forward_hook(lambda *a: calls.append(1))
-    out = model.generate(PROMPTS[:1], memory="trigger", trigger_threshold=1.1, max_new_tokens=30,
-                         insert_at_prompt_end=False)
+    out = model.generate(
+        PROMPTS[:1], memory="trigger", trigger_threshold=1.1, max_new_tokens=30, insert_at_prompt_end=False
+    )
     handle.remove()
     decisions = len(out.completions[0].insertions)
     assert decisions > 0 and out.completions[0].num_insertions == 0
@@ -144,9 +152,15 @@ def test_generation_stops_at_context_end(tok):
     model = make_memgen(tok, max_positions=48)
     out = model.generate(PROMPTS, memory="always", max_new_tokens=200, max_insertions=100, ignore_eos=True)
     for prompt, c in zip(model.encode_prompts(PROMPTS), out.completions):
-        used = len(prompt) + len(c.token_ids) + sum(
-            model.config.prompt_latents if i.position == 0 else model.config.inference_latents
-            for i in c.insertions if i.inserted)
+        used = (
+            len(prompt)
+            + len(c.token_ids)
+            + sum(
+                model.config.prompt_latents if i.position == 0 else model.config.inference_latents
+                for i in c.insertions
+                if i.inserted
+            )
+        )
         assert used <= 48 and c.finish_reason == "length"
 
 
@@ -168,7 +182,7 @@ def test_stop_strings_end_rows(tok):
     free = model.generate(PROMPTS, memory="off", max_new_tokens=40, ignore_eos=True).completions
     stop = free[0].text[10:12]
     out = model.generate(PROMPTS, memory="off", max_new_tokens=40, ignore_eos=True, stop=[stop]).completions
-    assert out[0].finish_reason == "stop" and stop in out[0].text and stop not in out[0].text[:-len(stop) - 1]
+    assert out[0].finish_reason == "stop" and stop in out[0].text and stop not in out[0].text[: -len(stop) - 1]
     assert free[0].token_ids[: len(out[0].token_ids)] == out[0].token_ids
 
 
@@ -176,7 +190,8 @@ def test_num_samples_share_one_prefill(tok):
     model = make_memgen(tok)
     calls = []
     handle = model.reasoner.backbone.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs["attention_mask"].shape[0]), with_kwargs=True)
+        lambda module, args, kwargs: calls.append(kwargs["attention_mask"].shape[0]), with_kwargs=True
+    )
     out = model.generate(PROMPTS[:2], memory="always", num_samples=4, do_sample=True, seed=0, max_new_tokens=10)
     handle.remove()
     assert len(out.completions) == 8

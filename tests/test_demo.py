@@ -20,17 +20,23 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     for name in ("results.json", "report.md", "accuracy.png", "invocation.png", "continual.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert {"config", "seeds", "reasoner", "arms", "continual", "claims", "runs", "total_seconds", "machine"} <= set(results)
+    assert {"config", "seeds", "reasoner", "arms", "continual", "claims", "runs", "total_seconds", "machine"} <= set(
+        results
+    )
     assert results["seeds"] == [0, 1] and [run["seed"] for run in results["runs"]] == [0, 1]
     assert [a["arm"] for a in results["arms"]] == ARMS
     for arm in results["arms"]:
         assert set(arm["domains"]) == {"A", "B", "C"}
         for summary in arm["domains"].values():
-            assert {"accuracy", "accuracy_std", "mean_insertions", "invocation_rate", "seconds_per_answer", "n"} <= set(summary)
+            assert {"accuracy", "accuracy_std", "mean_insertions", "invocation_rate", "seconds_per_answer", "n"} <= set(
+                summary
+            )
             # The mean and spread are those of the per-seed values the runs recorded.
             assert len(summary["accuracy_per_seed"]) == 2 and 0.0 <= summary["accuracy"] <= 1.0
             assert abs(summary["accuracy"] - sum(summary["accuracy_per_seed"]) / 2) < 1e-3
-    per_run = [next(a for a in run["arms"] if a["arm"] == "memgen_sft")["domains"]["B"]["accuracy"] for run in results["runs"]]
+    per_run = [
+        next(a for a in run["arms"] if a["arm"] == "memgen_sft")["domains"]["B"]["accuracy"] for run in results["runs"]
+    ]
     # Each seed's run was also written on its own as it finished, so a later seed's failure loses none.
     for run in results["runs"]:
         assert json.loads((out / f"seed-{run['seed']}" / "run.json").read_text())["arms"] == run["arms"]
@@ -54,7 +60,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert results["continual"]["lora_sft"][0] == results["continual"]["memgen_sft"][0]
     # The agent stage: held-out multi-turn ledger episodes per arm and domain, played through memgen.agents.
     assert set(results["agent"]) == {"vanilla", "memgen_sft", "memgen_trigger"}
-    for name, domains in results["agent"].items():
+    for domains in results["agent"].values():
         assert set(domains) == {"A", "B"} and all(d["n"] == 10 for d in domains.values())
         assert all(len(d["success"]["per_seed"]) == 2 and 0 <= d["success"]["mean"] <= 1 for d in domains.values())
     assert all(d["mean_insertions"] == 0 for d in results["agent"]["vanilla"].values())
@@ -74,8 +80,10 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         for name in ("memgen_sft", "memgen_grpo"):
             summary = run["analysis"][name]
             directory = out / f"seed-{run['seed']}" / "analysis" / name
-            assert all((directory / f).stat().st_size > 0 for f in ("analysis.md", "analysis.json", "latents.png",
-                                                                   "silhouette.png", "ablation.png"))
+            assert all(
+                (directory / f).stat().st_size > 0
+                for f in ("analysis.md", "analysis.json", "latents.png", "silhouette.png", "ablation.png")
+            )
             full = json.loads((directory / "analysis.json").read_text())
             assert summary["insertions"] == full["clustered"] == sum(c["size"] for c in summary["clusters"])
             assert len(summary["clusters"]) == full["clusters"] <= 4
@@ -92,8 +100,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert experience["gathered"]["attempts"] == 40 and {"insights", "workflows"} <= set(experience)
     assert len((out / "seed-0" / "experience" / "records.jsonl").read_text().splitlines()) >= 1
     retrieval = [json.loads(line) for line in (out / "seed-0" / "answers" / "memgen_sft_retrieval-B.jsonl").open()]
-    assert all(row["retrieved"] for row in retrieval) or not any(r["success"] for r in map(
-        json.loads, (out / "seed-0" / "experience" / "records.jsonl").open()))
+    assert all(row["retrieved"] for row in retrieval) or not any(
+        r["success"] for r in map(json.loads, (out / "seed-0" / "experience" / "records.jsonl").open())
+    )
     expel_rows = [json.loads(line) for line in (out / "seed-0" / "answers" / "expel-B.jsonl").open()]
     assert all(row["insertions"] == 0 for row in expel_rows)  # ExpeL is prompt-only: memory off
 
@@ -105,15 +114,28 @@ def test_reasoner_quality_bar_fails_loudly_or_passes_with_its_evidence(tmp_path,
     from memgen.errors import QualityBarError
 
     monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path))
-    tiny = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=3,
-                batch_size=2, seq_len=64, quality_size=4, check_every=2, max_extra_steps=2)
+    tiny = dict(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        steps=3,
+        batch_size=2,
+        seq_len=64,
+        quality_size=4,
+        check_every=2,
+        max_extra_steps=2,
+    )
     logged = []
     with pytest.raises(QualityBarError, match="below its quality bar"):
         get_reasoner(ReasonerConfig(**tiny, quality_bar=1.0), set(), progress=False, log=logged.append)
     # Training went on for max_extra_steps before failing, and nothing was cached.
     assert any("training 2 more" in line for line in logged)
     assert not list(tmp_path.rglob("pretrain.json"))
-    model, tokenizer, info = get_reasoner(ReasonerConfig(**tiny, quality_bar=0.0), set(), progress=False, log=logged.append)
+    model, tokenizer, info = get_reasoner(
+        ReasonerConfig(**tiny, quality_bar=0.0), set(), progress=False, log=logged.append
+    )
     assert info["quality"]["met"] and info["steps"] == 3 and info["quality"]["checks"][0]["step"] == 3
     again = get_reasoner(ReasonerConfig(**tiny, quality_bar=0.0), set(), progress=False, log=logged.append)[2]
     assert again["cached"] and again["quality"] == info["quality"]
@@ -125,8 +147,8 @@ def test_decoding_with_notes_matches_row_by_row_decoding():
 
     import torch
 
-    from memgen.tasks.domains import note
     from memgen.demo.reasoner import decode_with_notes, demo_tokenizer
+    from memgen.tasks.domains import note
     from memgen.tiny import tiny_causal_lm
 
     tokenizer = demo_tokenizer()
@@ -142,7 +164,10 @@ def test_decoding_with_notes_matches_row_by_row_decoding():
     newline = tokenizer.convert_tokens_to_ids("\n")
     for i, (record, text) in enumerate(zip(records, batched)):
         rng = random.Random(f"7:{i}")
-        ids = tokenizer(record.prompt)["input_ids"] + tokenizer(note(rng.choice("+-")), add_special_tokens=False)["input_ids"]
+        ids = (
+            tokenizer(record.prompt)["input_ids"]
+            + tokenizer(note(rng.choice("+-")), add_special_tokens=False)["input_ids"]
+        )
         out, k = [], 0
         for _ in range(12):
             with torch.no_grad():
@@ -173,8 +198,8 @@ def test_domains_are_disjoint_and_scored():
 def test_notes_sit_at_insertion_points_and_are_never_targets():
     import random
 
-    from memgen.tasks.domains import NOTE_WIDTH, note, with_notes
     from memgen.demo.reasoner import ReasonerConfig, _examples, demo_tokenizer
+    from memgen.tasks.domains import NOTE_WIDTH, note, with_notes
 
     record = make_problem(random.Random(5), "N")
     segments = with_notes(record, random.Random(0), 1.0, truthful=True)

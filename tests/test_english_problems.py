@@ -14,7 +14,7 @@ def _patterns(held_out: bool) -> list[re.Pattern]:
     """Each wording as a regex over its sentence (any name, number and item)."""
     out = []
     for wordings in WORDINGS.values():
-        for w in (wordings[-1:] if held_out else wordings[:-1]):
+        for w in wordings[-1:] if held_out else wordings[:-1]:
             text = re.escape(w).replace(r"\{n\}", r"\w+").replace(r"\{x\}", r"\d+").replace(r"\{i\}", r"[\w ]+")
             out.append(re.compile(text))
     return out
@@ -31,12 +31,18 @@ def test_splits_are_disjoint_correct_and_hold_their_wordings_out(difficulty):
     assert len(questions) == len(set(questions)) == sum(SIZES.values())
     task = as_task("english", [r for records in splits.values() for r in records])
     # Every reference solution scores 1.0 under the task's own reward, and its arithmetic checks.
-    assert task.reward([r.prompt for r in task.records], [r.completion for r in task.records],
-                       answer=[r.columns["answer"] for r in task.records]) == [1.0] * len(task.records)
+    assert task.reward(
+        [r.prompt for r in task.records],
+        [r.completion for r in task.records],
+        answer=[r.columns["answer"] for r in task.records],
+    ) == [1.0] * len(task.records)
     for record in task.records:
         for a, op, x, b in re.findall(r"(\d+) ([-+x/]) (\d+) = (\d+)", record.completion):
-            assert int(b) == {"+": int(a) + int(x), "-": int(a) - int(x), "x": int(a) * int(x),
-                              "/": int(a) / int(x)}[op] >= 0
+            assert (
+                int(b)
+                == {"+": int(a) + int(x), "-": int(a) - int(x), "x": int(a) * int(x), "/": int(a) / int(x)}[op]
+                >= 0
+            )
     seen, held = _patterns(False), _patterns(True)
     for name, records in splits.items():
         steps = difficulty.steps + (name == "test_more_steps")
@@ -53,5 +59,9 @@ def test_splits_are_disjoint_correct_and_hold_their_wordings_out(difficulty):
 
 def test_splits_are_reproducible_and_differ_by_seed():
     a = skill_splits(0, Difficulty(), {"train": 20, "test": 10})
-    assert [r.prompt for r in a["test"]] == [r.prompt for r in skill_splits(0, Difficulty(), {"train": 20, "test": 10})["test"]]
-    assert [r.prompt for r in a["test"]] != [r.prompt for r in skill_splits(1, Difficulty(), {"train": 20, "test": 10})["test"]]
+    assert [r.prompt for r in a["test"]] == [
+        r.prompt for r in skill_splits(0, Difficulty(), {"train": 20, "test": 10})["test"]
+    ]
+    assert [r.prompt for r in a["test"]] != [
+        r.prompt for r in skill_splits(1, Difficulty(), {"train": 20, "test": 10})["test"]
+    ]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import ARCHES, PROMPTS, make_base
+
 from memgen import MemGen
 
 
@@ -12,7 +12,7 @@ def hf_generate(model, tok, prompts, **kw):
     enc = tok(prompts, padding=True, return_tensors="pt")
     out = model.generate(**enc, pad_token_id=tok.pad_token_id, **kw)
     rows = []
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+    for row in out[:, enc["input_ids"].shape[1] :].tolist():
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id) + 1]
         rows.append(row)

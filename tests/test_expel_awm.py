@@ -3,13 +3,22 @@
 import json
 
 import pytest
-
 from conftest import make_memgen, toy_task_records
+
 from memgen.evaluate import EvalConfig, evaluate
 from memgen.experience import ExperienceRecord, ExperienceStore
 from memgen.experience.awm import AWMConfig, OnlineAWM, awm_prompt, induce_workflows, parse_workflows
-from memgen.experience.expel import (ExpeLConfig, Operation, apply_operations, expel_prompt, extract_insights,
-                                     gather_experience, insights, parse_operations, reasoner_llm)
+from memgen.experience.expel import (
+    ExpeLConfig,
+    Operation,
+    apply_operations,
+    expel_prompt,
+    extract_insights,
+    gather_experience,
+    insights,
+    parse_operations,
+    reasoner_llm,
+)
 from memgen.tasks import Task
 
 
@@ -30,8 +39,14 @@ UPVOTE: no number given
 EDIT 2:
 DOWNVOTE 1: duplicate"""
     ops = parse_operations(text)
-    assert [(o.kind, o.index) for o in ops] == [("ADD", None), ("ADD", None), ("EDIT", 1), ("UPVOTE", 2),
-                                               ("DOWNVOTE", 4), ("DOWNVOTE", 1)]
+    assert [(o.kind, o.index) for o in ops] == [
+        ("ADD", None),
+        ("ADD", None),
+        ("EDIT", 1),
+        ("UPVOTE", 2),
+        ("DOWNVOTE", 4),
+        ("DOWNVOTE", 1),
+    ]
     assert ops[0].text == "Check the sign before the number."
 
 
@@ -39,9 +54,18 @@ def test_insight_votes_follow_expel(store, tmp_path):
     counts = apply_operations(store, "t", [Operation("ADD", None, "rule one"), Operation("ADD", None, "rule two")], 3)
     assert counts["ADD"] == 2 and [r.votes for r in insights(store, "t")] == [2, 2]
     first = insights(store, "t")[0]
-    counts = apply_operations(store, "t", [Operation("EDIT", 1, "rule one, sharper"), Operation("DOWNVOTE", 2, ""),
-                                           Operation("UPVOTE", 7, ""), Operation("ADD", None, "rule three"),
-                                           Operation("ADD", None, "rule four")], 3)
+    counts = apply_operations(
+        store,
+        "t",
+        [
+            Operation("EDIT", 1, "rule one, sharper"),
+            Operation("DOWNVOTE", 2, ""),
+            Operation("UPVOTE", 7, ""),
+            Operation("ADD", None, "rule three"),
+            Operation("ADD", None, "rule four"),
+        ],
+        3,
+    )
     listed = insights(store, "t")
     assert [(r.text, r.votes) for r in listed] == [("rule one, sharper", 3), ("rule two", 1), ("rule three", 2)]
     assert listed[0].id == first.id  # an edit keeps the insight's identity
@@ -55,8 +79,13 @@ def test_insight_votes_follow_expel(store, tmp_path):
 
 
 def add_attempts(store):
-    rows = [("copy abc:", " abc, abc.", True), ("copy abc:", " abd.", False), ("copy bcd:", " bcd, bcd.", True),
-            ("copy cde:", " cd.", False), ("copy dea:", " dea, dea.", True)]
+    rows = [
+        ("copy abc:", " abc, abc.", True),
+        ("copy abc:", " abd.", False),
+        ("copy bcd:", " bcd, bcd.", True),
+        ("copy cde:", " cd.", False),
+        ("copy dea:", " dea, dea.", True),
+    ]
     store.add_many(ExperienceRecord(task="t", input=i, trajectory=o, success=ok, reward=float(ok)) for i, o, ok in rows)
 
 
@@ -66,8 +95,11 @@ def test_extraction_compares_pairs_then_summarises_successes(store):
 
     def llm(prompts):
         seen.extend(prompts)
-        return ["ADD: Copy the word twice.\nUPVOTE 1: Copy the word twice." if len(seen) > 1 else
-                "ADD: Copy the word twice."]
+        return [
+            "ADD: Copy the word twice.\nUPVOTE 1: Copy the word twice."
+            if len(seen) > 1
+            else "ADD: Copy the word twice."
+        ]
 
     totals = extract_insights(store, "t", llm, ExpeLConfig(success_batches=1, success_batch=3))
     assert totals["pairs"] == 1 and len(seen) == 2  # one failure/success pair, one batch of successes
@@ -120,9 +152,20 @@ def test_real_pipeline_on_a_tiny_model_and_eval_sources(tok, tmp_path):
         store.add(ExperienceRecord(task="toy", input="copy zzz:", trajectory=" zzz, zzz.", success=True))
     for source in ("expel", "awm", "weaver+retrieval"):
         out = tmp_path / f"{source}.jsonl"
-        summary = evaluate(model, task, EvalConfig(task="toy", memory="always", max_new_tokens=6, progress=False,
-                                                   experience=str(tmp_path / "exp"), experience_embedder="bm25",
-                                                   memory_source=source, output=str(out)))
+        summary = evaluate(
+            model,
+            task,
+            EvalConfig(
+                task="toy",
+                memory="always",
+                max_new_tokens=6,
+                progress=False,
+                experience=str(tmp_path / "exp"),
+                experience_embedder="bm25",
+                memory_source=source,
+                output=str(out),
+            ),
+        )
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert summary["n"] == 6 and rows[0]["prompt"] == records[0].prompt  # the row keeps the task's own prompt
         assert ("retrieved" in rows[0]) == (source == "weaver+retrieval")

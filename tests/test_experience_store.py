@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from memgen.experience import (BM25Retriever, ExperienceError, ExperienceRecord, ExperienceStore, ReasonerEmbedder)
+from memgen.experience import BM25Retriever, ExperienceError, ExperienceRecord, ExperienceStore, ReasonerEmbedder
 from memgen.tiny import tiny_causal_lm, tiny_tokenizer
 
 PROBLEMS = [f"Q: Ann has {a} pens. gets {b}. loses {c}." for a in range(1, 6) for b in range(1, 4) for c in range(1, 3)]
@@ -22,8 +22,14 @@ def embedder():
 
 
 def trajectory(i: int, success: bool = True) -> ExperienceRecord:
-    return ExperienceRecord(task="demo-B", input=PROBLEMS[i], trajectory=f" {i},+1=2,so 2.", reward=float(success),
-                            success=success, provenance={"run": "test", "step": i})
+    return ExperienceRecord(
+        task="demo-B",
+        input=PROBLEMS[i],
+        trajectory=f" {i},+1=2,so 2.",
+        reward=float(success),
+        success=success,
+        provenance={"run": "test", "step": i},
+    )
 
 
 def test_dedupe_search_update_and_remove_survive_reopening(tmp_path, embedder):
@@ -50,8 +56,9 @@ def test_dedupe_search_update_and_remove_survive_reopening(tmp_path, embedder):
     with pytest.raises(ExperienceError, match="no experience record"):
         reopened.get(trajectory(7).id)
     # The vectors came from the cache written on close, and they are the ones a fresh embedding gives.
-    assert torch.allclose(reopened._vectors, embedder.embed([r.search_text for r in reopened._records.values()]),
-                          atol=1e-5)
+    assert torch.allclose(
+        reopened._vectors, embedder.embed([r.search_text for r in reopened._records.values()]), atol=1e-5
+    )
     out = tmp_path / "export.jsonl"
     assert reopened.export(out) == 13
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [r.id for r in reopened.records()]
@@ -139,16 +146,24 @@ def test_bad_paths_corruption_and_mismatched_embedders_fail_in_one_line_and_chan
         ExperienceStore(path, embedder)
     assert log.read_bytes() == corrupted
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name != "records.jsonl"} == {
-        k: v for k, v in before.items() if k != "records.jsonl"}
+        k: v for k, v in before.items() if k != "records.jsonl"
+    }
 
 
 def test_one_writer_at_a_time_and_readers_alongside(tmp_path):
     path = tmp_path / "store"
     writer = ExperienceStore(path, retriever="bm25")
     writer.add(ExperienceRecord(task="t", input="one"))
-    second = subprocess.run([sys.executable, "-c", "from memgen.experience import ExperienceStore\n"
-                             f"ExperienceStore({str(path)!r}, retriever='bm25')"], capture_output=True, text=True,
-                            timeout=120)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from memgen.experience import ExperienceStore\nExperienceStore({str(path)!r}, retriever='bm25')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode != 0 and "open for writing in another process" in second.stderr
     assert len(ExperienceStore(path, retriever="bm25", read_only=True)) == 1
     writer.close()
@@ -172,20 +187,48 @@ def test_experience_cli_builds_from_eval_answers_shows_and_searches(tmp_path):
     tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=5).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"source": f"b.jsonl:{i}", "prompt": PROBLEMS[i], "completion": f" {i}.",
-                                           "reward": float(i % 2)}) + "\n" for i in range(6)))
+    answers.write_text(
+        "".join(
+            json.dumps(
+                {"source": f"b.jsonl:{i}", "prompt": PROBLEMS[i], "completion": f" {i}.", "reward": float(i % 2)}
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     store = tmp_path / "store"
-    built = _memgen("experience", "build", "--store", str(store), "--source", str(answers), "--task", "demo-B",
-                    "--model", str(model_dir))
+    built = _memgen(
+        "experience",
+        "build",
+        "--store",
+        str(store),
+        "--source",
+        str(answers),
+        "--task",
+        "demo-B",
+        "--model",
+        str(model_dir),
+    )
     assert built.returncode == 0, built.stderr
     assert "added 6 of 6 records" in built.stdout
-    again = _memgen("experience", "build", "--store", str(store), "--source", str(answers), "--task", "demo-B",
-                    "--model", str(model_dir))
+    again = _memgen(
+        "experience",
+        "build",
+        "--store",
+        str(store),
+        "--source",
+        str(answers),
+        "--task",
+        "demo-B",
+        "--model",
+        str(model_dir),
+    )
     assert "added 0 of 6 records" in again.stdout and "(6 duplicates); " in again.stdout
     shown = _memgen("experience", "show", "--store", str(store))
     assert shown.returncode == 0 and "6 records" in shown.stdout and "demo-B" in shown.stdout
-    found = _memgen("experience", "search", "--store", str(store), "--query", PROBLEMS[3], "--top-k", "2",
-                    "--model", str(model_dir))
+    found = _memgen(
+        "experience", "search", "--store", str(store), "--query", PROBLEMS[3], "--top-k", "2", "--model", str(model_dir)
+    )
     assert found.returncode == 0, found.stderr
     first = found.stdout.splitlines()[2]  # the header, its rule, then the best hit
     assert PROBLEMS[3][:40] in first and " 3." in first
@@ -200,13 +243,24 @@ def test_experience_cli_builds_from_eval_answers_shows_and_searches(tmp_path):
     assert failed.returncode == 2 and f"{bad}:2: not JSON" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
     assert len((store / "records.jsonl").read_text().splitlines()) == 6
-    lexical = _memgen("experience", "search", "--store", str(store), "--query", "gets 3. loses 2.",
-                      "--embedder", "bm25")
+    lexical = _memgen(
+        "experience", "search", "--store", str(store), "--query", "gets 3. loses 2.", "--embedder", "bm25"
+    )
     assert lexical.returncode == 0 and PROBLEMS[5] in lexical.stdout.splitlines()[2]
     # ExpeL and AWM from the CLI, with the reasoner as the LLM: they run and report what they did.
     for action, key in (("insights", "insights="), ("workflows", "workflows=")):
-        derived = _memgen("experience", action, "--store", str(store), "--task", "demo-B", "--model", str(model_dir),
-                          "--llm-max-new-tokens", "8")
+        derived = _memgen(
+            "experience",
+            action,
+            "--store",
+            str(store),
+            "--task",
+            "demo-B",
+            "--model",
+            str(model_dir),
+            "--llm-max-new-tokens",
+            "8",
+        )
         assert derived.returncode == 0, derived.stderr
         assert key in derived.stdout
     missing = _memgen("experience", "insights", "--store", str(store), "--model", str(model_dir))

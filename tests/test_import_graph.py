@@ -14,10 +14,35 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memgen"
 
 # Lowest first. A module may import from its own layer or any layer below, never above.
 LAYERS = [
-    ("foundation", ["memgen.version", "memgen.errors", "memgen.dataclass_cli", "memgen.tables", "memgen.config",
-                    "memgen.precision", "memgen.checkpoint", "memgen.data", "memgen.delimiters", "memgen.sampling"]),
-    ("model", ["memgen", "memgen.reasoner", "memgen.trigger", "memgen.weaver", "memgen.loading", "memgen.model",
-               "memgen.engine", "memgen.teacher_forcing", "memgen.tiny"]),
+    (
+        "foundation",
+        [
+            "memgen.version",
+            "memgen.errors",
+            "memgen.dataclass_cli",
+            "memgen.tables",
+            "memgen.config",
+            "memgen.precision",
+            "memgen.checkpoint",
+            "memgen.data",
+            "memgen.delimiters",
+            "memgen.sampling",
+        ],
+    ),
+    (
+        "model",
+        [
+            "memgen",
+            "memgen.reasoner",
+            "memgen.trigger",
+            "memgen.weaver",
+            "memgen.loading",
+            "memgen.model",
+            "memgen.engine",
+            "memgen.teacher_forcing",
+            "memgen.tiny",
+        ],
+    ),
     ("tasks", ["memgen.tasks"]),
     ("experience", ["memgen.experience"]),
     ("agents", ["memgen.agents"]),
@@ -107,8 +132,12 @@ def test_the_import_graph_has_no_cycles():
 
 def test_no_module_imports_from_a_layer_above_its_own():
     graph = imports(module_names())
-    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
-                    for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    upward = sorted(
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
     assert upward == []
 
 
@@ -116,6 +145,11 @@ def test_the_checker_sees_a_cycle_and_an_upward_lazy_import():
     graph = {"memgen.tasks.a": {"memgen.evaluate"}, "memgen.evaluate": {"memgen.tasks.a"}}
     assert cycles(graph) == [["memgen.evaluate", "memgen.tasks.a"]]
     assert layer_of("memgen.tasks.a") < layer_of("memgen.evaluate")
-    source = imports({"memgen.tasks.x": PACKAGE / "tasks" / "registry.py", "memgen.tasks": PACKAGE / "tasks" /
-                      "__init__.py", "memgen.tasks.answering": PACKAGE / "tasks" / "answering.py"})
+    source = imports(
+        {
+            "memgen.tasks.x": PACKAGE / "tasks" / "registry.py",
+            "memgen.tasks": PACKAGE / "tasks" / "__init__.py",
+            "memgen.tasks.answering": PACKAGE / "tasks" / "answering.py",
+        }
+    )
     assert "memgen.tasks.answering" in source["memgen.tasks.x"]

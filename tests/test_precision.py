@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_base, toy_task_records
+
 from memgen import MemGen, MemGenConfig
 from memgen import precision as precision_module
 from memgen.demo.reasoner import ReasonerConfig
@@ -61,9 +61,21 @@ def test_grpo_first_iteration_ratio_is_exactly_one_on_a_bf16_base(tok, tmp_path)
 
     base = make_base(tok, dtype=torch.bfloat16)
     model = MemGen(base, tok, MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4))
-    config = WeaverTrainConfig(model="in-memory", data="in-memory", output_dir=str(tmp_path / "grpo"), progress=False,
-                               save_every=0, method="grpo", max_steps=4, per_device_batch_size=2, num_generations=4,
-                               max_new_tokens=8, learning_rate=1e-2, num_iterations=2, seed=0)
+    config = WeaverTrainConfig(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(tmp_path / "grpo"),
+        progress=False,
+        save_every=0,
+        method="grpo",
+        max_steps=4,
+        per_device_batch_size=2,
+        num_generations=4,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        num_iterations=2,
+        seed=0,
+    )
     task = Task("toy", toy_task_records(), lambda p, c, **k: [float(len(x) % 3) for x in c], {}, [])
     train_weaver(config, model=model, task=task)
     rows = read_metrics(config.output_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_memgen, toy_task_records
+
 from memgen.demo import drift, real_arms
 from memgen.demo.english import answer_reward, general_knowledge
 from memgen.tasks.rewards import math_reward
@@ -33,8 +33,9 @@ def test_trigger_insertions_on_a_fixed_answer_are_where_the_engine_wove(tok):
     out = model.generate(prompts, memory="trigger", max_new_tokens=24, max_insertions=3)
     completions = [c.token_ids for c in out.completions]
     woven = [c.insertion_positions for c in out.completions]
-    assert any(len(w) > 1 for w in woven) and any(len(w) < 1 + len(model.delimiter_positions(c, False))
-                                                  for w, c in zip(woven, completions)), "trigger never chose"
+    assert any(len(w) > 1 for w in woven) and any(
+        len(w) < 1 + len(model.delimiter_positions(c, False)) for w, c in zip(woven, completions)
+    ), "trigger never chose"
     assert drift.insertions_for(model, "trigger", prompts, completions, cap=3) == woven
 
 
@@ -44,7 +45,8 @@ def test_always_insertions_are_where_the_engine_wove(tok):
     out = model.generate(prompts, memory="always", max_new_tokens=20, max_insertions=2)
     completions = [c.token_ids for c in out.completions]
     assert drift.insertions_for(model, "always", prompts, completions, cap=2) == [
-        c.insertion_positions for c in out.completions]
+        c.insertion_positions for c in out.completions
+    ]
 
 
 def test_kl_is_zero_from_itself_and_positive_for_a_changed_model(tok):
@@ -60,15 +62,16 @@ def test_kl_is_zero_from_itself_and_positive_for_a_changed_model(tok):
 
 
 def test_lora_merged_into_float32_matches_the_unmerged_peft_model(tok, tmp_path):
+    from conftest import make_base
     from peft import LoraConfig, get_peft_model
 
-    from conftest import make_base
     from memgen.demo.real_model import RealDemoConfig
 
     cfg = RealDemoConfig(lora_r=4)
     base = make_base(tok)
-    peft_model = get_peft_model(make_base(tok), LoraConfig(
-        r=4, lora_alpha=8, target_modules=real_arms.memgen_config(cfg).lora_target_modules))
+    peft_model = get_peft_model(
+        make_base(tok), LoraConfig(r=4, lora_alpha=8, target_modules=real_arms.memgen_config(cfg).lora_target_modules)
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -89,16 +92,30 @@ def test_lora_arm_trains_on_the_tokens_weaver_sft_trains_on(tok, tmp_path):
     from memgen.train.runner import Run
     from memgen.train.sft import sft_example
 
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     try:
         records = toy_task_records(8)
         model = make_memgen(tok, randomize=False)
         from memgen.tasks import Task
 
         task = Task("toy", records, math_reward, {}, [])
-        run = Run(WeaverTrainConfig(model="x", data="x", output_dir=str(tmp_path), use_chat_template=True,
-                                    max_insertions=8, progress=False, tensorboard=False), "weaver", model, task)
+        run = Run(
+            WeaverTrainConfig(
+                model="x",
+                data="x",
+                output_dir=str(tmp_path),
+                use_chat_template=True,
+                max_insertions=8,
+                progress=False,
+                tensorboard=False,
+            ),
+            "weaver",
+            model,
+            task,
+        )
         for i, record in enumerate(records):
             prompt, completion, _, _ = sft_example(run, record, i, 0)
             assert real_arms.encode_sft(tok, record) == (prompt, completion)
@@ -128,23 +145,45 @@ def test_general_knowledge_splits_are_disjoint_and_one_reward_reads_numbers_and_
     assert general_knowledge(1, {"test": 5})["test"] != general_knowledge(0, {"test": 5})["test"]
     with pytest.raises(ValueError, match="general-knowledge questions"):
         general_knowledge(0, {"train": 200})
-    completions = ["The capital of France is Paris.", "Parisian food.", "It is Mexico City.", "So 3 + 4 = 7. The answer is 7.",
-                   "The answer is 8."]
+    completions = [
+        "The capital of France is Paris.",
+        "Parisian food.",
+        "It is Mexico City.",
+        "So 3 + 4 = 7. The answer is 7.",
+        "The answer is 8.",
+    ]
     golds = ["Paris", "Paris", "Mexico City", "7", "7"]
     assert answer_reward([""] * 5, completions, answer=golds) == [1.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def outcomes(payload: dict) -> list:
     """Per arm: accuracy and insertions per set, and the KL (timings left out)."""
-    return [(row["arm"], row["kl"], {name: (cell["accuracy"], cell["mean_insertions"]) for name, cell in row["sets"].items()})
-            for row in payload["arms"]]
+    return [
+        (
+            row["arm"],
+            row["kl"],
+            {name: (cell["accuracy"], cell["mean_insertions"]) for name, cell in row["sets"].items()},
+        )
+        for row in payload["arms"]
+    ]
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
 def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
     out = tmp_path / "real"
-    command = [sys.executable, "-m", "memgen", "real-demo", "--quick", "--out", str(out), "--progress", "false",
-               "--data-dir", str(DATA)]
+    command = [
+        sys.executable,
+        "-m",
+        "memgen",
+        "real-demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--progress",
+        "false",
+        "--data-dir",
+        str(DATA),
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     payload = json.loads((out / "results.json").read_text())
@@ -160,8 +199,10 @@ def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
     assert len(reference["completions"]) == len(reference["logprobs"]) == 2  # --quick asks for 2 KL prompts
     always = next(r for r in payload["arms"] if r["arm"] == "memgen_sft")
     assert always["sets"]["in_domain"]["mean_insertions"] >= 1  # the prompt end at least
-    assert {c["measure"] for c in payload["claims"]} >= {"memgen_sft - vanilla, in-domain",
-                                                         "KL(lora_sft) - KL(memgen_trigger)"}
+    assert {c["measure"] for c in payload["claims"]} >= {
+        "memgen_sft - vanilla, in-domain",
+        "KL(lora_sft) - KL(memgen_trigger)",
+    }
     for arm in real_arms.ARMS[1:]:
         assert (out / "seed-0" / "adapters" / arm / "train.json").is_file(), arm
     for arm in ("memgen_trigger", "memgen_grpo"):  # RL rollouts sample at the demo's rollout temperature

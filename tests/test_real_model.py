@@ -103,8 +103,10 @@ def test_gguf_export_and_hub_cache_load_the_same_weights(gguf, exported, tmp_pat
         (snapshot / f.name).symlink_to(f)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    code = ("from memgen.loading import load_base; from memgen.checkpoint import weights_fingerprint\n"
-            "print(weights_fingerprint(load_base('HuggingFaceTB/SmolLM2-135M-Instruct')[0]))")
+    code = (
+        "from memgen.loading import load_base; from memgen.checkpoint import weights_fingerprint\n"
+        "print(weights_fingerprint(load_base('HuggingFaceTB/SmolLM2-135M-Instruct')[0]))"
+    )
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -142,8 +144,17 @@ def test_cached_insertions_match_full_recompute(exported, questions):
 
     model, prompts = memgen_and_prompts(exported, questions)
     with torch.no_grad():
-        out = model.generate(prompts, memory="random:0.6", max_new_tokens=32, do_sample=True, seed=3,
-                             max_insertions=4, output_logits=True, return_latents=True, compact_after=1)
+        out = model.generate(
+            prompts,
+            memory="random:0.6",
+            max_new_tokens=32,
+            do_sample=True,
+            seed=3,
+            max_insertions=4,
+            output_logits=True,
+            return_latents=True,
+            compact_after=1,
+        )
         inserted = 0
         for prompt, completion in zip(prompts, out.completions):
             inserted += completion.num_insertions
@@ -157,8 +168,15 @@ def test_cached_insertions_match_full_recompute(exported, questions):
 def test_teacher_forced_logprobs_match_rollout(exported, questions):
     model, prompts = memgen_and_prompts(exported, questions)
     with torch.no_grad():
-        rollout = model.generate(prompts, memory="random:0.5", max_new_tokens=32, do_sample=True, seed=21,
-                                 max_insertions=4, return_logprobs=True)
+        rollout = model.generate(
+            prompts,
+            memory="random:0.5",
+            max_new_tokens=32,
+            do_sample=True,
+            seed=21,
+            max_insertions=4,
+            return_logprobs=True,
+        )
         completions = [c.token_ids for c in rollout.completions]
         positions = [c.insertion_positions for c in rollout.completions]
         assert sum(len(p) for p in positions) > len(prompts)
@@ -180,23 +198,54 @@ def test_saved_adapter_reloads_onto_the_gguf_base_with_the_same_tokens(exported,
 
 
 def _memgen(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "memgen", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "memgen", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_cli_generate_on_the_gguf_prints_what_generate_prints(gguf, exported, questions):
     base, tokenizer = load_base(exported)
     reference = hf_generate(base, tokenizer, chat_ids(tokenizer, questions[:1]), max_new_tokens=24, do_sample=False)
-    done = _memgen("generate", "--model", gguf, "--prompt", questions[0], "--use-chat-template", "--memory", "off",
-                   "--max-new-tokens", 24, "--json")
+    done = _memgen(
+        "generate",
+        "--model",
+        gguf,
+        "--prompt",
+        questions[0],
+        "--use-chat-template",
+        "--memory",
+        "off",
+        "--max-new-tokens",
+        24,
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1])["token_ids"] == reference[0]
 
 
 def test_cli_eval_on_16_gsm8k_problems(exported, tmp_path):
-    done = _memgen("eval", "--model", exported, "--task", "gsm8k", "--data", GSM8K, "--limit", 16,
-                   "--use-chat-template", "true", "--memory", "off", "--max-new-tokens", 96, "--batch-size", 8,
-                   "--output", tmp_path / "rows.jsonl", "--json")
+    done = _memgen(
+        "eval",
+        "--model",
+        exported,
+        "--task",
+        "gsm8k",
+        "--data",
+        GSM8K,
+        "--limit",
+        16,
+        "--use-chat-template",
+        "true",
+        "--memory",
+        "off",
+        "--max-new-tokens",
+        96,
+        "--batch-size",
+        8,
+        "--output",
+        tmp_path / "rows.jsonl",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["n"] == 16 and 0.0 <= summary["accuracy"] <= 1.0
@@ -212,8 +261,12 @@ def test_mistaken_model_paths_get_one_line_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
-    cases = [(adapter, "is a memgen adapter"), (empty, "holds no base model: expected config.json"),
-             (tmp_path / "missing", "does not exist"), (tmp_path / "missing.gguf", "GGUF file")]
+    cases = [
+        (adapter, "is a memgen adapter"),
+        (empty, "holds no base model: expected config.json"),
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "missing.gguf", "GGUF file"),
+    ]
     for path, message in cases:
         assert main(["generate", "--model", str(path), "--prompt", "hi"]) == 2
         err = capsys.readouterr().err
@@ -222,17 +275,63 @@ def test_mistaken_model_paths_get_one_line_errors(tmp_path, capsys):
 
 def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
     """The recipe a user runs first: weaver SFT on GSM8K through the chat template, then eval with the adapter."""
-    done = _memgen("train", "weaver", "--method", "sft", "--model", exported, "--task", "gsm8k",
-                   "--data", GSM8K.with_name("train.jsonl"), "--limit", 4, "--use-chat-template", "true",
-                   "--max-steps", 2, "--per-device-batch-size", 2, "--prompt-latents", 4, "--inference-latents", 4,
-                   "--lora-r", 4, "--save-every", 0, "--progress", "false", "--output-dir", tmp_path / "run")
+    done = _memgen(
+        "train",
+        "weaver",
+        "--method",
+        "sft",
+        "--model",
+        exported,
+        "--task",
+        "gsm8k",
+        "--data",
+        GSM8K.with_name("train.jsonl"),
+        "--limit",
+        4,
+        "--use-chat-template",
+        "true",
+        "--max-steps",
+        2,
+        "--per-device-batch-size",
+        2,
+        "--prompt-latents",
+        4,
+        "--inference-latents",
+        4,
+        "--lora-r",
+        4,
+        "--save-every",
+        0,
+        "--progress",
+        "false",
+        "--output-dir",
+        tmp_path / "run",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 and m["insertions_per_example"] > 1
-                                                         for m in metrics)
-    done = _memgen("eval", "--model", exported, "--adapter", tmp_path / "run" / "final", "--task", "gsm8k",
-                   "--data", GSM8K, "--limit", 2, "--use-chat-template", "true", "--memory", "always",
-                   "--max-new-tokens", 24, "--json")
+    assert [m["step"] for m in metrics] == [1, 2] and all(
+        m["loss"] > 0 and m["insertions_per_example"] > 1 for m in metrics
+    )
+    done = _memgen(
+        "eval",
+        "--model",
+        exported,
+        "--adapter",
+        tmp_path / "run" / "final",
+        "--task",
+        "gsm8k",
+        "--data",
+        GSM8K,
+        "--limit",
+        2,
+        "--use-chat-template",
+        "true",
+        "--memory",
+        "always",
+        "--max-new-tokens",
+        24,
+        "--json",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["n"] == 2 and summary["mean_insertions"] > 0

@@ -49,14 +49,17 @@ def test_choice_reward_scores_the_extracted_letter():
     assert choice_reward(None, texts, shifted) == [0.0] * len(texts)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("The answer is 72 clips.", "72"),
-    ("The answer is $1,200 per month.", "1200"),
-    ("so she has 5 apples left. #### 5 apples", "5"),
-    ("The answer is 18.", "18"),
-    ("The answer is \\frac{1}{2}.", "\\frac{1}{2}"),
-    ("The answer is 3/4 cup.", "3/4 cup"),  # maths stays as written for math-verify
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("The answer is 72 clips.", "72"),
+        ("The answer is $1,200 per month.", "1200"),
+        ("so she has 5 apples left. #### 5 apples", "5"),
+        ("The answer is 18.", "18"),
+        ("The answer is \\frac{1}{2}.", "\\frac{1}{2}"),
+        ("The answer is 3/4 cup.", "3/4 cup"),  # maths stays as written for math-verify
+    ],
+)
 def test_final_answer_strips_units_from_a_lone_number(text, answer):
     assert final_answer(text) == answer
 
@@ -74,8 +77,18 @@ def test_skipped_lines_are_reported_with_file_line_and_a_count(tmp_path):
 
     gsm = tmp_path / "gsm.jsonl"
     good = '{"question": "q%d", "answer": "so #### %d"}'
-    gsm.write_text("\n".join([good % (1, 1), '{"question": "no answer"}', good % (2, 2), "oops",
-                              '{"question": "q", "answer": "no marker"}']) + "\n")
+    gsm.write_text(
+        "\n".join(
+            [
+                good % (1, 1),
+                '{"question": "no answer"}',
+                good % (2, 2),
+                "oops",
+                '{"question": "q", "answer": "no marker"}',
+            ]
+        )
+        + "\n"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         task = load_task("gsm8k", gsm, skip_malformed=True)
@@ -92,7 +105,8 @@ def test_skipped_lines_are_reported_with_file_line_and_a_count(tmp_path):
         assert len(load_task("qa", qa, skip_malformed=True).records) == 1
     assert [str(w.message) for w in caught][-2:] == [
         f"skipped malformed record {qa}:2: needs 'question' and a non-empty 'answers' list",
-        f"{qa}: skipped 1 malformed record(s)"]
+        f"{qa}: skipped 1 malformed record(s)",
+    ]
 
 
 def test_skipped_lines_reach_the_cli_as_memgen_warnings(tmp_path):
@@ -102,16 +116,34 @@ def test_skipped_lines_reach_the_cli_as_memgen_warnings(tmp_path):
 
     bad = tmp_path / "gsm.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\nnot json\n')
-    proc = subprocess.run([sys.executable, "-m", "memgen", "eval", "--model", str(tmp_path / "missing"), "--task",
-                           "gsm8k", "--data", str(bad), "--skip-malformed"], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memgen",
+            "eval",
+            "--model",
+            str(tmp_path / "missing"),
+            "--task",
+            "gsm8k",
+            "--data",
+            str(bad),
+            "--skip-malformed",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
     assert f"memgen: warning: skipped malformed record {bad}:2: " in proc.stderr
     assert f"memgen: warning: {bad}: skipped 1 malformed record(s)" in proc.stderr
     assert proc.returncode == 2 and "does not exist" in proc.stderr  # then the missing model, cleanly
 
 
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_chat_template_renders_every_task_prompt(tok):
@@ -125,9 +157,17 @@ def test_chat_template_renders_every_task_prompt(tok):
     tok.chat_template = CHAT
     try:
         assert render_prompt(plain, tok, True) == "<|user|>Question: 2+2?\nAnswer:\n<|assistant|>"
-        record = load_records([{"messages": [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "hello."}]}]).records[0]
+        record = load_records(
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello."},
+                    ]
+                }
+            ]
+        ).records[0]
         assert render_prompt(record, tok, True) == "<|system|>be brief\n<|user|>hi\n<|assistant|>"
         ids = prompt_token_ids(record, tok, True)
         assert tok.decode(ids) == "<|system|>be brief\n<|user|>hi\n<|assistant|>" and tok.bos_token_id not in ids
@@ -138,22 +178,33 @@ def test_chat_template_renders_every_task_prompt(tok):
 def test_use_chat_template_reaches_training_and_eval(tok, tmp_path):
     """The flag is read: without a template both entry points refuse it."""
     from conftest import make_memgen, toy_task_records
+
     from memgen.errors import MemGenError
     from memgen.evaluate import EvalConfig, evaluate
     from memgen.tasks import Task
     from memgen.train import WeaverTrainConfig, train_weaver
 
     task = Task("toy", toy_task_records(8), lambda p, c, **k: [0.0] * len(c), {}, [])
-    config = WeaverTrainConfig(model="m", data="d", output_dir=str(tmp_path / "sft"), progress=False, max_steps=1,
-                               per_device_batch_size=2, use_chat_template=True)
+    config = WeaverTrainConfig(
+        model="m",
+        data="d",
+        output_dir=str(tmp_path / "sft"),
+        progress=False,
+        max_steps=1,
+        per_device_batch_size=2,
+        use_chat_template=True,
+    )
     with pytest.raises(MemGenError, match="no chat template"):
         train_weaver(config, model=make_memgen(tok, randomize=False), task=task)
     with pytest.raises(MemGenError, match="no chat template"):
         evaluate(make_memgen(tok), task, EvalConfig(use_chat_template=True, max_new_tokens=4, progress=False))
     tok.chat_template = CHAT
     try:
-        summary = evaluate(make_memgen(tok), task, EvalConfig(use_chat_template=True, max_new_tokens=4, progress=False,
-                                                              output=str(tmp_path / "e.jsonl")))
+        summary = evaluate(
+            make_memgen(tok),
+            task,
+            EvalConfig(use_chat_template=True, max_new_tokens=4, progress=False, output=str(tmp_path / "e.jsonl")),
+        )
         assert summary["n"] == 8
         train_weaver(config, model=make_memgen(tok, randomize=False), task=task)
     finally:

@@ -9,26 +9,35 @@ from pathlib import Path
 import pytest
 
 from memgen.data import DataError
-from memgen.tasks.rewards import (
-    choice_reward, combine_rewards, exact_match_reward, f1_reward, final_answer, math_equal, math_reward,
-)
 from memgen.tasks import load_task
+from memgen.tasks.rewards import (
+    choice_reward,
+    combine_rewards,
+    exact_match_reward,
+    f1_reward,
+    final_answer,
+    math_equal,
+    math_reward,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
 
 
-@pytest.mark.parametrize("prediction, gold, equal", [
-    ("0.5", r"\frac12", True),
-    (r"\frac{1}{2}", "0.5", True),
-    ("1,000", "1000", True),
-    ("1000", "1,000", True),
-    (r"\dfrac{3}{4}", "0.75", True),
-    (r"2\sqrt{2}", r"\sqrt{8}", True),
-    ("0.5", "0.51", False),
-    ("3", "4", False),
-    (None, "4", False),
-])
+@pytest.mark.parametrize(
+    "prediction, gold, equal",
+    [
+        ("0.5", r"\frac12", True),
+        (r"\frac{1}{2}", "0.5", True),
+        ("1,000", "1000", True),
+        ("1000", "1,000", True),
+        (r"\dfrac{3}{4}", "0.75", True),
+        (r"2\sqrt{2}", r"\sqrt{8}", True),
+        ("0.5", "0.51", False),
+        ("3", "4", False),
+        (None, "4", False),
+    ],
+)
 def test_math_equivalence(prediction, gold, equal):
     assert math_equal(prediction, gold) is equal
 
@@ -60,7 +69,10 @@ def test_math_test_split_takes_the_last_boxed_answer():
     task = load_task("math", DATA / "math" / "test.jsonl", limit=30)
     for record in task.records:
         assert final_answer(record.completion) == record.columns["answer"].strip()
-    assert math_reward(None, [r.completion for r in task.records], [r.columns["answer"] for r in task.records]) == [1.0] * 30
+    assert (
+        math_reward(None, [r.completion for r in task.records], [r.columns["answer"] for r in task.records])
+        == [1.0] * 30
+    )
 
 
 def test_gpqa_read_from_zip_with_seeded_shuffle(tmp_path):
@@ -113,11 +125,37 @@ def test_eval_cli_reports_and_writes_jsonl(tmp_path, tok):
     make_base(tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     out = tmp_path / "eval.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "memgen", "eval", "--model", str(tmp_path / "base"),
-                           "--task", "gsm8k", "--data", str(DATA / "gsm8k" / "test.jsonl"), "--limit", "4",
-                           "--memory", "always", "--max-new-tokens", "16", "--batch-size", "2",
-                           "--output", str(out), "--progress", "false", "--json"],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memgen",
+            "eval",
+            "--model",
+            str(tmp_path / "base"),
+            "--task",
+            "gsm8k",
+            "--data",
+            str(DATA / "gsm8k" / "test.jsonl"),
+            "--limit",
+            "4",
+            "--memory",
+            "always",
+            "--max-new-tokens",
+            "16",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            "--progress",
+            "false",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["n"] == 4 and 0.0 <= summary["accuracy"] <= 1.0

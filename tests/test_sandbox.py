@@ -58,8 +58,15 @@ def run(sandbox):
 
 def test_mechanisms_in_force_are_named(sandbox):
     # The constructor refuses to run without them (allow_weaker is off), so each is present.
-    assert set(sandbox.mechanisms) >= {"network", "unix_sockets", "filesystem", "uid", "signals", "processes",
-                                       "cleanup"}
+    assert set(sandbox.mechanisms) >= {
+        "network",
+        "unix_sockets",
+        "filesystem",
+        "uid",
+        "signals",
+        "processes",
+        "cleanup",
+    }
     assert not any(v.startswith("none") for v in sandbox.mechanisms.values())
 
 
@@ -83,8 +90,9 @@ def test_fork_bomb_is_contained(run):
 
 
 def test_forked_child_that_leaves_the_session_dies_with_the_run(run):
-    result = run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-                 "else:\n    print('parent done')")
+    result = run(
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nelse:\n    print('parent done')"
+    )
     assert result.status == "passed"  # the fixture checks the setsid child is gone too
 
 
@@ -94,8 +102,9 @@ def test_allocating_10_gb_is_refused(run):
 
 
 def test_writing_1_gb_is_stopped_at_the_file_size_limit(run):
-    result = run("chunk = b'x' * (1 << 20)\nwith open('big.bin', 'wb') as f:\n"
-                 "    for _ in range(1024):\n        f.write(chunk)")
+    result = run(
+        "chunk = b'x' * (1 << 20)\nwith open('big.bin', 'wb') as f:\n    for _ in range(1024):\n        f.write(chunk)"
+    )
     assert result.status == "crashed" and result.limit == "file_size"
 
 
@@ -106,12 +115,18 @@ def test_printing_100_mb_is_cut_and_the_host_keeps_only_a_tail(run, sandbox):
 
 
 def test_writing_outside_the_work_directory_fails(run, tmp_path):
-    targets = [REPO / f"sandbox-escape-{uuid.uuid4().hex}", tmp_path / "escape.txt", Path("/tmp") / "escape.txt",
-               Path.home() / "escape.txt"]
+    targets = [
+        REPO / f"sandbox-escape-{uuid.uuid4().hex}",
+        tmp_path / "escape.txt",
+        Path("/tmp") / "escape.txt",
+        Path.home() / "escape.txt",
+    ]
     try:
-        code = "import errno\n" + "".join(f"try:\n    open({str(t)!r}, 'w').write('pwned'); print('wrote')\n"
-                                          f"except OSError as e:\n    print(errno.errorcode[e.errno])\n"
-                                          for t in targets)
+        code = "import errno\n" + "".join(
+            f"try:\n    open({str(t)!r}, 'w').write('pwned'); print('wrote')\n"
+            f"except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+            for t in targets
+        )
         result = run(code)
         # The repository and $HOME are absent, read-only or denied; the host's /tmp is not even
         # visible (tmp_path lives there), and /tmp itself is a private tmpfs that vanishes with the run.
@@ -151,12 +166,18 @@ def test_secrets_in_home_and_environment_stay_hidden(run, monkeypatch):
         key = home / ".ssh" / "id_ed25519"
         key.write_text(secret)
         key.chmod(0o600)
-        attempts = [f"open({str(key)!r}).read()", f"os.listdir({str(Path.home())!r})",
-                    f"os.listdir({str(Path.home() / '.ssh')!r})", "os.listdir(os.path.expanduser('~/.ssh'))",
-                    "open(f'/proc/{os.getppid()}/environ').read()",
-                    f"open('/proc/{os.getpid()}/environ', 'rb').read().decode()", "dict(os.environ)"]
-        code = "import os\n" + "".join(f"try:\n    print({a})\nexcept Exception as e:\n    print(type(e).__name__)\n"
-                                       for a in attempts)
+        attempts = [
+            f"open({str(key)!r}).read()",
+            f"os.listdir({str(Path.home())!r})",
+            f"os.listdir({str(Path.home() / '.ssh')!r})",
+            "os.listdir(os.path.expanduser('~/.ssh'))",
+            "open(f'/proc/{os.getppid()}/environ').read()",
+            f"open('/proc/{os.getpid()}/environ', 'rb').read().decode()",
+            "dict(os.environ)",
+        ]
+        code = "import os\n" + "".join(
+            f"try:\n    print({a})\nexcept Exception as e:\n    print(type(e).__name__)\n" for a in attempts
+        )
         result = run(code)
     finally:
         import shutil
@@ -177,13 +198,15 @@ def test_sockets_to_localhost_and_outside_fail(run):
     listener.listen()
     listener.setblocking(False)
     port = listener.getsockname()[1]
-    code = ("import socket\nfor target in [('127.0.0.1', %d), ('1.1.1.1', 53)]:\n"
-            "    s = socket.socket(); s.settimeout(2)\n"
-            "    try:\n        s.connect(target); print('connected')\n"
-            "    except OSError as e:\n        print('refused', e.errno)\n"
-            "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "try:\n    u.sendto(b'x', ('1.1.1.1', 53)); print('sent')\n"
-            "except OSError as e:\n    print('refused', e.errno)\n") % port
+    code = (
+        "import socket\nfor target in [('127.0.0.1', %d), ('1.1.1.1', 53)]:\n"  # noqa: UP031 (the program text has its own braces)
+        "    s = socket.socket(); s.settimeout(2)\n"
+        "    try:\n        s.connect(target); print('connected')\n"
+        "    except OSError as e:\n        print('refused', e.errno)\n"
+        "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n    u.sendto(b'x', ('1.1.1.1', 53)); print('sent')\n"
+        "except OSError as e:\n    print('refused', e.errno)\n"
+    ) % port
     try:
         result = run(code)
         assert result.status == "passed"
@@ -199,10 +222,12 @@ def test_killing_the_parent_or_other_processes_fails(run):
     try:
         # The host (this test process, the trainer in real use) and an unrelated process of the
         # same user. Inside its PID namespace the program cannot even name its launcher.
-        code = ("import os, signal\n"
-                f"for pid in [{victim.pid}, {os.getpid()}]:\n"
-                "    try:\n        os.kill(pid, signal.SIGKILL); print('killed', pid)\n"
-                "    except OSError as e:\n        print(type(e).__name__)\n")
+        code = (
+            "import os, signal\n"
+            f"for pid in [{victim.pid}, {os.getpid()}]:\n"
+            "    try:\n        os.kill(pid, signal.SIGKILL); print('killed', pid)\n"
+            "    except OSError as e:\n        print(type(e).__name__)\n"
+        )
         result = run(code)
         assert result.status == "passed" and "killed" not in result.stdout
         assert victim.poll() is None
@@ -266,13 +291,22 @@ def test_missing_mechanism_is_refused_unless_weaker_isolation_is_allowed(monkeyp
 
 
 def test_cli_sandbox_info_names_every_mechanism():
-    done = subprocess.run([sys.executable, "-m", "memgen", "sandbox", "info"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "memgen", "sandbox", "info"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     import json
 
-    assert set(json.loads(done.stdout)) >= {"network", "unix_sockets", "filesystem", "uid", "signals", "processes",
-                                            "cleanup", "proc"}
+    assert set(json.loads(done.stdout)) >= {
+        "network",
+        "unix_sockets",
+        "filesystem",
+        "uid",
+        "signals",
+        "processes",
+        "cleanup",
+        "proc",
+    }
 
 
 # ---------------------------------------------------------------- host sockets, root-only files, the uid
@@ -349,12 +383,14 @@ def test_root_only_files_cannot_be_read_and_the_program_is_not_root(run):
         planted.write_text(secret)
         planted.chmod(0o600)
     try:
-        code = ("import os\n"
-                f"for path in ['/etc/shadow', {str(planted)!r}]:\n"
-                "    try:\n        print(open(path).read())\n"
-                "    except OSError as e:\n        print(type(e).__name__)\n"
-                "print(os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups())\n"
-                "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapPrm', 'CapEff', 'CapAmb'))])\n")
+        code = (
+            "import os\n"
+            f"for path in ['/etc/shadow', {str(planted)!r}]:\n"
+            "    try:\n        print(open(path).read())\n"
+            "    except OSError as e:\n        print(type(e).__name__)\n"
+            "print(os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups())\n"
+            "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapPrm', 'CapEff', 'CapAmb'))])\n"
+        )
         result = run(code)
     finally:
         planted.unlink(missing_ok=True)
@@ -426,11 +462,18 @@ def test_contained_when_memgen_is_not_root(tmp_path):
         "import os, signal\n"
         "try:\n    open('/etc/shadow').read(); print('read shadow')\nexcept OSError as e:\n    print(type(e).__name__)\n"
         f"try:\n    os.kill({victim.pid}, signal.SIGKILL); print('killed')\nexcept OSError as e:\n"
-        "    print(type(e).__name__)\n")
+        "    print(type(e).__name__)\n"
+    )
     needed = [sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, str(REPO)]
     try:
-        done = subprocess.run([sys.executable, "-c", _AS_NOBODY, probe, *needed], capture_output=True, text=True,
-                              timeout=120, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        done = subprocess.run(
+            [sys.executable, "-c", _AS_NOBODY, probe, *needed],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         report = json.loads(done.stdout.splitlines()[-1])
         _assert_nothing_received(listeners)
@@ -448,8 +491,10 @@ def test_contained_when_memgen_is_not_root(tmp_path):
     assert report["probe_status"] == "passed"
     lines = report["probe"].splitlines()
     assert "reached" not in report["probe"] and lines.count("refused ENOENT") == 4 and "own" in lines
-    assert lines[-2] in ("FileNotFoundError", "PermissionError") and lines[-1] in ("ProcessLookupError",
-                                                                                  "PermissionError")
+    assert lines[-2] in ("FileNotFoundError", "PermissionError") and lines[-1] in (
+        "ProcessLookupError",
+        "PermissionError",
+    )
     assert subprocess.run(["true"]).returncode == 0
 
 
@@ -465,13 +510,18 @@ def test_an_installation_under_tmp_stays_visible_read_only(tmp_path):
         installed.chmod(0o755)
         (installed / "module.py").chmod(0o644)
         sandbox = Sandbox(SandboxConfig(timeout=4))
-        sandbox._layout = {**sandbox._layout, "binds": sandbox._layout["binds"] + [str(installed)],
-                           "read_paths": sandbox._layout["read_paths"] + [str(installed)]}
+        sandbox._layout = {
+            **sandbox._layout,
+            "binds": sandbox._layout["binds"] + [str(installed)],
+            "read_paths": sandbox._layout["read_paths"] + [str(installed)],
+        }
         # The run must still be inside its minimal root (a failed build falls back to the host's).
-        code = ("import os; print(os.path.exists('/etc/shadow'), os.getuid() == 0)\n"
-                f"import sys; sys.path.insert(0, {str(installed)!r}); import module; print(module.VALUE)\n"
-                f"try:\n    open({str(installed / 'module.py')!r}, 'a').write('x')\nexcept OSError as e:\n"
-                "    print(type(e).__name__)\n")
+        code = (
+            "import os; print(os.path.exists('/etc/shadow'), os.getuid() == 0)\n"
+            f"import sys; sys.path.insert(0, {str(installed)!r}); import module; print(module.VALUE)\n"
+            f"try:\n    open({str(installed / 'module.py')!r}, 'a').write('x')\nexcept OSError as e:\n"
+            "    print(type(e).__name__)\n"
+        )
         result = sandbox.run(Program({}, ["-c", code]))
         assert result.status == "passed", result.stderr
         assert result.stdout.split()[:3] == ["False", "False", "42"]

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_base, make_memgen
+
 from memgen import AdapterError, MemGen
 
 CLI = [sys.executable, "-m", "memgen"]
@@ -20,7 +20,12 @@ def test_save_then_load_reproduces_generation(tok, tmp_path):
     before = model.generate(PROMPTS, **GEN)
     model.save_pretrained(tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    for name in ("adapter_config.json", "adapter_model.safetensors", "memgen_config.json", "memgen_modules.safetensors"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "memgen_config.json",
+        "memgen_modules.safetensors",
+    ):
         assert name in files
     restored = MemGen.from_pretrained(tmp_path / "adapter", make_base(tok), tok)
     after = restored.generate(PROMPTS, **GEN)
@@ -61,12 +66,15 @@ def test_failed_save_keeps_previous_checkpoint(tok, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(seed=1), "different base weights"),
-    (dict(hidden_size=32), "hidden_size"),
-    (dict(arch="llama"), "model_type"),
-    (dict(num_layers=3), "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(seed=1), "different base weights"),
+        (dict(hidden_size=32), "hidden_size"),
+        (dict(arch="llama"), "model_type"),
+        (dict(num_layers=3), "num_hidden_layers"),
+    ],
+)
 def test_mismatched_base_is_refused(tok, tmp_path, change, reason):
     make_memgen(tok).save_pretrained(tmp_path / "adapter")
     kwargs = dict(arch="qwen2", seed=0)
@@ -110,9 +118,23 @@ def run_cli(*args):
 
 def test_cli_generate_json_matches_python_api(saved):
     root, model = saved
-    proc = run_cli("generate", "--model", str(root / "base"), "--adapter", str(root / "adapter"),
-                   "--prompt", PROMPTS[2], "--memory", "always", "--max-new-tokens", "30", "--seed", "3",
-                   "--do-sample", "--json")
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(root / "base"),
+        "--adapter",
+        str(root / "adapter"),
+        "--prompt",
+        PROMPTS[2],
+        "--memory",
+        "always",
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "3",
+        "--do-sample",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result) >= {"text", "token_ids", "insertions"}
@@ -124,19 +146,23 @@ def test_cli_generate_json_matches_python_api(saved):
 
 def test_cli_streams_plain_text(saved):
     root, model = saved
-    proc = run_cli("generate", "--model", str(root / "base"), "--prompt", "Hello", "--memory", "off",
-                   "--max-new-tokens", "20")
+    proc = run_cli(
+        "generate", "--model", str(root / "base"), "--prompt", "Hello", "--memory", "off", "--max-new-tokens", "20"
+    )
     assert proc.returncode == 0, proc.stderr
     expected = model.generate("Hello", memory="off", max_new_tokens=20).completions[0].text
     assert proc.stdout == expected + "\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "hi", "--memory", "sometimes"], "unknown memory policy"),
-    (["--prompt", "hi", "--adapter", "/nonexistent/adapter"], "does not exist"),
-    (["--prompt", "x" * 1100], "does not fit the model's context"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", ""], "prompt 0 is empty"),
+        (["--prompt", "hi", "--memory", "sometimes"], "unknown memory policy"),
+        (["--prompt", "hi", "--adapter", "/nonexistent/adapter"], "does not exist"),
+        (["--prompt", "x" * 1100], "does not fit the model's context"),
+    ],
+)
 def test_cli_bad_input_gives_clean_error(saved, args, message):
     root, _ = saved
     proc = run_cli("generate", "--model", str(root / "base"), *args)

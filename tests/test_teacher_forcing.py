@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import ARCHES, PROMPTS, make_memgen
 
 
@@ -16,8 +15,16 @@ def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_po
     # agree to the rounding of the float32 log-probs both report, so any gap is a real mismatch.
     model = make_memgen(tok, arch, latent_positions=latent_positions).double()
     model.config.trigger_at_prompt_end = prompt_decides
-    rollout = model.generate(PROMPTS, memory="random:0.5", max_new_tokens=40, do_sample=True, seed=21,
-                             temperature=temperature, max_insertions=4, return_logprobs=True)
+    rollout = model.generate(
+        PROMPTS,
+        memory="random:0.5",
+        max_new_tokens=40,
+        do_sample=True,
+        seed=21,
+        temperature=temperature,
+        max_insertions=4,
+        return_logprobs=True,
+    )
     prompts = model.encode_prompts(PROMPTS)
     completions = [c.token_ids for c in rollout.completions]
     positions = [c.insertion_positions for c in rollout.completions]
@@ -26,8 +33,9 @@ def test_teacher_forced_logprobs_match_rollout(tok, arch, temperature, latent_po
     for r, c in enumerate(rollout.completions):
         n = len(c.token_ids)
         assert tf.mask[r].sum() == n
-        torch.testing.assert_close(tf.logprobs[r, :n], torch.tensor(c.logprobs, dtype=tf.logprobs.dtype), atol=1e-8,
-                                   rtol=0)
+        torch.testing.assert_close(
+            tf.logprobs[r, :n], torch.tensor(c.logprobs, dtype=tf.logprobs.dtype), atol=1e-8, rtol=0
+        )
         assert torch.all(tf.logprobs[r, n:] == 0)
         # The trigger logits read at decision tokens equal the rollout's logged probabilities.
         for ins in c.insertions:
@@ -59,7 +67,7 @@ def test_memory_off_teacher_forcing_matches_plain_model(tok):
     completion = list(range(10, 30))
     tf = model.teacher_forced([prompt], [completion], [[]])
     ids = torch.tensor([prompt + completion])
-    logits = model.reasoner_model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    logits = model.reasoner_model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
     expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
     torch.testing.assert_close(tf.logprobs[0], expected, atol=1e-5, rtol=0)
 
@@ -77,8 +85,12 @@ def test_gradients_reach_weaver_and_trigger_only(tok):
     tf = model.teacher_forced(prompts, completions, insertions)
     loss = -(tf.logprobs * tf.mask).sum() / tf.mask.sum() + tf.trigger_logits.sigmoid().mean()
     loss.backward()
-    groups = {"prompt_queries": model.weaver.prompt_queries, "inference_queries": model.weaver.inference_queries,
-              "projection": model.weaver.projection.weight, "anchor_map": model.weaver.anchor_map.weight}
+    groups = {
+        "prompt_queries": model.weaver.prompt_queries,
+        "inference_queries": model.weaver.inference_queries,
+        "projection": model.weaver.projection.weight,
+        "anchor_map": model.weaver.anchor_map.weight,
+    }
     for name, p in groups.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     lora_grads = [p.grad for p in model.weaver.adapter_parameters()]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import PROMPTS, make_base, make_memgen, toy_task_records
 from safetensors.torch import load_file, save_file
 
-from conftest import PROMPTS, make_base, make_memgen, toy_task_records
 from memgen import MemGen, MemGenConfig
 from memgen.errors import AdapterError
 from memgen.model import MODULES_FILE
@@ -39,9 +39,19 @@ def test_calibrating_an_untrained_head_changes_no_probability_then_standardises(
 
 def test_trigger_rl_calibrates_once_from_its_first_rollouts(tok, tmp_path):
     model = make_memgen(tok, randomize=False)
-    config = TriggerTrainConfig(model="in-memory", data="in-memory", output_dir=str(tmp_path / "t"), progress=False,
-                                save_every=0, per_device_batch_size=4, num_generations=4, max_new_tokens=16,
-                                max_steps=2, learning_rate=1e-2, seed=0)
+    config = TriggerTrainConfig(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(tmp_path / "t"),
+        progress=False,
+        save_every=0,
+        per_device_batch_size=4,
+        num_generations=4,
+        max_new_tokens=16,
+        max_steps=2,
+        learning_rate=1e-2,
+        seed=0,
+    )
     task = Task("toy", toy_task_records(), lambda p, c, **k: [0.0] * len(c), {}, [])
     seen_means = []
     original = model.trigger.calibrate
@@ -49,8 +59,9 @@ def test_trigger_rl_calibrates_once_from_its_first_rollouts(tok, tmp_path):
     train_trigger(config, model=model, task=task, reward_fn=lambda p, texts, **k: [float(len(t) % 2) for t in texts])
     assert len(seen_means) == 1 and bool(model.trigger.calibrated)
     assert torch.equal(model.trigger.input_mean, seen_means[0])
-    assert float(model.trigger.input_scale.min()) > 0 and not torch.equal(model.trigger.input_mean,
-                                                                          torch.zeros_like(seen_means[0]))
+    assert float(model.trigger.input_scale.min()) > 0 and not torch.equal(
+        model.trigger.input_mean, torch.zeros_like(seen_means[0])
+    )
 
 
 def test_adapter_saved_before_standardisation_loads_with_the_identity(tok, tmp_path):
@@ -68,7 +79,9 @@ def test_adapter_saved_before_standardisation_loads_with_the_identity(tok, tmp_p
 
 
 def test_prompt_end_head_is_saved_and_required(tok, tmp_path):
-    config = MemGenConfig(prompt_latents=2, inference_latents=2, lora_r=4, trigger_hidden=16, trigger_at_prompt_end=True)
+    config = MemGenConfig(
+        prompt_latents=2, inference_latents=2, lora_r=4, trigger_hidden=16, trigger_at_prompt_end=True
+    )
     model = MemGen(make_base(tok), tok, config)
     assert len(model.trigger_heads()) == 2 and model.decision_head(prompt_end=True) is model.prompt_trigger
     with torch.no_grad():
@@ -77,7 +90,8 @@ def test_prompt_end_head_is_saved_and_required(tok, tmp_path):
     loaded = MemGen.from_pretrained(tmp_path / "a", model.reasoner_model, tok)
     assert torch.equal(loaded.prompt_trigger.net[-1].weight, model.prompt_trigger.net[-1].weight)
     modules = load_file(str(tmp_path / "a" / MODULES_FILE))
-    save_file({k: v for k, v in modules.items() if not k.startswith("prompt_trigger.")},
-              str(tmp_path / "a" / MODULES_FILE))
+    save_file(
+        {k: v for k, v in modules.items() if not k.startswith("prompt_trigger.")}, str(tmp_path / "a" / MODULES_FILE)
+    )
     with pytest.raises(AdapterError, match="prompt_trigger head"):
         MemGen.from_pretrained(tmp_path / "a", model.reasoner_model, tok)

@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+from conftest import PROMPTS, TEST_DELIMITERS, make_base, make_memgen, memgen_on
 from transformers import DynamicCache
 
-from conftest import PROMPTS, TEST_DELIMITERS, make_memgen, memgen_on, make_base
 from memgen.weaver import ADAPTER_NAME
 
 
@@ -38,10 +38,14 @@ def oracle(model, prompt, completion, insertions):
     target_norm = embed(vocab).norm(dim=-1).mean()
     cache, state = DynamicCache(), {"pos": 0}
 
-    def feed(embeds, backbone=plain.get_decoder(), past=None):
+    def feed(embeds, backbone=plain.get_decoder(), past=None):  # noqa: B008 (bound once, on purpose)
         n = embeds.shape[0]
-        out = backbone(inputs_embeds=embeds[None], cache=cache if past is None else past, use_cache=True,
-                       position_ids=torch.arange(state["pos"], state["pos"] + n)[None])
+        out = backbone(
+            inputs_embeds=embeds[None],
+            cache=cache if past is None else past,
+            use_cache=True,
+            position_ids=torch.arange(state["pos"], state["pos"] + n)[None],
+        )
         return out.last_hidden_state[0]
 
     def weave(kind, anchor):
@@ -72,11 +76,21 @@ def test_weaver_matches_a_hand_built_query_pass(tok, arch):
     # float64: the oracle merges the LoRA into the weights, which rounds differently from peft's separate
     # product in float32 (~1e-5 in latents, amplified in later logits); in float64 any gap is a real mismatch.
     model = make_memgen(tok, arch).double()
-    out = model.generate(PROMPTS, memory="random:0.6", max_new_tokens=30, do_sample=True, seed=8, max_insertions=4,
-                         output_logits=True, return_latents=True, compact_after=4)
+    out = model.generate(
+        PROMPTS,
+        memory="random:0.6",
+        max_new_tokens=30,
+        do_sample=True,
+        seed=8,
+        max_insertions=4,
+        output_logits=True,
+        return_latents=True,
+        compact_after=4,
+    )
     prompts = model.encode_prompts(PROMPTS)
-    tf = model.teacher_forced(prompts, [c.token_ids for c in out.completions],
-                              [c.insertion_positions for c in out.completions])
+    tf = model.teacher_forced(
+        prompts, [c.token_ids for c in out.completions], [c.insertion_positions for c in out.completions]
+    )
     inner = 0
     for r, (prompt, completion) in enumerate(zip(prompts, out.completions)):
         latents, logits = oracle(model, prompt, completion.token_ids, set(completion.insertion_positions))
@@ -97,14 +111,19 @@ def test_no_insertion_runs_past_the_context(tok, k_infer):
     end: an insertion is offered only if its K latents and the next token still fit."""
     context = 48
     alphabet = sorted(set("".join(PROMPTS)) | set(TEST_DELIMITERS))
-    model = memgen_on(make_base(tok, max_positions=context), tok, k_prompt=2, k_infer=k_infer,
-                      delimiters=[ch for ch in tok.get_vocab() if len(ch) == 1] + alphabet)
+    model = memgen_on(
+        make_base(tok, max_positions=context),
+        tok,
+        k_prompt=2,
+        k_infer=k_infer,
+        delimiters=[ch for ch in tok.get_vocab() if len(ch) == 1] + alphabet,
+    )
     assert bool(model.delimiter_lookup[3:].all())
     out = model.generate(PROMPTS, memory="always", max_new_tokens=200, max_insertions=1000, ignore_eos=True)
     for prompt, completion in zip(model.encode_prompts(PROMPTS), out.completions):
         used, pos = len(prompt) + 2, len(prompt) + 2  # prompt plus its 2 prompt latents
         offered = set()
-        for i, token in enumerate(completion.token_ids[:-1]):
+        for i, _token in enumerate(completion.token_ids[:-1]):
             pos += 1  # token i fed
             decision = next((d for d in completion.insertions if d.position == i + 1), None)
             fits = pos + k_infer + 1 <= context - 1

@@ -18,7 +18,27 @@ from .ledger import LedgerEnv, ledger_format
 from .runner import AgentConfig, run_episodes
 from .tasks import EnvTask, load_env_task
 
-__all__ = ["AgentConfig", "run_episodes", "Episode", "Turn", "EpisodeRow", "training_rows", "TextEnv", "ProcessEnv",
-           "parse_action", "ActionError", "EnvError", "EnvTimeout", "TranscriptFormat", "ChatFormat", "LedgerEnv",
-           "ledger_format", "alfworld_env", "list_games", "replay_expert", "unpack_split", "EnvTask",
-           "load_env_task"]
+__all__ = [
+    "AgentConfig",
+    "run_episodes",
+    "Episode",
+    "Turn",
+    "EpisodeRow",
+    "training_rows",
+    "TextEnv",
+    "ProcessEnv",
+    "parse_action",
+    "ActionError",
+    "EnvError",
+    "EnvTimeout",
+    "TranscriptFormat",
+    "ChatFormat",
+    "LedgerEnv",
+    "ledger_format",
+    "alfworld_env",
+    "list_games",
+    "replay_expert",
+    "unpack_split",
+    "EnvTask",
+    "load_env_task",
+]

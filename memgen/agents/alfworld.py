@@ -49,7 +49,8 @@ _GAME_KEYS = ("pddl_domain", "grammar", "pddl_problem")
 
 def cache_dir() -> Path:
     base = os.environ.get("MEMGEN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memgen")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memgen"
+    )
     return Path(base) / "alfworld"
 
 
@@ -80,8 +81,10 @@ def unpack_split(data_dir: str | Path, split: str) -> Path:
             tar.extractall(scratch, filter="data")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise DataError(f"{archive}: cannot unpack the ALFWorld games ({type(exc).__name__}: {exc}); "
-                        "the archive is corrupt or truncated") from None
+        raise DataError(
+            f"{archive}: cannot unpack the ALFWorld games ({type(exc).__name__}: {exc}); "
+            "the archive is corrupt or truncated"
+        ) from None
     if not (scratch / "json_2.1.1" / split).is_dir():
         shutil.rmtree(scratch, ignore_errors=True)
         raise DataError(f"{archive}: holds no json_2.1.1/{split}/ directory")
@@ -130,17 +133,26 @@ class AlfWorldGame:
         self.game, self.expert = str(game), expert
         self.plan: list[str] = []
         self.on_plan = True
-        infos = textworld.EnvInfos(won=True, admissible_commands=True, policy_commands=expert == "planner",
-                                   extras=["gamefile", "walkthrough"])
-        env_id = textworld.gym.register_game(self.game, infos, batch_size=1, asynchronous=False,
-                                             max_episode_steps=max_steps,
-                                             wrappers=[AlfredDemangler(shuffle=False), AlfredInfos])
+        infos = textworld.EnvInfos(
+            won=True, admissible_commands=True, policy_commands=expert == "planner", extras=["gamefile", "walkthrough"]
+        )
+        env_id = textworld.gym.register_game(
+            self.game,
+            infos,
+            batch_size=1,
+            asynchronous=False,
+            max_episode_steps=max_steps,
+            wrappers=[AlfredDemangler(shuffle=False), AlfredInfos],
+        )
         self.env = textworld.gym.make(env_id)
         self.task_type = task_type(self.game)
 
     def _info(self, info: dict) -> dict:
-        out = {"task_type": self.task_type, "won": bool(info["won"][0]),
-               "admissible": [a for a in info["admissible_commands"][0] if a != "help"]}
+        out = {
+            "task_type": self.task_type,
+            "won": bool(info["won"][0]),
+            "admissible": [a for a in info["admissible_commands"][0] if a != "help"],
+        }
         if self.expert == "planner" and info.get("policy_commands") and info["policy_commands"][0]:
             out["expert"] = info["policy_commands"][0][0]
         elif self.expert == "walkthrough" and self.on_plan and self.plan:
@@ -162,8 +174,9 @@ class AlfWorldGame:
         return obs[0], float(info["won"]), bool(done[0]), info
 
 
-def alfworld_env(game: str | Path, max_steps: int = 50, timeout: float = 30.0,
-                 expert: str | None = "walkthrough") -> ProcessEnv:
+def alfworld_env(
+    game: str | Path, max_steps: int = 50, timeout: float = 30.0, expert: str | None = "walkthrough"
+) -> ProcessEnv:
     """An ALFWorld game in a child process, each reset/step limited to ``timeout`` seconds."""
     path = check_game(game)
     try:
@@ -171,8 +184,11 @@ def alfworld_env(game: str | Path, max_steps: int = 50, timeout: float = 30.0,
         import textworld  # noqa: F401
     except ImportError:
         raise EnvError("ALFWorld needs the optional extra: pip install -e '.[agents]'") from None
-    return ProcessEnv(functools.partial(AlfWorldGame, str(path), max_steps, expert), timeout=timeout,
-                      name=f"{path.parent.parent.name}/{path.parent.name}")
+    return ProcessEnv(
+        functools.partial(AlfWorldGame, str(path), max_steps, expert),
+        timeout=timeout,
+        name=f"{path.parent.parent.name}/{path.parent.name}",
+    )
 
 
 def replay_expert(game: str | Path, max_steps: int = 50, timeout: float = 60.0, expert: str = "walkthrough") -> dict:

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-ALFWORLD_INSTRUCTIONS = ("You are an agent in a household. Solve the task by sending one admissible command per "
-                         "turn.")
+ALFWORLD_INSTRUCTIONS = "You are an agent in a household. Solve the task by sending one admissible command per turn."
 
 
 def _admissible_line(admissible: list[str] | None) -> str:
@@ -36,7 +35,9 @@ class TranscriptFormat:
 
     preamble: str = field(default=ALFWORLD_INSTRUCTIONS + "\n", metadata={"help": "text before the first observation"})
     action_prompt: str = field(default="> ", metadata={"help": "text that opens every action"})
-    show_admissible: bool = field(default=True, metadata={"help": "list the admissible commands after each observation"})
+    show_admissible: bool = field(
+        default=True, metadata={"help": "list the admissible commands after each observation"}
+    )
     observation_end: str = field(default="\n", metadata={"help": "text between an observation and the action prompt"})
     turn_separator: str = field(default="", metadata={"help": "text between an action and the next observation"})
     stop: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "stop strings that end a turn"})
@@ -49,8 +50,9 @@ class TranscriptFormat:
     def first_prompt(self, observation: str, admissible: list[str] | None = None) -> str:
         return self.preamble + self._observation(observation, admissible)
 
-    def transition(self, turn_text: str, finish_reason: str, observation: str,
-                   admissible: list[str] | None = None) -> str:
+    def transition(
+        self, turn_text: str, finish_reason: str, observation: str, admissible: list[str] | None = None
+    ) -> str:
         """Text after a turn whose decoded text is ``turn_text``: a newline if the turn did not end one."""
         newline = "" if turn_text.endswith("\n") or finish_reason == "eos" or not self.observation_end else "\n"
         return newline + self.turn_separator + self._observation(observation, admissible)
@@ -63,14 +65,17 @@ class ChatFormat:
 
     def __init__(self, tokenizer, system: str | None = ALFWORLD_INSTRUCTIONS, show_admissible: bool = True) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("this tokenizer has no chat template; use the transcript format (--agent-format "
-                              "transcript)")
+            raise ConfigError(
+                "this tokenizer has no chat template; use the transcript format (--agent-format transcript)"
+            )
         self.tokenizer, self.system, self.show_admissible = tokenizer, system, show_admissible
         self.stop: list[str] = []
         head = self._messages(self.USER)
         probe = self.tokenizer.apply_chat_template(
             head + [{"role": "assistant", "content": self.REPLY}, {"role": "user", "content": self.NEXT}],
-            tokenize=False, add_generation_prompt=True)
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         if any(probe.count(s) != 1 for s in (self.USER, self.REPLY, self.NEXT)):
             raise ConfigError("the chat template rewrites message contents; use the transcript format")
         after_reply = probe.split(self.REPLY, 1)[1]
@@ -88,13 +93,15 @@ class ChatFormat:
         return observation.strip() + (_admissible_line(admissible) if self.show_admissible else "")
 
     def first_prompt(self, observation: str, admissible: list[str] | None = None) -> str:
-        return self.tokenizer.apply_chat_template(self._messages(self._observation(observation, admissible)),
-                                                  tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            self._messages(self._observation(observation, admissible)), tokenize=False, add_generation_prompt=True
+        )
 
-    def transition(self, turn_text: str, finish_reason: str, observation: str,
-                   admissible: list[str] | None = None) -> str:
+    def transition(
+        self, turn_text: str, finish_reason: str, observation: str, admissible: list[str] | None = None
+    ) -> str:
         close = self.close_and_open
         # The reply's own EOS (e.g. <|im_end|>) was generated and is already in the stream.
         if finish_reason == "eos" and self.eos_text and close.startswith(self.eos_text):
-            close = close[len(self.eos_text):]
+            close = close[len(self.eos_text) :]
         return close + self._observation(observation, admissible) + self.after_user

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import re
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import MemGenError
 
@@ -59,8 +60,9 @@ def parse_action(text: str, max_chars: int = MAX_ACTION_CHARS) -> str:
     if not action:
         raise ActionError("Invalid action: the reply is empty. Reply with one command on one line.")
     if len(action) > max_chars:
-        raise ActionError(f"Invalid action: {len(action)} characters, the limit is {max_chars}. "
-                          "Reply with one short command.")
+        raise ActionError(
+            f"Invalid action: {len(action)} characters, the limit is {max_chars}. Reply with one short command."
+        )
     return action
 
 
@@ -97,8 +99,9 @@ class ProcessEnv:
     ``__main__`` guard, and the child only runs the environment, never torch.
     """
 
-    def __init__(self, factory: Callable[[], Any], timeout: float = 30.0, start_timeout: float = 120.0,
-                 name: str = "env") -> None:
+    def __init__(
+        self, factory: Callable[[], Any], timeout: float = 30.0, start_timeout: float = 120.0, name: str = "env"
+    ) -> None:
         self.timeout, self.name = timeout, name
         context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self._conn, child = context.Pipe()

@@ -36,11 +36,19 @@ class Turn:
 
     def as_log(self) -> dict:
         c = self.completion
-        return {"observation": self.observation, "reply": c.text, "action": self.action, "feedback": self.feedback,
-                "reward": self.reward, "finish_reason": c.finish_reason, "tokens": len(c.token_ids),
-                "restarted": self.restarted,
-                "insertions": [{"position": i.position, "inserted": i.inserted, "probability": i.probability}
-                               for i in c.insertions]}
+        return {
+            "observation": self.observation,
+            "reply": c.text,
+            "action": self.action,
+            "feedback": self.feedback,
+            "reward": self.reward,
+            "finish_reason": c.finish_reason,
+            "tokens": len(c.token_ids),
+            "restarted": self.restarted,
+            "insertions": [
+                {"position": i.position, "inserted": i.inserted, "probability": i.probability} for i in c.insertions
+            ],
+        }
 
 
 @dataclass
@@ -60,9 +68,16 @@ class Episode:
         return sum(t.completion.num_insertions for t in self.turns)
 
     def as_log(self) -> dict:
-        return {"env_id": self.env_id, "task_type": self.task_type, "success": self.success, "reward": self.reward,
-                "end_reason": self.end_reason, "turns": len(self.turns), "insertions": self.num_insertions,
-                "log": [t.as_log() for t in self.turns]}
+        return {
+            "env_id": self.env_id,
+            "task_type": self.task_type,
+            "success": self.success,
+            "reward": self.reward,
+            "end_reason": self.end_reason,
+            "turns": len(self.turns),
+            "insertions": self.num_insertions,
+            "log": [t.as_log() for t in self.turns],
+        }
 
 
 @dataclass

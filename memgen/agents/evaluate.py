@@ -20,16 +20,28 @@ def evaluate_agent(model, task, config, experience=None, insertion_filter=None, 
     if not records:
         raise MemGenError(f"task {task.name} has no episodes to play")
     fmt = task.make_format(model.tokenizer, config.use_chat_template)
-    agent = task.agent_config(memory=config.memory, max_turn_tokens=config.max_new_tokens,
-                              max_insertions=config.max_insertions, seed=config.seed)
+    agent = task.agent_config(
+        memory=config.memory,
+        max_turn_tokens=config.max_new_tokens,
+        max_insertions=config.max_insertions,
+        seed=config.seed,
+    )
 
     def play(batch):
         envs = [task.make_env(r) for r in batch]
         began = time.perf_counter()
         try:
-            episodes = run_episodes(model, envs, fmt, agent, seeds=[task.seed_of(r) for r in batch],
-                                    experience=experience, env_ids=[r.source for r in batch],
-                                    insertion_filter=insertion_filter, return_latents=observe is not None)
+            episodes = run_episodes(
+                model,
+                envs,
+                fmt,
+                agent,
+                seeds=[task.seed_of(r) for r in batch],
+                experience=experience,
+                env_ids=[r.source for r in batch],
+                insertion_filter=insertion_filter,
+                return_latents=observe is not None,
+            )
         finally:
             for env in envs:
                 getattr(env, "close", lambda: None)()
@@ -42,8 +54,9 @@ def evaluate_agent(model, task, config, experience=None, insertion_filter=None, 
             observe(batch, episodes, logs)
         return logs, spent
 
-    logs, seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", play,
-                                   ("success", "success"))
+    logs, seconds = run_in_batches(
+        model, records, config, f"eval {task.name} [{config.memory}]", play, ("success", "success")
+    )
     return summarize(task.name, config.memory, logs, seconds)
 
 
@@ -57,11 +70,15 @@ def failure_type(episode) -> str:
 
 def summarize(task: str, memory: str, logs: list[dict], seconds: float) -> dict:
     n = len(logs)
-    summary = {"task": task, "memory": memory, "n": n,
-               "success": sum(r["success"] for r in logs) / n,
-               "mean_turns": sum(r["turns"] for r in logs) / n,
-               "mean_insertions": sum(r["insertions"] for r in logs) / n,
-               "seconds_per_episode": seconds / n}
+    summary = {
+        "task": task,
+        "memory": memory,
+        "n": n,
+        "success": sum(r["success"] for r in logs) / n,
+        "mean_turns": sum(r["turns"] for r in logs) / n,
+        "mean_insertions": sum(r["insertions"] for r in logs) / n,
+        "seconds_per_episode": seconds / n,
+    }
     by_type: dict[str, list[bool]] = {}
     for r in logs:
         by_type.setdefault(str(r["task_type"]), []).append(r["success"])

@@ -99,5 +99,11 @@ class LedgerEnv:
 
 def ledger_format(tokenizer) -> TranscriptFormat:
     """Turns end at the reasoner's EOS; the next problem opens with BOS, as in the demo's pretraining rows."""
-    return TranscriptFormat(preamble="", action_prompt="", show_admissible=False, observation_end="",
-                            turn_separator=tokenizer.bos_token or "", stop=[])
+    return TranscriptFormat(
+        preamble="",
+        action_prompt="",
+        show_admissible=False,
+        observation_end="",
+        turn_separator=tokenizer.bos_token or "",
+        stop=[],
+    )

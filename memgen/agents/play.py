@@ -50,12 +50,22 @@ def play(model, config: PlayConfig, out=sys.stdout) -> dict:
 
     episode_turns: list = []
     try:
-        episode = run_episodes(model, [env], task.make_format(model.tokenizer, config.use_chat_template), agent,
-                               seeds=[task.seed_of(record)], env_ids=[record.source], on_turn=show)[0]
+        episode = run_episodes(
+            model,
+            [env],
+            task.make_format(model.tokenizer, config.use_chat_template),
+            agent,
+            seeds=[task.seed_of(record)],
+            env_ids=[record.source],
+            on_turn=show,
+        )[0]
     finally:
         getattr(env, "close", lambda: None)()
-    print(f"=== {'success' if episode.success else 'failure'} ({episode.end_reason}) after {len(episode.turns)} "
-          f"turns, {episode.num_insertions} insertions", file=out)
+    print(
+        f"=== {'success' if episode.success else 'failure'} ({episode.end_reason}) after {len(episode.turns)} "
+        f"turns, {episode.num_insertions} insertions",
+        file=out,
+    )
     return episode.as_log()
 
 
@@ -68,8 +78,10 @@ class ExpertConfig:
     limit: int | None = help_field(None, "replay only the first N games", ge=1)
     workers: int = help_field(2, "games replayed at once (each in its own process)", ge=1)
     max_steps: int = help_field(50, "steps before a replay counts as failed", ge=1)
-    expert: str = help_field("walkthrough", "walkthrough (the plan stored in each game) | planner (Fast Downward "
-                                            "from the current state, slow)")
+    expert: str = help_field(
+        "walkthrough",
+        "walkthrough (the plan stored in each game) | planner (Fast Downward from the current state, slow)",
+    )
     step_timeout: float = help_field(60.0, "seconds a step may take", gt=0)
 
 
@@ -78,12 +90,18 @@ def replay_split(config: ExpertConfig) -> dict:
 
     games = list_games(config.data, config.split)[: config.limit]
     with ThreadPoolExecutor(config.workers) as pool:
-        results = list(pool.map(lambda g: replay_expert(g, config.max_steps, config.step_timeout, config.expert),
-                                games))
+        results = list(
+            pool.map(lambda g: replay_expert(g, config.max_steps, config.step_timeout, config.expert), games)
+        )
     failed = [r for r in results if not r["won"]]
-    return {"split": config.split, "games": len(results), "won": len(results) - len(failed),
-            "success": (len(results) - len(failed)) / len(results),
-            "mean_steps": sum(r["steps"] for r in results) / len(results), "failed": failed}
+    return {
+        "split": config.split,
+        "games": len(results),
+        "won": len(results) - len(failed),
+        "success": (len(results) - len(failed)) / len(results),
+        "mean_steps": sum(r["steps"] for r in results) / len(results),
+        "failed": failed,
+    }
 
 
 def format_replay(summary: dict) -> str:

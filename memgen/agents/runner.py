@@ -22,9 +22,9 @@ assistant turn's start and at delimiters inside turns follows its description.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -43,8 +43,7 @@ class AgentConfig:
     memory: str = help_field("trigger", "insertion policy: off | always | trigger | random:P")
     max_turns: int = help_field(50, "turns per episode before it ends unfinished", ge=1)
     max_turn_tokens: int = help_field(64, "most tokens the agent writes per turn", ge=1)
-    max_context_tokens: int | None = help_field(None, "context budget per episode (default: the model's context)",
-                                                ge=8)
+    max_context_tokens: int | None = help_field(None, "context budget per episode (default: the model's context)", ge=8)
     keep_task: bool = help_field(True, "truncated histories keep the first prompt (the task)")
     max_insertions: int = help_field(4, "cap on in-reasoning insertions per turn", ge=0)
     do_sample: bool = help_field(False, "sample actions instead of greedy decoding")
@@ -68,10 +67,19 @@ def _is_won(reward: float, info: dict) -> bool:
     return bool(won) if won is not None else reward > 0
 
 
-def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | None] | None = None,
-                 group: int = 1, experience=None, env_ids: list[str] | None = None,
-                 on_turn: Callable[[int, Turn], None] | None = None, insertion_filter=None,
-                 return_latents: bool = False) -> list[Episode]:
+def run_episodes(
+    model,
+    envs: list,
+    fmt,
+    config: AgentConfig,
+    seeds: list[int | None] | None = None,
+    group: int = 1,
+    experience=None,
+    env_ids: list[str] | None = None,
+    on_turn: Callable[[int, Turn], None] | None = None,
+    insertion_filter=None,
+    return_latents: bool = False,
+) -> list[Episode]:
     """Play one episode in each environment, batched; returns the episodes in ``envs`` order.
 
     With ``group`` G > 1, ``envs[i*G:(i+1)*G]`` are G copies of one game that must reset to the
@@ -89,15 +97,41 @@ def run_episodes(model, envs: list, fmt, config: AgentConfig, seeds: list[int | 
     # Child-process environments start, reset and step concurrently (they wait on pipes, not on the GIL).
     pool = ThreadPoolExecutor(max_workers=min(len(envs), 16)) if any(isinstance(e, ProcessEnv) for e in envs) else None
     try:
-        return _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool,
-                     insertion_filter, return_latents)
+        return _play(
+            model,
+            envs,
+            fmt,
+            config,
+            seeds,
+            group,
+            experience,
+            env_ids,
+            on_turn,
+            episodes,
+            pool,
+            insertion_filter,
+            return_latents,
+        )
     finally:
         if pool is not None:
             pool.shutdown()
 
 
-def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, episodes, pool,
-          insertion_filter=None, return_latents=False) -> list[Episode]:
+def _play(
+    model,
+    envs,
+    fmt,
+    config,
+    seeds,
+    group,
+    experience,
+    env_ids,
+    on_turn,
+    episodes,
+    pool,
+    insertion_filter=None,
+    return_latents=False,
+) -> list[Episode]:
     tok, n = model.tokenizer, len(envs)
 
     def reset(i: int):
@@ -113,25 +147,41 @@ def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, 
         episodes[i].task_type = (info or {}).get("task_type")
     firsts = [fmt.first_prompt(o, inf.get("admissible")) for o, inf in zip(observations, infos)]
     for start in range(0, n, group):
-        if len(set(firsts[start: start + group])) != 1:
-            raise InputError(f"the {group} copies of {env_ids[start]} reset to different observations; "
-                             "a group must share its first prompt")
+        if len(set(firsts[start : start + group])) != 1:
+            raise InputError(
+                f"the {group} copies of {env_ids[start]} reset to different observations; "
+                "a group must share its first prompt"
+            )
     prompts = model.encode_prompts(firsts[::group])
-    gen = GenerateConfig(memory=config.memory, do_sample=config.do_sample, temperature=config.temperature,
-                         top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_turn_tokens,
-                         max_insertions=config.max_insertions, trigger_threshold=config.trigger_threshold,
-                         sample_trigger=config.sample_trigger, stop=list(fmt.stop), num_samples=group,
-                         seed=config.seed, return_logprobs=config.return_logprobs, return_latents=return_latents)
+    gen = GenerateConfig(
+        memory=config.memory,
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        max_new_tokens=config.max_turn_tokens,
+        max_insertions=config.max_insertions,
+        trigger_threshold=config.trigger_threshold,
+        sample_trigger=config.sample_trigger,
+        stop=list(fmt.stop),
+        num_samples=group,
+        seed=config.seed,
+        return_logprobs=config.return_logprobs,
+        return_latents=return_latents,
+    )
     session = TurnSession(model, prompts, gen, experience=experience, insertion_filter=insertion_filter)
     context = model.reasoner.context_length
     limits = [b for b in (config.max_context_tokens, context) if b]
     budget = min(limits) if limits else None
     k_prompt = session.k_prompt if session.prompt_insert else 0
-    reserve = k_prompt + config.max_turn_tokens + (
-        config.max_insertions * session.k_infer if session.memory_on else 0) + 1
+    reserve = (
+        k_prompt + config.max_turn_tokens + (config.max_insertions * session.k_infer if session.memory_on else 0) + 1
+    )
     if budget is not None and max(len(p) for p in prompts) + reserve > budget:
-        raise InputError(f"the first prompt ({max(len(p) for p in prompts)} tokens) plus one turn ({reserve}) does "
-                         f"not fit the context budget of {budget} tokens")
+        raise InputError(
+            f"the first prompt ({max(len(p) for p in prompts)} tokens) plus one turn ({reserve}) does "
+            f"not fit the context budget of {budget} tokens"
+        )
     # Per row: the first prompt's text, and each turn's (token ids, transition text after it), to rebuild
     # a truncated history.
     history: list[list[tuple[list[int], str]]] = [[] for _ in range(n)]
@@ -172,13 +222,15 @@ def _play(model, envs, fmt, config, seeds, group, experience, env_ids, on_turn, 
                 continue
             observations[i] = feedback
             admissible = infos[i].get("admissible")
-            text = fmt.transition(tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason, feedback,
-                                  admissible)
+            text = fmt.transition(
+                tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason, feedback, admissible
+            )
             history[i].append((c.token_ids, text))
             segment = [c.token_ids[-1]] + tok(text, add_special_tokens=False)["input_ids"]
             if budget is not None and int(session.state.next_pos[i]) + len(segment) + reserve > budget:
-                rebuilt = _rebuild(tok, fmt, firsts[i], history[i], feedback, admissible, budget - reserve,
-                                   config.keep_task, model)
+                rebuilt = _rebuild(
+                    tok, fmt, firsts[i], history[i], feedback, admissible, budget - reserve, config.keep_task, model
+                )
                 if rebuilt is None:
                     finish(i, "context")
                     continue
@@ -198,11 +250,21 @@ def _step_all(envs: list, completions: dict, pool) -> dict:
 
     Returns row -> (action, feedback, reward, done, info or None, end reason if the environment failed).
     """
+
     def one(i: int):
         env, reply = envs[i], completions[i]
         if reply.finish_reason == "length":  # a cut reply is never acted on: its action may be cut too
-            return None, (f"Invalid action: the reply did not end within {len(reply.token_ids)} tokens. Reply with "
-                          "one short command."), 0.0, False, None, ""
+            return (
+                None,
+                (
+                    f"Invalid action: the reply did not end within {len(reply.token_ids)} tokens. Reply with "
+                    "one short command."
+                ),
+                0.0,
+                False,
+                None,
+                "",
+            )
         try:
             action = action_parser(env)(reply.text)
         except ActionError as exc:
@@ -210,8 +272,14 @@ def _step_all(envs: list, completions: dict, pool) -> dict:
         try:
             feedback, reward, done, info = env.step(action)
         except EnvError as exc:  # the episode fails, the batch goes on
-            return action, f"The environment failed: {exc}", 0.0, True, None, (
-                "timeout" if isinstance(exc, EnvTimeout) else "error")
+            return (
+                action,
+                f"The environment failed: {exc}",
+                0.0,
+                True,
+                None,
+                ("timeout" if isinstance(exc, EnvTimeout) else "error"),
+            )
         return action, feedback, float(reward), bool(done), info or {}, ""
 
     rows = list(completions)
@@ -219,9 +287,19 @@ def _step_all(envs: list, completions: dict, pool) -> dict:
     return dict(zip(rows, results))
 
 
-def _rebuild(tok, fmt, first: str, turns: list[tuple[list[int], str]], observation: str, admissible, room: int,
-             keep_task: bool, model) -> list[int] | None:
+def _rebuild(
+    tok,
+    fmt,
+    first: str,
+    turns: list[tuple[list[int], str]],
+    observation: str,
+    admissible,
+    room: int,
+    keep_task: bool,
+    model,
+) -> list[int] | None:
     """The truncated history's token ids (see the module docstring), or None when nothing fits in ``room``."""
+
     def encode(text: str) -> list[int]:
         return model.encode_prompts([text])[0]
 

@@ -12,8 +12,8 @@ apply to agent tasks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..data import DataError, Record
 from ..errors import ConfigError
@@ -51,8 +51,14 @@ class EnvTask:
 
         if memory is not None and memory.rewrite_prompt is not None:
             raise ConfigError("agent tasks evaluate with --memory-source weaver")
-        return evaluate_agent(model, self, config, experience=None if memory is None else memory.reader,
-                              insertion_filter=insertion_filter, observe=observe)
+        return evaluate_agent(
+            model,
+            self,
+            config,
+            experience=None if memory is None else memory.reader,
+            insertion_filter=insertion_filter,
+            observe=observe,
+        )
 
     def rollout(self, run, records: list[Record], micro: int, memory: str, **generate_kwargs):
         from .training import episode_rollout
@@ -70,16 +76,23 @@ class EnvTask:
 
     def decoded_spans(self, record: Record, episode, tokenizer) -> list[tuple]:
         """One span per turn: the turn's observation segment and the reply decoded after it."""
-        return [(t + 1, tokenizer.decode(turn.segment_ids, skip_special_tokens=True), turn.completion)
-                for t, turn in enumerate(episode.turns)]
+        return [
+            (t + 1, tokenizer.decode(turn.segment_ids, skip_special_tokens=True), turn.completion)
+            for t, turn in enumerate(episode.turns)
+        ]
 
     def seed_of(self, record: Record):
         return record.columns.get("seed")
 
     def agent_config(self, **fields) -> AgentConfig:
         """How this task's episodes are played: its turn limit, truncation rule and budget, plus ``fields``."""
-        return AgentConfig(max_turns=self.max_turns, keep_task=self.keep_task,
-                           max_context_tokens=self.max_context_tokens, progress=False, **fields)
+        return AgentConfig(
+            max_turns=self.max_turns,
+            keep_task=self.keep_task,
+            max_context_tokens=self.max_context_tokens,
+            progress=False,
+            **fields,
+        )
 
 
 def is_env_task(name: str) -> bool:
@@ -90,8 +103,14 @@ def alfworld_format(tokenizer, use_chat_template: bool):
     return ChatFormat(tokenizer) if use_chat_template else TranscriptFormat()
 
 
-def load_env_task(name: str, data: str, split: str = "train", limit: int | None = None, max_turns: int | None = None,
-                  step_timeout: float = 30.0) -> EnvTask:
+def load_env_task(
+    name: str,
+    data: str,
+    split: str = "train",
+    limit: int | None = None,
+    max_turns: int | None = None,
+    step_timeout: float = 30.0,
+) -> EnvTask:
     """The records of agent task ``name`` (see the module table)."""
     if name == "alfworld":
         from .alfworld import alfworld_env, list_games, task_type
@@ -110,8 +129,16 @@ def load_env_task(name: str, data: str, split: str = "train", limit: int | None 
         if bad:
             raise DataError(f"ledger --data names demo domains (A, B, D), got {data!r}")
         offset = 0 if split == "train" else LEDGER_HELD_OUT
-        records = [Record(f"ledger {d} {offset + i}", None, {"domain": d, "seed": offset + i, "task_type": d},
-                          f"ledger:{d}:{offset + i}") for i in range(LEDGER_EPISODES) for d in domains]
+        records = [
+            Record(
+                f"ledger {d} {offset + i}",
+                None,
+                {"domain": d, "seed": offset + i, "task_type": d},
+                f"ledger:{d}:{offset + i}",
+            )
+            for i in range(LEDGER_EPISODES)
+            for d in domains
+        ]
 
         def make_env(record: Record):
             return LedgerEnv(record.columns["domain"])
@@ -119,8 +146,15 @@ def load_env_task(name: str, data: str, split: str = "train", limit: int | None 
         # The demo's reasoner is pretrained on rows of 128 characters, so a second turn stacked on the first
         # (and its latents) would run past every position it knows: the budget makes each turn restart from
         # its own observation (the runner's truncation rule), the way the reasoner saw problems.
-        task = EnvTask("ledger", records, make_env, lambda tok, chat=False: ledger_format(tok), max_turns or 2,
-                       keep_task=False, max_context_tokens=LEDGER_CONTEXT)
+        task = EnvTask(
+            "ledger",
+            records,
+            make_env,
+            lambda tok, chat=False: ledger_format(tok),
+            max_turns or 2,
+            keep_task=False,
+            max_context_tokens=LEDGER_CONTEXT,
+        )
     else:
         raise ConfigError(f"unknown agent task {name!r}; choose one of {list(ENV_TASKS)}")
     if limit is not None:

@@ -45,8 +45,15 @@ def expert_rows(run, record) -> list[EpisodeRow]:
     model, config, task = run.unwrapped, run.config, run.task
     tok, fmt = model.tokenizer, episode_format(run)
     env = task.make_env(record)
-    budget = min(b for b in (config.max_prompt_tokens + config.max_completion_tokens, model.reasoner.context_length,
-                             task.max_context_tokens) if b)
+    budget = min(
+        b
+        for b in (
+            config.max_prompt_tokens + config.max_completion_tokens,
+            model.reasoner.context_length,
+            task.max_context_tokens,
+        )
+        if b
+    )
     rows: list[EpisodeRow] = []
     try:
         obs, info = env.reset(task.seed_of(record))
@@ -73,8 +80,17 @@ def expert_rows(run, record) -> list[EpisodeRow]:
             following = tok(text, add_special_tokens=False)["input_ids"]
             if len(row.prompt_ids) + len(row.completion_ids) + len(following) + config.max_completion_tokens > budget:
                 rows.append(row)
-                rebuilt = _rebuild(tok, fmt, first, history, obs, info.get("admissible"),
-                                   budget - config.max_completion_tokens, task.keep_task, model)
+                rebuilt = _rebuild(
+                    tok,
+                    fmt,
+                    first,
+                    history,
+                    obs,
+                    info.get("admissible"),
+                    budget - config.max_completion_tokens,
+                    task.keep_task,
+                    model,
+                )
                 if rebuilt is None:
                     raise ConfigError(f"{record.source}: an expert turn does not fit the context budget of {budget}")
                 row = EpisodeRow(rebuilt, [], [], [], [], [], [], None)
@@ -98,8 +114,14 @@ def episode_sft_step(run, micro: int):
         raise ConfigError("--experience is not supported for agent SFT yet; train without it")
     records, _ = run.next_batch()
     rows = [row for record in records for row in expert_rows(run, record)]
-    out = run.model([r.prompt_ids for r in rows], [r.completion_ids for r in rows], [r.insertions for r in rows],
-                    1.0, None, [r.kinds for r in rows])
+    out = run.model(
+        [r.prompt_ids for r in rows],
+        [r.completion_ids for r in rows],
+        [r.insertions for r in rows],
+        1.0,
+        None,
+        [r.kinds for r in rows],
+    )
     mask = out.mask.float() * _pad_mask([r.loss_mask for r in rows], out.mask)
     global_tokens = run.global_sum(mask.sum())
     nll_sum = -(out.logprobs * mask).sum()
@@ -108,8 +130,8 @@ def episode_sft_step(run, micro: int):
         "loss": run.global_sum(nll_sum.detach()) / global_tokens,
         "latent_norm": float(out.latent_norm.detach()),
         "tokens": global_tokens,
-        "turns_per_episode": run.global_sum(sum(k.count(PROMPT) for r in rows for k in [r.kinds])) / run.global_sum(
-            len(records)),
+        "turns_per_episode": run.global_sum(sum(k.count(PROMPT) for r in rows for k in [r.kinds]))
+        / run.global_sum(len(records)),
     }
 
 
@@ -125,8 +147,9 @@ def episode_reward(episode, invalid_action_penalty: float = 0.0) -> float:
     return float(episode.success) - invalid_action_penalty * sum(t.action is None for t in episode.turns)
 
 
-def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool = False,
-                    insert_at_prompt_end: bool = True) -> RolloutBatch:
+def episode_rollout(
+    run, records, micro: int, memory: str, sample_trigger: bool = False, insert_at_prompt_end: bool = True
+) -> RolloutBatch:
     """G sampled episodes per record as a :class:`RolloutBatch` of teacher-forcing rows."""
     config, model, task = run.config, run.unwrapped, run.task
     if config.reward_funcs and config.reward_funcs != ["task"]:
@@ -135,16 +158,31 @@ def episode_rollout(run, records, micro: int, memory: str, sample_trigger: bool 
         raise ConfigError("agent episodes weave at every turn's start; insert_at_prompt_end must stay on")
     g = config.num_generations
     envs = [task.make_env(r) for r in records for _ in range(g)]
-    agent = task.agent_config(memory=memory, max_turn_tokens=config.max_new_tokens,
-                              max_insertions=config.max_insertions, do_sample=True, temperature=config.temperature,
-                              top_p=config.top_p, top_k=config.top_k, sample_trigger=sample_trigger,
-                              seed=run.rollout_seed(micro), return_logprobs=True)
+    agent = task.agent_config(
+        memory=memory,
+        max_turn_tokens=config.max_new_tokens,
+        max_insertions=config.max_insertions,
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        sample_trigger=sample_trigger,
+        seed=run.rollout_seed(micro),
+        return_logprobs=True,
+    )
     was_training = model.training
     model.eval()
     try:
-        episodes = run_episodes(model, envs, episode_format(run), agent,
-                                seeds=[task.seed_of(r) for r in records for _ in range(g)], group=g,
-                                experience=run.experience, env_ids=[r.source for r in records for _ in range(g)])
+        episodes = run_episodes(
+            model,
+            envs,
+            episode_format(run),
+            agent,
+            seeds=[task.seed_of(r) for r in records for _ in range(g)],
+            group=g,
+            experience=run.experience,
+            env_ids=[r.source for r in records for _ in range(g)],
+        )
     finally:
         model.train(was_training)
         for env in envs:

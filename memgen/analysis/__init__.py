@@ -12,6 +12,18 @@ from .config import AnalyzeConfig
 from .reading import nearest_tokens, read_clusters
 from .run import analyze
 
-__all__ = ["AnalyzeConfig", "ClusterFilter", "Clustering", "Collection", "RandomFilter", "analyze", "collect",
-           "fit_clusters", "nearest_centroid", "nearest_tokens", "read_clusters", "run_ablations",
-           "silhouette_sweep"]
+__all__ = [
+    "AnalyzeConfig",
+    "ClusterFilter",
+    "Clustering",
+    "Collection",
+    "RandomFilter",
+    "analyze",
+    "collect",
+    "fit_clusters",
+    "nearest_centroid",
+    "nearest_tokens",
+    "read_clusters",
+    "run_ablations",
+    "silhouette_sweep",
+]

@@ -32,10 +32,15 @@ def compare(name: str, rows: list[dict], baseline: list[dict], withheld: int) ->
     n = len(rows)
     accuracy = sum(map(outcome, rows)) / n
     base_accuracy = sum(map(outcome, baseline)) / n
-    result = {"run": name, "accuracy": round(accuracy, 4), "delta": round(accuracy - base_accuracy, 4),
-              "withheld": withheld, "changed_answers": sum(answer(a) != answer(b) for a, b in zip(rows, baseline)),
-              "right_to_wrong": sum(outcome(b) > outcome(a) for a, b in zip(rows, baseline)),
-              "wrong_to_right": sum(outcome(a) > outcome(b) for a, b in zip(rows, baseline))}
+    result = {
+        "run": name,
+        "accuracy": round(accuracy, 4),
+        "delta": round(accuracy - base_accuracy, 4),
+        "withheld": withheld,
+        "changed_answers": sum(answer(a) != answer(b) for a, b in zip(rows, baseline)),
+        "right_to_wrong": sum(outcome(b) > outcome(a) for a, b in zip(rows, baseline)),
+        "wrong_to_right": sum(outcome(a) > outcome(b) for a, b in zip(rows, baseline)),
+    }
     if rows and "failure" in rows[0]:
         now, before = Counter(r["failure"] for r in rows), Counter(r["failure"] for r in baseline)
         result["failures"] = dict(sorted(now.items()))
@@ -43,8 +48,13 @@ def compare(name: str, rows: list[dict], baseline: list[dict], withheld: int) ->
     if rows and baseline[0].get("group"):
         groups = sorted({r["group"] for r in baseline})
         result["group_accuracy"] = {
-            g: round(sum(outcome(r) for r, b in zip(rows, baseline) if b["group"] == g)
-                     / sum(b["group"] == g for b in baseline), 4) for g in groups}
+            g: round(
+                sum(outcome(r) for r, b in zip(rows, baseline) if b["group"] == g)
+                / sum(b["group"] == g for b in baseline),
+                4,
+            )
+            for g in groups
+        }
     return result
 
 
@@ -69,8 +79,17 @@ def top_rise(failure_delta: dict) -> tuple[str, int] | None:
     return top, rises[top]
 
 
-def run_ablations(model, task, config, baseline: list[dict], clustering: Clustering, kinds: tuple[str, ...],
-                  shares: list[float], out: Path, log=print) -> list[dict]:
+def run_ablations(
+    model,
+    task,
+    config,
+    baseline: list[dict],
+    clustering: Clustering,
+    kinds: tuple[str, ...],
+    shares: list[float],
+    out: Path,
+    log=print,
+) -> list[dict]:
     """Per cluster, a run withholding it (and its random control, with ``config.controls``); then all of them.
 
     ``shares`` is each cluster's share of the clustered insertions in the collection run (the
@@ -81,8 +100,13 @@ def run_ablations(model, task, config, baseline: list[dict], clustering: Cluster
     def run(tag: str, insertion_filter) -> list[dict]:
         rows: list[dict] = []
         run_config = replace(config, output=str(out / f"{tag}.jsonl"))
-        evaluate_task(model, task, run_config, insertion_filter=insertion_filter,
-                      observe=lambda records, outputs, batch_rows: rows.extend(batch_rows))
+        evaluate_task(
+            model,
+            task,
+            run_config,
+            insertion_filter=insertion_filter,
+            observe=lambda records, outputs, batch_rows: rows.extend(batch_rows),
+        )
         return rows
 
     results = []
@@ -95,8 +119,13 @@ def run_ablations(model, task, config, baseline: list[dict], clustering: Cluster
         if config.controls:
             control = RandomFilter(shares[c], kinds, config.cluster_seed + 1 + c)
             rows = run(f"control-{c}", control)
-            results.append({"cluster": c, "control": True,
-                            **compare(f"control for {c}: random {shares[c]:.0%}", rows, baseline, control.withheld)})
+            results.append(
+                {
+                    "cluster": c,
+                    "control": True,
+                    **compare(f"control for {c}: random {shares[c]:.0%}", rows, baseline, control.withheld),
+                }
+            )
             message += f" (its random control {results[-1]['accuracy']:.3f})"
         log(message)
     everything = ClusterFilter(clustering.centroids, set(range(clustering.n_clusters)), kinds)

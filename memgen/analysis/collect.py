@@ -41,8 +41,10 @@ class Collection:
 
     def __post_init__(self) -> None:
         if self.pooled.ndim != 2 or self.pooled.shape[0] != len(self.insertions):
-            raise DataError(f"a collection needs one pooled latent per insertion: {tuple(self.pooled.shape)} "
-                            f"latents for {len(self.insertions)} insertions")
+            raise DataError(
+                f"a collection needs one pooled latent per insertion: {tuple(self.pooled.shape)} "
+                f"latents for {len(self.insertions)} insertions"
+            )
 
     def __len__(self) -> int:
         return len(self.insertions)
@@ -61,13 +63,14 @@ class Collection:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Collection":
+    def load(cls, directory: str | Path) -> Collection:
         directory = Path(directory)
         files = (LATENTS_FILE, INSERTIONS_FILE, EXAMPLES_FILE, META_FILE)
         missing = [f for f in files if not (directory / f).is_file()]
         if missing:
-            raise DataError(f"{directory} is not a latent collection: missing {missing} "
-                            "(write one with memgen analyze)")
+            raise DataError(
+                f"{directory} is not a latent collection: missing {missing} (write one with memgen analyze)"
+            )
         rows = {}
         for name in (INSERTIONS_FILE, EXAMPLES_FILE):
             rows[name] = []
@@ -110,20 +113,40 @@ def collect(model, task, config, describe: dict | None = None) -> Collection:
                     ordinal += 1
                     before = fed + tokenizer.decode(ids[: ins.position], skip_special_tokens=True)
                     pooled.append(ins.latents.float().mean(dim=0))
-                    insertions.append({
-                        "example": example, "task_id": record.source or f"{task.name}:{example}",
-                        "kind": PROMPT if ins.position == 0 else INFERENCE, "position": ins.position,
-                        "ordinal": ordinal, **({"turn": turn} if turn is not None else {}),
-                        "preceding": before[-chars:],
-                        "following": tokenizer.decode(ids[ins.position: ins.position + 4], skip_special_tokens=True),
-                        "next_token": tokenizer.decode(ids[ins.position: ins.position + 1], skip_special_tokens=True),
-                        "probability": ins.probability, "reward": outcome(row), "failure": row.get("failure"),
-                        "group": row.get("group", "")})
+                    insertions.append(
+                        {
+                            "example": example,
+                            "task_id": record.source or f"{task.name}:{example}",
+                            "kind": PROMPT if ins.position == 0 else INFERENCE,
+                            "position": ins.position,
+                            "ordinal": ordinal,
+                            **({"turn": turn} if turn is not None else {}),
+                            "preceding": before[-chars:],
+                            "following": tokenizer.decode(
+                                ids[ins.position : ins.position + 4], skip_special_tokens=True
+                            ),
+                            "next_token": tokenizer.decode(
+                                ids[ins.position : ins.position + 1], skip_special_tokens=True
+                            ),
+                            "probability": ins.probability,
+                            "reward": outcome(row),
+                            "failure": row.get("failure"),
+                            "group": row.get("group", ""),
+                        }
+                    )
 
     summary = evaluate_task(model, task, config, observe=observe)
     if not pooled:
-        raise DataError(f"no latents were woven on {task.name} under memory {config.memory!r}: nothing to analyse "
-                        "(a trigger that never fires? try --memory always)")
-    meta = {"task": task.name, "memory": config.memory, "num_examples": len(examples_seen),
-            "hidden_size": int(pooled[0].shape[-1]), "config": asdict(config), "describe": describe or {}}
+        raise DataError(
+            f"no latents were woven on {task.name} under memory {config.memory!r}: nothing to analyse "
+            "(a trigger that never fires? try --memory always)"
+        )
+    meta = {
+        "task": task.name,
+        "memory": config.memory,
+        "num_examples": len(examples_seen),
+        "hidden_size": int(pooled[0].shape[-1]),
+        "config": asdict(config),
+        "describe": describe or {},
+    }
     return Collection(torch.stack(pooled), insertions, examples_seen, summary, meta)

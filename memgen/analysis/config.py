@@ -19,20 +19,29 @@ CLUSTER_KINDS = ("all", "inference")
 @dataclass
 class AnalyzeConfig(EvalConfig):
     out: str = help_field("runs/analysis", "output directory: the collection, analysis.md, analysis.json and PNGs")
-    collection: str = help_field("", "reuse the collection in this directory instead of collecting again (it must "
-                                     "come from the same model, task and decoding options)")
+    collection: str = help_field(
+        "",
+        "reuse the collection in this directory instead of collecting again (it must "
+        "come from the same model, task and decoding options)",
+    )
     clusters: int = help_field(4, "N: K-means clusters of the pooled latents (the paper's Appendix G uses 4)", ge=1)
     cluster_seed: int = help_field(0, "seed of K-means (and of t-SNE and the control ablations)", ge=0)
     silhouette_min: int = help_field(2, "smallest N of the silhouette sweep", ge=2)
     silhouette_max: int = help_field(8, "largest N of the silhouette sweep", ge=2)
-    cluster_over: str = help_field("all", "which insertions are clustered and can be ablated: all (prompt end "
-                                          "too) | inference (delimiters only; prompt-end latents are always fed)")
+    cluster_over: str = help_field(
+        "all",
+        "which insertions are clustered and can be ablated: all (prompt end "
+        "too) | inference (delimiters only; prompt-end latents are always fed)",
+    )
     top_tokens: int = help_field(10, "nearest vocabulary tokens (cosine) listed per centroid", ge=1)
     typical_contexts: int = help_field(5, "insertions nearest each centroid shown with their text", ge=1)
     context_chars: int = help_field(60, "characters of text kept before each insertion", ge=1)
     ablate: bool = help_field(True, "re-run the evaluation once per cluster with its insertions withheld")
-    controls: bool = help_field(True, "per cluster, also withhold a random share of all insertions equal to the "
-                                      "cluster's share (is it this cluster, or any removal, that matters?)")
+    controls: bool = help_field(
+        True,
+        "per cluster, also withhold a random share of all insertions equal to the "
+        "cluster's share (is it this cluster, or any removal, that matters?)",
+    )
     tsne: bool = help_field(True, "draw the t-SNE projection next to PCA")
     tsne_max_points: int = help_field(3000, "largest sample of insertions t-SNE projects (seeded)", ge=10)
     group_by: str = help_field("", "a record column to break accuracy down by (e.g. domain)")
@@ -47,5 +56,7 @@ class AnalyzeConfig(EvalConfig):
         if self.memory == "off":
             raise ConfigError("memgen analyze needs memory on: with --memory off nothing is woven to analyse")
         if self.memory_source in ("expel", "awm"):
-            raise ConfigError(f"--memory-source {self.memory_source} puts memory in the prompt; there are no latents "
-                              "to analyse (use weaver or weaver+retrieval)")
+            raise ConfigError(
+                f"--memory-source {self.memory_source} puts memory in the prompt; there are no latents "
+                "to analyse (use weaver or weaver+retrieval)"
+            )

@@ -32,7 +32,8 @@ def project(pooled: torch.Tensor, seed: int, tsne: bool, max_points: int) -> dic
         index = torch.randperm(len(points), generator=generator)[:max_points].sort().values.numpy()
         perplexity = min(30.0, max(2.0, (len(index) - 1) / 3))
         out["tsne"] = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-            points[index])
+            points[index]
+        )
         out["tsne_index"] = index
     return out
 
@@ -49,9 +50,16 @@ def plot_latents(coords: dict, labels: list[int], kinds: list[str], n_clusters: 
             for kind, marker in MARKERS.items():
                 chosen = [j for j, i in enumerate(index) if labels[i] == c and kinds[i] == kind]
                 if chosen:
-                    axis.scatter(xy[chosen, 0], xy[chosen, 1], s=10 if marker == "o" else 22, marker=marker,
-                                 color=colors(c % 10), alpha=0.6, linewidths=0.8,
-                                 label=f"cluster {c}" + (" (prompt end)" if kind == "prompt" else ""))
+                    axis.scatter(
+                        xy[chosen, 0],
+                        xy[chosen, 1],
+                        s=10 if marker == "o" else 22,
+                        marker=marker,
+                        color=colors(c % 10),
+                        alpha=0.6,
+                        linewidths=0.8,
+                        label=f"cluster {c}" + (" (prompt end)" if kind == "prompt" else ""),
+                    )
         axis.set_title(f"{name} of pooled latents" + (f" ({len(index)} sampled)" if key == "tsne" else ""))
         axis.set_xticks([])
         axis.set_yticks([])
@@ -70,8 +78,14 @@ def plot_silhouette(sweep: list[dict], chosen: int, title: str, path: Path) -> P
         axis.plot([s["n"] for s in sweep], [s["silhouette"] for s in sweep], marker="o")
         for s in sweep:
             if s["n"] == chosen:
-                axis.scatter([s["n"]], [s["silhouette"]], s=90, facecolors="none", edgecolors="tab:red",
-                             label=f"N = {chosen} (analysed)")
+                axis.scatter(
+                    [s["n"]],
+                    [s["silhouette"]],
+                    s=90,
+                    facecolors="none",
+                    edgecolors="tab:red",
+                    label=f"N = {chosen} (analysed)",
+                )
         axis.legend(fontsize=8)
     else:
         axis.text(0.5, 0.5, "too few distinct latents for a sweep", ha="center", transform=axis.transAxes)
@@ -93,8 +107,9 @@ def plot_ablations(baseline: dict, results: list[dict], title: str, path: Path) 
     with_failures = "failure_delta" in baseline
     fig, axes = plt.subplots(1, 2 if with_failures else 1, figsize=(12 if with_failures else 6.5, 4.2), squeeze=False)
     left = axes[0][0]
-    colors = ["tab:grey"] + ["tab:orange" if r.get("control") else ("tab:red" if "cluster" in r else "tab:purple")
-                             for r in results]
+    colors = ["tab:grey"] + [
+        "tab:orange" if r.get("control") else ("tab:red" if "cluster" in r else "tab:purple") for r in results
+    ]
     bars = left.bar(range(len(runs)), [r["accuracy"] for r in runs], color=colors)
     left.bar_label(bars, fmt="%.2f", fontsize=7)
     left.set_xticks(range(len(runs)), names, rotation=35, ha="right", fontsize=7)

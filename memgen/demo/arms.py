@@ -54,19 +54,38 @@ def count(params) -> int:
 
 
 def _weaver_config(cfg, out: Path, name: str, **overrides) -> WeaverTrainConfig:
-    values = dict(model="demo", data="demo", output_dir=str(out / "runs" / name), max_steps=cfg.sft_steps,
-                  per_device_batch_size=cfg.batch_size, learning_rate=cfg.weaver_lr, seed=cfg.seed, save_every=0,
-                  progress=cfg.progress, max_insertions=cfg.max_insertions, tensorboard=False,
-                  lr_scheduler="cosine", warmup_steps=10, max_new_tokens=cfg.max_new_tokens)
+    values = dict(
+        model="demo",
+        data="demo",
+        output_dir=str(out / "runs" / name),
+        max_steps=cfg.sft_steps,
+        per_device_batch_size=cfg.batch_size,
+        learning_rate=cfg.weaver_lr,
+        seed=cfg.seed,
+        save_every=0,
+        progress=cfg.progress,
+        max_insertions=cfg.max_insertions,
+        tensorboard=False,
+        lr_scheduler="cosine",
+        warmup_steps=10,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     values.update(overrides)
     return WeaverTrainConfig(**values)
 
 
 def memgen_config(cfg) -> MemGenConfig:
-    return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
-                        lora_alpha=2 * cfg.lora_r, trigger_hidden=64, latent_positions=cfg.latent_positions,
-                        trigger_at_prompt_end=cfg.trigger_at_prompt_end,
-                        delimiters=list(cfg.delimiters), latent_init_text=cfg.latent_init_text or None)
+    return MemGenConfig(
+        prompt_latents=cfg.latents,
+        inference_latents=cfg.latents,
+        lora_r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        trigger_hidden=64,
+        latent_positions=cfg.latent_positions,
+        trigger_at_prompt_end=cfg.trigger_at_prompt_end,
+        delimiters=list(cfg.delimiters),
+        latent_init_text=cfg.latent_init_text or None,
+    )
 
 
 def vanilla(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
@@ -79,8 +98,9 @@ def _train_lora(model, tokenizer, cfg, train: Task, desc: str) -> list:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lora_lr, total_steps=cfg.sft_steps, pct_start=0.07,
-                                                    anneal_strategy="cos")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, cfg.lora_lr, total_steps=cfg.sft_steps, pct_start=0.07, anneal_strategy="cos"
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id
     model.train()
@@ -89,8 +109,12 @@ def _train_lora(model, tokenizer, cfg, train: Task, desc: str) -> list:
         pairs = []
         for i in picks:
             r = train.records[i]
-            pairs.append((tokenizer(r.prompt)["input_ids"],
-                          tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
+            pairs.append(
+                (
+                    tokenizer(r.prompt)["input_ids"],
+                    tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                )
+            )
         completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad)
     model.eval()
     return trainable
@@ -122,8 +146,10 @@ def lora_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
     from peft import LoraConfig, get_peft_model
 
     started = time.perf_counter()
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules),
+    )
     trainable = _train_lora(model, tokenizer, cfg, train, "train lora_sft")
     seconds = time.perf_counter() - started
     return ArmResult("lora_sft", "off", count(trainable), seconds, _merged(model, tokenizer, cfg), {}, model)
@@ -134,8 +160,9 @@ def lora_continual(previous: ArmResult, tokenizer, cfg, train: Task) -> ArmResul
     started = time.perf_counter()
     model = previous.state
     trainable = _train_lora(model, tokenizer, cfg, train, f"train lora_sft on {train.name}")
-    return ArmResult("lora_sft", "off", count(trainable), time.perf_counter() - started,
-                     _merged(model, tokenizer, cfg), {}, model)
+    return ArmResult(
+        "lora_sft", "off", count(trainable), time.perf_counter() - started, _merged(model, tokenizer, cfg), {}, model
+    )
 
 
 def memgen_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
@@ -149,17 +176,33 @@ def memgen_sft(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
 def memgen_trigger(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
     """Trigger RL on the frozen SFT weaver; ``train`` is the A+B mix (see the module docstring)."""
     model = MemGen.from_pretrained(out / "adapters" / "memgen_sft", base, tokenizer)
-    config = TriggerTrainConfig(model="demo", data="demo", output_dir=str(out / "runs" / "memgen_trigger"),
-                                max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
-                                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                                learning_rate=cfg.trigger_lr, sparsity_lambda=cfg.sparsity_lambda, seed=cfg.seed,
-                                save_every=0, progress=cfg.progress, max_insertions=cfg.max_insertions,
-                                tensorboard=False, stop=["\n"])
+    config = TriggerTrainConfig(
+        model="demo",
+        data="demo",
+        output_dir=str(out / "runs" / "memgen_trigger"),
+        max_steps=cfg.trigger_steps,
+        per_device_batch_size=cfg.rl_batch_size,
+        num_generations=cfg.num_generations,
+        max_new_tokens=cfg.max_new_tokens,
+        learning_rate=cfg.trigger_lr,
+        sparsity_lambda=cfg.sparsity_lambda,
+        seed=cfg.seed,
+        save_every=0,
+        progress=cfg.progress,
+        max_insertions=cfg.max_insertions,
+        tensorboard=False,
+        stop=["\n"],
+    )
     started = time.perf_counter()
     train_trigger(config, model=model, task=train)
     model.save_pretrained(out / "adapters" / "memgen_trigger")
-    return ArmResult("memgen_trigger", "trigger", count(model.weaver_parameters()) + count(model.trigger_parameters()),
-                     sft.train_seconds + time.perf_counter() - started, model)
+    return ArmResult(
+        "memgen_trigger",
+        "trigger",
+        count(model.weaver_parameters()) + count(model.trigger_parameters()),
+        sft.train_seconds + time.perf_counter() - started,
+        model,
+    )
 
 
 def memgen_random(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
@@ -171,27 +214,46 @@ def prompt_only(base, tokenizer, cfg, train: Task, out: Path) -> ArmResult:
     started = time.perf_counter()
     train_weaver(_weaver_config(cfg, out, "prompt_only", method="sft", max_insertions=0), model=model, task=train)
     trainable = count(model.weaver_parameters()) - model.weaver.inference_queries.numel()
-    return ArmResult("prompt_only", "always", trainable, time.perf_counter() - started, model,
-                     {"max_insertions": 0})
+    return ArmResult("prompt_only", "always", trainable, time.perf_counter() - started, model, {"max_insertions": 0})
 
 
 def memgen_grpo(base, tokenizer, cfg, train: Task, out: Path, sft: ArmResult) -> ArmResult:
     model = MemGen.from_pretrained(out / "adapters" / "memgen_sft", base, tokenizer)
     started = time.perf_counter()
-    train_weaver(_weaver_config(cfg, out, "memgen_grpo", method="grpo", max_steps=cfg.grpo_steps,
-                                per_device_batch_size=cfg.rl_batch_size, num_generations=cfg.num_generations,
-                                learning_rate=cfg.grpo_lr, lr_scheduler="constant", warmup_steps=0,
-                                loss_type="dapo", stop=["\n"]), model=model, task=train)
-    return ArmResult("memgen_grpo", "always", count(model.weaver_parameters()),
-                     sft.train_seconds + time.perf_counter() - started, model)
+    train_weaver(
+        _weaver_config(
+            cfg,
+            out,
+            "memgen_grpo",
+            method="grpo",
+            max_steps=cfg.grpo_steps,
+            per_device_batch_size=cfg.rl_batch_size,
+            num_generations=cfg.num_generations,
+            learning_rate=cfg.grpo_lr,
+            lr_scheduler="constant",
+            warmup_steps=0,
+            loss_type="dapo",
+            stop=["\n"],
+        ),
+        model=model,
+        task=train,
+    )
+    return ArmResult(
+        "memgen_grpo",
+        "always",
+        count(model.weaver_parameters()),
+        sft.train_seconds + time.perf_counter() - started,
+        model,
+    )
 
 
 def memgen_continual(base, tokenizer, cfg, train: Task, out: Path, previous: Path) -> ArmResult:
     """The weaver saved at ``previous``, trained on by SFT on the next skill with the same recipe."""
     model = MemGen.from_pretrained(previous, base, tokenizer)
     started = time.perf_counter()
-    train_weaver(_weaver_config(cfg, out, f"memgen_sft-{train.name}", method="sft", insertion="all"), model=model,
-                 task=train)
+    train_weaver(
+        _weaver_config(cfg, out, f"memgen_sft-{train.name}", method="sft", insertion="all"), model=model, task=train
+    )
     return ArmResult("memgen_sft", "always", count(model.weaver_parameters()), time.perf_counter() - started, model)
 
 
@@ -215,8 +277,15 @@ def build_experience(base, tokenizer, cfg, train: Task, out: Path) -> dict:
     started = time.perf_counter()
     model = MemGen(base, tokenizer, memgen_config(cfg))  # memory off: the vanilla reasoner
     attempts = Task(train.name, train.records[: cfg.experience_size], train.reward, {}, train.stop)
-    expel = ExpeLConfig(attempts=2, max_new_tokens=cfg.max_new_tokens, compare_pairs=10, success_batches=2,
-                        llm_max_new_tokens=64, top_k=cfg.experience_top_k, seed=cfg.seed)
+    expel = ExpeLConfig(
+        attempts=2,
+        max_new_tokens=cfg.max_new_tokens,
+        compare_pairs=10,
+        success_batches=2,
+        llm_max_new_tokens=64,
+        top_k=cfg.experience_top_k,
+        seed=cfg.seed,
+    )
     llm = reasoner_llm(model, max_new_tokens=64, stop=["\n\n"], batch_size=cfg.eval_batch_size)
     path = out / "experience"
     with ExperienceStore(path, retriever="bm25") as store:
@@ -224,18 +293,34 @@ def build_experience(base, tokenizer, cfg, train: Task, out: Path) -> dict:
         insights = extract_insights(store, train.name, llm, expel)
         successes = store.records(kind="trajectory", success=True, task=train.name)[-16:]
         workflows = induce_workflows(store, train.name, llm, AWMConfig(induction_batch=8), successes)
-    templates = {"expel": EXPEL_TEMPLATE_WITH_INSIGHTS if insights["insights"] else EXPEL_TEMPLATE,
-                 "awm": AWM_TEMPLATE}
+    templates = {"expel": EXPEL_TEMPLATE_WITH_INSIGHTS if insights["insights"] else EXPEL_TEMPLATE, "awm": AWM_TEMPLATE}
     for name, text in templates.items():
         (out / f"{name}_template.txt").write_text(text)
-    return {"store": str(path), "task": train.name, "gathered": gathered, "insights": insights,
-            "workflows": workflows, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "store": str(path),
+        "task": train.name,
+        "gathered": gathered,
+        "insights": insights,
+        "workflows": workflows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _prompt_arm(name: str, base, tokenizer, cfg, out: Path, experience: dict) -> ArmResult:
-    return ArmResult(name, "off", 0, experience["seconds"], MemGen(base, tokenizer, memgen_config(cfg)),
-                     {"memory_source": name, "experience": experience["store"], "experience_task": experience["task"],
-                      "experience_template": str(out / f"{name}_template.txt"), "experience_top_k": cfg.experience_top_k})
+    return ArmResult(
+        name,
+        "off",
+        0,
+        experience["seconds"],
+        MemGen(base, tokenizer, memgen_config(cfg)),
+        {
+            "memory_source": name,
+            "experience": experience["store"],
+            "experience_task": experience["task"],
+            "experience_template": str(out / f"{name}_template.txt"),
+            "experience_top_k": cfg.experience_top_k,
+        },
+    )
 
 
 def expel(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmResult:
@@ -251,11 +336,24 @@ def awm(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmRe
 def memgen_sft_retrieval(base, tokenizer, cfg, train: Task, out: Path, experience: dict) -> ArmResult:
     """Weaver SFT in which every insertion also reads the most similar solved problems from the store."""
     model = MemGen(base, tokenizer, memgen_config(cfg))
-    retrieval = dict(experience=experience["store"], experience_embedder="bm25", retrieval_top_p=cfg.experience_top_k,
-                     retrieval_max_tokens=cfg.retrieval_max_tokens, retrieval_query="prompt")
+    retrieval = dict(
+        experience=experience["store"],
+        experience_embedder="bm25",
+        retrieval_top_p=cfg.experience_top_k,
+        retrieval_max_tokens=cfg.retrieval_max_tokens,
+        retrieval_query="prompt",
+    )
     started = time.perf_counter()
-    train_weaver(_weaver_config(cfg, out, "memgen_sft_retrieval", method="sft", insertion="all", **retrieval),
-                 model=model, task=train)
-    return ArmResult("memgen_sft_retrieval", "always", count(model.weaver_parameters()),
-                     experience["seconds"] + time.perf_counter() - started, model,
-                     {"memory_source": "weaver+retrieval", **retrieval})
+    train_weaver(
+        _weaver_config(cfg, out, "memgen_sft_retrieval", method="sft", insertion="all", **retrieval),
+        model=model,
+        task=train,
+    )
+    return ArmResult(
+        "memgen_sft_retrieval",
+        "always",
+        count(model.weaver_parameters()),
+        experience["seconds"] + time.perf_counter() - started,
+        model,
+        {"memory_source": "weaver+retrieval", **retrieval},
+    )

@@ -27,29 +27,46 @@ from ..model import MemGen
 
 # Everyday requests of the kinds chat models get: advice, explanation, writing, lists, small talk.
 GENERAL_PROMPTS = [
-    "Give me three tips for sleeping better.", "Write a short poem about the sea.",
-    "Why is the sky blue?", "What should I pack for a weekend camping trip?",
-    "Explain what a computer virus is to a child.", "Suggest a name for a friendly orange cat.",
-    "How do I make a cup of green tea?", "Write a thank-you note to a neighbour who watered my plants.",
-    "What are some fun things to do on a rainy day?", "Describe a sunset in two sentences.",
-    "How can I stay focused while studying?", "What is the difference between weather and climate?",
-    "Tell me a fun fact about octopuses.", "Write a haiku about autumn leaves.",
-    "What are the benefits of drinking water?", "How do plants make their food?",
-    "Give me a simple recipe for pancakes.", "What is a good way to start a conversation with someone new?",
-    "Explain why exercise is good for the heart.", "Write a two-sentence story about a lost key.",
-    "What are the planets in our solar system?", "How do I politely decline an invitation?",
-    "Why do leaves change colour in the fall?", "Suggest three hobbies that cost little money.",
-    "What does a librarian do?", "Write a short motivational message for a friend starting a new job.",
-    "How does a rainbow form?", "List some healthy snacks for children.",
-    "What is the purpose of a seatbelt?", "Describe your ideal weekend in a few sentences.",
-    "How can I reduce waste at home?", "Why do we have seasons?",
+    "Give me three tips for sleeping better.",
+    "Write a short poem about the sea.",
+    "Why is the sky blue?",
+    "What should I pack for a weekend camping trip?",
+    "Explain what a computer virus is to a child.",
+    "Suggest a name for a friendly orange cat.",
+    "How do I make a cup of green tea?",
+    "Write a thank-you note to a neighbour who watered my plants.",
+    "What are some fun things to do on a rainy day?",
+    "Describe a sunset in two sentences.",
+    "How can I stay focused while studying?",
+    "What is the difference between weather and climate?",
+    "Tell me a fun fact about octopuses.",
+    "Write a haiku about autumn leaves.",
+    "What are the benefits of drinking water?",
+    "How do plants make their food?",
+    "Give me a simple recipe for pancakes.",
+    "What is a good way to start a conversation with someone new?",
+    "Explain why exercise is good for the heart.",
+    "Write a two-sentence story about a lost key.",
+    "What are the planets in our solar system?",
+    "How do I politely decline an invitation?",
+    "Why do leaves change colour in the fall?",
+    "Suggest three hobbies that cost little money.",
+    "What does a librarian do?",
+    "Write a short motivational message for a friend starting a new job.",
+    "How does a rainbow form?",
+    "List some healthy snacks for children.",
+    "What is the purpose of a seatbelt?",
+    "Describe your ideal weekend in a few sentences.",
+    "How can I reduce waste at home?",
+    "Why do we have seasons?",
 ]
 
 
 def sample_reference(model: MemGen, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
     """Answers sampled (temperature 1) from ``model`` with memory off; the ones with at least 2 tokens."""
-    out = model.generate(prompt_ids, memory="off", do_sample=True, temperature=1.0, max_new_tokens=max_new_tokens,
-                         seed=seed)
+    out = model.generate(
+        prompt_ids, memory="off", do_sample=True, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed
+    )
     return [c.token_ids for c in out.completions]
 
 
@@ -101,5 +118,5 @@ def kl_from_reference(reference: list[torch.Tensor], arm: list[torch.Tensor]) ->
     """Mean per-token k3 and k1 estimates of KL(reference || arm) from matching per-token log-probs."""
     ref, new = torch.cat(reference).double(), torch.cat(arm).double()
     log_r = new - ref
-    k3 = (log_r.exp() - 1 - log_r)
+    k3 = log_r.exp() - 1 - log_r
     return {"kl": round(float(k3.mean()), 5), "kl_k1": round(float(-log_r.mean()), 5), "tokens": int(ref.numel())}

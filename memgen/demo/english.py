@@ -33,29 +33,84 @@ from ..data import Record
 from ..tasks import Task
 from ..tasks.rewards import completion_text, math_failure_type, math_reward
 
-NAMES = ["Tom", "Mia", "Ravi", "Lena", "Omar", "Sofia", "Ken", "Ada", "Luis", "Nora", "Ivan", "Zoe", "Sam", "Priya",
-         "Ben", "Yuki", "Eli", "Hana", "Max", "Rosa"]
-ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cookies", "cards", "stamps",
-         "beads", "toy cars", "balloons", "crayons", "tickets", "buttons"]
+NAMES = [
+    "Tom",
+    "Mia",
+    "Ravi",
+    "Lena",
+    "Omar",
+    "Sofia",
+    "Ken",
+    "Ada",
+    "Luis",
+    "Nora",
+    "Ivan",
+    "Zoe",
+    "Sam",
+    "Priya",
+    "Ben",
+    "Yuki",
+    "Eli",
+    "Hana",
+    "Max",
+    "Rosa",
+]
+ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "coins",
+    "pencils",
+    "shells",
+    "cookies",
+    "cards",
+    "stamps",
+    "beads",
+    "toy cars",
+    "balloons",
+    "crayons",
+    "tickets",
+    "buttons",
+]
 
 # Phrasings per operation: "{n}" names, "{x}" the amount, "{i}" the items.
 # The last phrasing of each operation is held out of training and validation.
 WORDINGS: dict[str, list[str]] = {
-    "add": ["{n} gets {x} more {i}.", "{n} buys {x} {i}.", "A friend gives {n} {x} {i}.",
-            "{n} finds {x} {i} on the way home."],
-    "sub": ["{n} gives away {x} {i}.", "{n} loses {x} {i}.", "{n} uses {x} of the {i}.",
-            "{n} trades away {x} {i} at school."],
-    "mul2": ["{n} doubles the number of {i}.", "The number of {i} {n} has doubles overnight.",
-             "{n} ends up with twice as many {i} as before."],
-    "mul3": ["{n} triples the number of {i}.", "The number of {i} {n} has becomes three times as large.",
-             "{n} ends up with three times as many {i} as before."],
-    "div": ["{n} splits the {i} into {x} equal groups and keeps one group.",
-            "{n} shares the {i} equally among {x} children and keeps one share.",
-            "{n} divides the {i} evenly into {x} boxes and keeps just one box."],
+    "add": [
+        "{n} gets {x} more {i}.",
+        "{n} buys {x} {i}.",
+        "A friend gives {n} {x} {i}.",
+        "{n} finds {x} {i} on the way home.",
+    ],
+    "sub": [
+        "{n} gives away {x} {i}.",
+        "{n} loses {x} {i}.",
+        "{n} uses {x} of the {i}.",
+        "{n} trades away {x} {i} at school.",
+    ],
+    "mul2": [
+        "{n} doubles the number of {i}.",
+        "The number of {i} {n} has doubles overnight.",
+        "{n} ends up with twice as many {i} as before.",
+    ],
+    "mul3": [
+        "{n} triples the number of {i}.",
+        "The number of {i} {n} has becomes three times as large.",
+        "{n} ends up with three times as many {i} as before.",
+    ],
+    "div": [
+        "{n} splits the {i} into {x} equal groups and keeps one group.",
+        "{n} shares the {i} equally among {x} children and keeps one share.",
+        "{n} divides the {i} evenly into {x} boxes and keeps just one box.",
+    ],
 }
-SOLUTION = {"add": "{n} gets {x} more, so {a} + {x} = {b}.", "sub": "{n} has {x} fewer, so {a} - {x} = {b}.",
-            "mul": "The count is multiplied by {x}, so {a} x {x} = {b}.",
-            "div": "The count is divided by {x}, so {a} / {x} = {b}."}
+SOLUTION = {
+    "add": "{n} gets {x} more, so {a} + {x} = {b}.",
+    "sub": "{n} has {x} fewer, so {a} - {x} = {b}.",
+    "mul": "The count is multiplied by {x}, so {a} x {x} = {b}.",
+    "div": "The count is divided by {x}, so {a} / {x} = {b}.",
+}
 MAX_VALUE = 60
 
 
@@ -119,8 +174,14 @@ def make_problem(rng: random.Random, difficulty: Difficulty, held_out_wording: b
     return Record(question, completion, {"answer": str(value)}, "english")
 
 
-def make_split(name: str, n: int, seed: int, difficulty: Difficulty, held_out_wording: bool = False,
-               exclude: set[str] | None = None) -> list[Record]:
+def make_split(
+    name: str,
+    n: int,
+    seed: int,
+    difficulty: Difficulty,
+    held_out_wording: bool = False,
+    exclude: set[str] | None = None,
+) -> list[Record]:
     """``n`` distinct problems from the stream ``name:seed``, none of whose questions is in ``exclude``."""
     rng = random.Random(f"{name}:{seed}")
     seen = set(exclude or ())
@@ -141,8 +202,13 @@ def skill_splits(seed: int, difficulty: Difficulty, sizes: dict[str, int]) -> di
     ``sizes`` names how many problems each split gets (missing splits are skipped).
     """
     harder = Difficulty(difficulty.steps + 1, difficulty.operations, difficulty.max_start, difficulty.max_amount)
-    plan = [("train", difficulty, False), ("validation", difficulty, False), ("test", difficulty, False),
-            ("test_more_steps", harder, False), ("test_unseen_wording", difficulty, True)]
+    plan = [
+        ("train", difficulty, False),
+        ("validation", difficulty, False),
+        ("test", difficulty, False),
+        ("test_more_steps", harder, False),
+        ("test_unseen_wording", difficulty, True),
+    ]
     taken: set[str] = set()
     out = {}
     for name, level, held in plan:
@@ -157,8 +223,14 @@ def as_task(name: str, records: list[Record]) -> Task:
     return Task(name, records, math_reward, {}, [], failure_type=math_failure_type)
 
 
-def validate_vanilla(model_source: str, levels: list[Difficulty], n: int = 64, seed: int = 0,
-                     max_new_tokens: int = 160, base_dtype: str = "auto") -> list[dict]:
+def validate_vanilla(
+    model_source: str,
+    levels: list[Difficulty],
+    n: int = 64,
+    seed: int = 0,
+    max_new_tokens: int = 160,
+    base_dtype: str = "auto",
+) -> list[dict]:
     """Greedy accuracy of the unchanged model on each level's *validation* split (never the test splits).
 
     How the experiment's difficulty is chosen: hard enough that the model fails most problems,
@@ -172,16 +244,32 @@ def validate_vanilla(model_source: str, levels: list[Difficulty], n: int = 64, s
     dtype, reason = resolve_base_dtype(base_dtype)
     base, tokenizer = load_base(model_source, dtype=dtype)
     model = MemGen(base, tokenizer)
-    config = EvalConfig(task="english", memory="off", use_chat_template=True, max_new_tokens=max_new_tokens,
-                        batch_size=8, progress=False)
+    config = EvalConfig(
+        task="english",
+        memory="off",
+        use_chat_template=True,
+        max_new_tokens=max_new_tokens,
+        batch_size=8,
+        progress=False,
+    )
     rows = []
     for level in levels:
         records = skill_splits(seed, level, {"validation": n})["validation"]
         summary = evaluate(model, as_task("english", records), config)
-        rows.append({"steps": level.steps, "operations": list(level.operations), "max_start": level.max_start,
-                     "max_amount": level.max_amount, "n": summary["n"], "accuracy": summary["accuracy"],
-                     "failures": summary.get("failures"), "seconds_per_answer": summary.get("seconds_per_answer"),
-                     "base_dtype": str(dtype).removeprefix("torch."), "dtype_reason": reason})
+        rows.append(
+            {
+                "steps": level.steps,
+                "operations": list(level.operations),
+                "max_start": level.max_start,
+                "max_amount": level.max_amount,
+                "n": summary["n"],
+                "accuracy": summary["accuracy"],
+                "failures": summary.get("failures"),
+                "seconds_per_answer": summary.get("seconds_per_answer"),
+                "base_dtype": str(dtype).removeprefix("torch."),
+                "dtype_reason": reason,
+            }
+        )
     return rows
 
 
@@ -192,8 +280,12 @@ if __name__ == "__main__":  # python -m memgen.demo.english [MODEL]: the validat
     from .. import loading
 
     source = sys.argv[1] if len(sys.argv) > 1 else loading.packaged_smollm2()
-    grid = [Difficulty(2, ("add", "sub")), Difficulty(3, ("add", "sub")), Difficulty(2, ("add", "sub", "mul", "div")),
-            Difficulty(3, ("add", "sub", "mul", "div"))]
+    grid = [
+        Difficulty(2, ("add", "sub")),
+        Difficulty(3, ("add", "sub")),
+        Difficulty(2, ("add", "sub", "mul", "div")),
+        Difficulty(3, ("add", "sub", "mul", "div")),
+    ]
     print(json.dumps(validate_vanilla(source, grid), indent=1))
 
 
@@ -201,29 +293,132 @@ if __name__ == "__main__":  # python -m memgen.demo.english [MODEL]: the validat
 # Short-answer general knowledge the unchanged SmolLM2-135M-Instruct gets mostly right (measured
 # on these lists before any arm trained: capitals 0.78, antonyms 0.93). One-step arithmetic asked
 # directly was the first candidate and was dropped: the model scored 0.125 on its validation split.
-CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-            "China": "Beijing", "Russia": "Moscow", "England": "London", "Egypt": "Cairo", "Canada": "Ottawa",
-            "Australia": "Canberra", "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo",
-            "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw",
-            "Austria": "Vienna", "Hungary": "Budapest", "Belgium": "Brussels", "Turkey": "Ankara", "Kenya": "Nairobi",
-            "Argentina": "Buenos Aires", "Peru": "Lima", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-            "South Korea": "Seoul", "Indonesia": "Jakarta", "Philippines": "Manila", "Iran": "Tehran",
-            "Iraq": "Baghdad", "Cuba": "Havana", "Romania": "Bucharest", "Saudi Arabia": "Riyadh",
-            "Mexico": "Mexico City", "Netherlands": "Amsterdam", "Scotland": "Edinburgh", "Chile": "Santiago"}
-ANTONYMS = {"hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "up": "down", "old": "new",
-            "light": "dark", "open": "closed", "early": "late", "full": "empty", "hard": "soft", "high": "low",
-            "long": "short", "rich": "poor", "strong": "weak", "thick": "thin", "wet": "dry", "loud": "quiet",
-            "clean": "dirty", "heavy": "light", "good": "bad", "win": "lose", "day": "night", "black": "white",
-            "push": "pull", "buy": "sell", "left": "right", "first": "last", "inside": "outside", "true": "false",
-            "question": "answer", "love": "hate", "begin": "end", "cheap": "expensive", "young": "old",
-            "tall": "short", "deep": "shallow", "wide": "narrow", "friend": "enemy", "sweet": "sour"}
-PLURALS = {"child": "children", "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men", "woman": "women",
-           "person": "people", "goose": "geese", "ox": "oxen", "cactus": "cacti", "knife": "knives", "leaf": "leaves",
-           "wolf": "wolves", "life": "lives", "half": "halves", "box": "boxes", "bus": "buses", "city": "cities",
-           "baby": "babies", "party": "parties", "story": "stories", "dish": "dishes", "church": "churches",
-           "potato": "potatoes", "tomato": "tomatoes", "hero": "heroes", "wife": "wives", "shelf": "shelves",
-           "class": "classes", "fox": "foxes", "glass": "glasses", "cat": "cats", "dog": "dogs", "book": "books",
-           "apple": "apples", "car": "cars", "house": "houses", "tree": "trees", "bird": "birds", "toy": "toys"}
+CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "England": "London",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Greece": "Athens",
+    "Portugal": "Lisbon",
+    "Ireland": "Dublin",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Belgium": "Brussels",
+    "Turkey": "Ankara",
+    "Kenya": "Nairobi",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "Philippines": "Manila",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Cuba": "Havana",
+    "Romania": "Bucharest",
+    "Saudi Arabia": "Riyadh",
+    "Mexico": "Mexico City",
+    "Netherlands": "Amsterdam",
+    "Scotland": "Edinburgh",
+    "Chile": "Santiago",
+}
+ANTONYMS = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "up": "down",
+    "old": "new",
+    "light": "dark",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "high": "low",
+    "long": "short",
+    "rich": "poor",
+    "strong": "weak",
+    "thick": "thin",
+    "wet": "dry",
+    "loud": "quiet",
+    "clean": "dirty",
+    "heavy": "light",
+    "good": "bad",
+    "win": "lose",
+    "day": "night",
+    "black": "white",
+    "push": "pull",
+    "buy": "sell",
+    "left": "right",
+    "first": "last",
+    "inside": "outside",
+    "true": "false",
+    "question": "answer",
+    "love": "hate",
+    "begin": "end",
+    "cheap": "expensive",
+    "young": "old",
+    "tall": "short",
+    "deep": "shallow",
+    "wide": "narrow",
+    "friend": "enemy",
+    "sweet": "sour",
+}
+PLURALS = {
+    "child": "children",
+    "mouse": "mice",
+    "foot": "feet",
+    "tooth": "teeth",
+    "man": "men",
+    "woman": "women",
+    "person": "people",
+    "goose": "geese",
+    "ox": "oxen",
+    "cactus": "cacti",
+    "knife": "knives",
+    "leaf": "leaves",
+    "wolf": "wolves",
+    "life": "lives",
+    "half": "halves",
+    "box": "boxes",
+    "bus": "buses",
+    "city": "cities",
+    "baby": "babies",
+    "party": "parties",
+    "story": "stories",
+    "dish": "dishes",
+    "church": "churches",
+    "potato": "potatoes",
+    "tomato": "tomatoes",
+    "hero": "heroes",
+    "wife": "wives",
+    "shelf": "shelves",
+    "class": "classes",
+    "fox": "foxes",
+    "glass": "glasses",
+    "cat": "cats",
+    "dog": "dogs",
+    "book": "books",
+    "apple": "apples",
+    "car": "cars",
+    "house": "houses",
+    "tree": "trees",
+    "bird": "birds",
+    "toy": "toys",
+}
 
 
 def general_knowledge(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
@@ -234,12 +429,20 @@ def general_knowledge(seed: int, sizes: dict[str, int]) -> dict[str, list[Record
     validation, test) are disjoint by question and shuffled by ``seed``. Answers are scored
     by :func:`answer_reward` (the gold word appears in the answer).
     """
-    questions = ([Record(f"What is the capital of {k}?", f"The capital of {k} is {v}.", {"answer": v}, "capitals")
-                  for k, v in CAPITALS.items()]
-                 + [Record(f'What is the opposite of "{k}"?', f'The opposite of "{k}" is "{v}".', {"answer": v},
-                           "antonyms") for k, v in ANTONYMS.items()]
-                 + [Record(f'What is the plural of "{k}"?', f'The plural of "{k}" is "{v}".', {"answer": v},
-                           "plurals") for k, v in PLURALS.items()])
+    questions = (
+        [
+            Record(f"What is the capital of {k}?", f"The capital of {k} is {v}.", {"answer": v}, "capitals")
+            for k, v in CAPITALS.items()
+        ]
+        + [
+            Record(f'What is the opposite of "{k}"?', f'The opposite of "{k}" is "{v}".', {"answer": v}, "antonyms")
+            for k, v in ANTONYMS.items()
+        ]
+        + [
+            Record(f'What is the plural of "{k}"?', f'The plural of "{k}" is "{v}".', {"answer": v}, "plurals")
+            for k, v in PLURALS.items()
+        ]
+    )
     random.Random(f"known:{seed}").shuffle(questions)
     if sum(sizes.values()) > len(questions):
         raise ValueError(f"only {len(questions)} general-knowledge questions; asked for {sum(sizes.values())}")
@@ -247,7 +450,7 @@ def general_knowledge(seed: int, sizes: dict[str, int]) -> dict[str, list[Record
     for name in ("train", "validation", "test"):
         n = sizes.get(name, 0)
         if n:
-            out[name] = questions[start: start + n]
+            out[name] = questions[start : start + n]
         start += n
     return out
 

@@ -33,8 +33,8 @@ import torch
 from ..dataclass_cli import check_ranges, help_field
 from ..evaluate import EvalConfig, evaluate, format_table
 from ..precision import check_precision, cpu_capability, cpu_has_native_bf16, resolve_precision
-from . import arms as arm_fns
 from ..tasks.domains import NOTE_WIDTH, as_task, disjoint_splits
+from . import arms as arm_fns
 from .faculties import report_section, run_analysis_stage
 from .reasoner import ReasonerConfig, get_reasoner
 
@@ -42,8 +42,17 @@ DOMAINS = {"A": "A (pretraining skill)", "B": "B (new skill)", "C": "C (held-out
 CONTINUAL = {"A": "A (pretraining skill)", "B": "B (first new skill)", "D": "D (second new skill)"}
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "memgen_random", "prompt_only", "memgen_grpo"]
 EXPERIENCE_ARMS = ["expel", "awm", "memgen_sft_retrieval"]
-EXPERIENCE_EVAL_KEYS = ("memory_source", "experience", "experience_task", "experience_template", "experience_top_k",
-                        "experience_embedder", "retrieval_top_p", "retrieval_max_tokens", "retrieval_query")
+EXPERIENCE_EVAL_KEYS = (
+    "memory_source",
+    "experience",
+    "experience_task",
+    "experience_template",
+    "experience_top_k",
+    "experience_embedder",
+    "retrieval_top_p",
+    "retrieval_max_tokens",
+    "retrieval_query",
+)
 
 
 @dataclass
@@ -51,8 +60,12 @@ class DemoConfig:
     out: str = help_field("runs/demo", "output directory for results.json, report.md and plots")
     quick: bool = help_field(False, "smaller reasoner and budgets (CI smoke run, < 3 minutes)")
     seed: int = help_field(0, "first seed for data, pretraining, training and decoding", ge=0)
-    seeds: int = help_field(1, "seeds to run (seed, seed+1, ...): each pretrains its own reasoner and trains "
-                               "every arm; tables report mean ± std", ge=1)
+    seeds: int = help_field(
+        1,
+        "seeds to run (seed, seed+1, ...): each pretrains its own reasoner and trains "
+        "every arm; tables report mean ± std",
+        ge=1,
+    )
     train_size: int = help_field(2000, "domain-B training problems", ge=1)
     test_size: int = help_field(100, "held-out problems per domain", ge=1)
     sft_steps: int = help_field(300, "optimizer steps for every SFT arm (same budget for all)", ge=1)
@@ -60,33 +73,53 @@ class DemoConfig:
     latents: int = help_field(NOTE_WIDTH, "K latents per insertion", ge=1)
     lora_r: int = help_field(8, "LoRA rank of both the weaver and the LoRA-SFT baseline", ge=1)
     latent_positions: str = help_field("advance", "position ids of latents: advance (paper) | tied")
-    latent_init_text: str = help_field("<++>|<-->", "text whose token embeddings new latents start at ('a|b' "
-                                                     "averages them): halfway between the two notes the reasoner reads")
+    latent_init_text: str = help_field(
+        "<++>|<-->",
+        "text whose token embeddings new latents start at ('a|b' "
+        "averages them): halfway between the two notes the reasoner reads",
+    )
     delimiters: str = help_field(",", "characters after which memory may be woven (the , ending each step)")
     weaver_lr: float = help_field(3e-4, "weaver learning rate", gt=0)
     lora_lr: float = help_field(3e-3, "LoRA-SFT learning rate", gt=0)
     max_insertions: int = help_field(8, "cap on in-reasoning insertions per answer", ge=0)
     trigger_steps: int = help_field(120, "trigger RL steps", ge=1)
-    trigger_a_share: float = help_field(0.5, "share of domain-A prompts in the trigger's RL data (the rest are "
-                                              "B): A is where memory should stay quiet", ge=0, le=1)
+    trigger_a_share: float = help_field(
+        0.5,
+        "share of domain-A prompts in the trigger's RL data (the rest are B): A is where memory should stay quiet",
+        ge=0,
+        le=1,
+    )
     continual: bool = help_field(True, "run the continual stage: LoRA-SFT and the weaver go on from B to skill D")
-    agent_stage: bool = help_field(True, "run the agent stage: vanilla, memgen_sft and memgen_trigger play held-out "
-                                         "multi-turn ledger episodes (memgen.agents) in domains A and B")
+    agent_stage: bool = help_field(
+        True,
+        "run the agent stage: vanilla, memgen_sft and memgen_trigger play held-out "
+        "multi-turn ledger episodes (memgen.agents) in domains A and B",
+    )
     agent_episodes: int = help_field(100, "held-out ledger episodes per domain in the agent stage", ge=1)
-    agent_turn_tokens: int = help_field(32, "most tokens per turn in the agent stage (an answer takes about 20)",
-                                        ge=1)
-    analysis_stage: bool = help_field(True, "run the analysis stage: memgen analyze on the memgen_sft and memgen_grpo "
-                                            "weavers (cluster, read and ablate their latents; memgen.analysis)")
+    agent_turn_tokens: int = help_field(32, "most tokens per turn in the agent stage (an answer takes about 20)", ge=1)
+    analysis_stage: bool = help_field(
+        True,
+        "run the analysis stage: memgen analyze on the memgen_sft and memgen_grpo "
+        "weavers (cluster, read and ablate their latents; memgen.analysis)",
+    )
     analysis_clusters: int = help_field(4, "N: K-means clusters of the analysis stage", ge=1)
-    experience_arms: bool = help_field(False, "also run the experience arms: expel, awm and memgen_sft_retrieval "
-                                              "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)")
-    experience_size: int = help_field(200, "B training problems the reasoner attempts (twice) to gather experience",
-                                      ge=1)
-    experience_top_k: int = help_field(1, "solved problems retrieved into the prompt (expel) or the weaver "
-                                          "(memgen_sft_retrieval)", ge=1)
+    experience_arms: bool = help_field(
+        False,
+        "also run the experience arms: expel, awm and memgen_sft_retrieval "
+        "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)",
+    )
+    experience_size: int = help_field(
+        200, "B training problems the reasoner attempts (twice) to gather experience", ge=1
+    )
+    experience_top_k: int = help_field(
+        1, "solved problems retrieved into the prompt (expel) or the weaver (memgen_sft_retrieval)", ge=1
+    )
     retrieval_max_tokens: int = help_field(96, "most retrieved tokens the weaver reads per insertion", ge=1)
-    trigger_at_prompt_end: bool = help_field(True, "the trigger also decides whether to weave at the prompt end "
-                                                   "(seed 0: prompt-end latents alone cost A 0.42; DEMO.md)")
+    trigger_at_prompt_end: bool = help_field(
+        True,
+        "the trigger also decides whether to weave at the prompt end "
+        "(seed 0: prompt-end latents alone cost A 0.42; DEMO.md)",
+    )
     trigger_lr: float = help_field(3e-3, "trigger learning rate", gt=0)
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
     grpo_steps: int = help_field(20, "weaver GRPO steps after SFT", ge=1)
@@ -96,30 +129,62 @@ class DemoConfig:
     max_new_tokens: int = help_field(48, "longest answer", ge=1)
     eval_batch_size: int = help_field(50, "answers decoded together at evaluation", ge=1)
     pretrain_steps: int = help_field(2000, "reasoner pretraining steps (cached by config)", ge=1)
-    quality_bar: float = help_field(0.9, "greedy accuracy the reasoner must reach on held-out A and on nonce "
-                                         "problems with true notes: below it pretraining continues, then fails",
-                                    ge=0, le=1)
-    pretrain_precision: str = help_field("auto", "reasoner pretraining precision: auto (bf16 only where the CPU "
-                                                 "runs it natively, else fp32) | fp32 | bf16")
+    quality_bar: float = help_field(
+        0.9,
+        "greedy accuracy the reasoner must reach on held-out A and on nonce "
+        "problems with true notes: below it pretraining continues, then fails",
+        ge=0,
+        le=1,
+    )
+    pretrain_precision: str = help_field(
+        "auto",
+        "reasoner pretraining precision: auto (bf16 only where the CPU runs it natively, else fp32) | fp32 | bf16",
+    )
     progress: bool = help_field(True, "show progress bars")
 
     def __post_init__(self) -> None:
         check_ranges(self)
         check_precision(self.pretrain_precision, "pretrain_precision")
 
-    def effective(self) -> "DemoConfig":
+    def effective(self) -> DemoConfig:
         if not self.quick:
             return self
-        return replace(self, train_size=200, test_size=20, sft_steps=12, agent_episodes=10, batch_size=8, trigger_steps=3, experience_size=20,
-                       grpo_steps=2, rl_batch_size=2, num_generations=2, pretrain_steps=40, quality_bar=0.0)
+        return replace(
+            self,
+            train_size=200,
+            test_size=20,
+            sft_steps=12,
+            agent_episodes=10,
+            batch_size=8,
+            trigger_steps=3,
+            experience_size=20,
+            grpo_steps=2,
+            rl_batch_size=2,
+            num_generations=2,
+            pretrain_steps=40,
+            quality_bar=0.0,
+        )
 
     def reasoner(self, precision: str) -> ReasonerConfig:
         if self.quick:
-            return ReasonerConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-                                  steps=self.pretrain_steps, batch_size=8, seq_len=128, seed=self.seed,
-                                  precision=precision, quality_bar=self.quality_bar, quality_size=20, max_extra_steps=0)
-        return ReasonerConfig(steps=self.pretrain_steps, seed=self.seed, precision=precision,
-                              quality_bar=self.quality_bar)
+            return ReasonerConfig(
+                hidden_size=64,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                intermediate_size=256,
+                steps=self.pretrain_steps,
+                batch_size=8,
+                seq_len=128,
+                seed=self.seed,
+                precision=precision,
+                quality_bar=self.quality_bar,
+                quality_size=20,
+                max_extra_steps=0,
+            )
+        return ReasonerConfig(
+            steps=self.pretrain_steps, seed=self.seed, precision=precision, quality_bar=self.quality_bar
+        )
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -150,13 +215,22 @@ def run_demo(config: DemoConfig) -> dict:
 
     total = time.perf_counter() - started
     payload = {
-        "config": asdict(cfg), "seeds": seeds, "reasoner": reasoner_summary(runs), "arms": aggregate_arms(runs),
-        "continual": aggregate_continual(runs) if cfg.continual else None, "claims": check_claims(runs, cfg),
+        "config": asdict(cfg),
+        "seeds": seeds,
+        "reasoner": reasoner_summary(runs),
+        "arms": aggregate_arms(runs),
+        "continual": aggregate_continual(runs) if cfg.continual else None,
+        "claims": check_claims(runs, cfg),
         "agent": aggregate_agent(runs) if cfg.agent_stage else None,
-        "runs": runs, "total_seconds": round(total, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
-                    "native_bf16": cpu_has_native_bf16()},
+        "runs": runs,
+        "total_seconds": round(total, 1),
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": cpu_capability(),
+            "native_bf16": cpu_has_native_bf16(),
+        },
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     tables = {"arms": results_table(payload["arms"], len(seeds)), "claims": claims_table(payload["claims"])}
@@ -199,8 +273,9 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     tests, trains = _splits(cfg)
     assert not {r.prompt for r in tests["B"]} & {r.prompt for r in trains["B"]}
-    base, tokenizer, reasoner_info = get_reasoner(cfg.reasoner(precision), {r.prompt for r in tests["A"]},
-                                                  cfg.progress, log)
+    base, tokenizer, reasoner_info = get_reasoner(
+        cfg.reasoner(precision), {r.prompt for r in tests["A"]}, cfg.progress, log
+    )
     reasoner_info["params"] = sum(p.numel() for p in base.parameters())
     train_task = as_task("B-train", trains["B"])
 
@@ -209,18 +284,29 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
         extra = {k: v for k, v in arm.eval_overrides.items() if k in EXPERIENCE_EVAL_KEYS}
         if extra:
             extra.setdefault("experience_embedder", "bm25")
-        eval_config = EvalConfig(memory=arm.memory, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                                 max_insertions=arm.eval_overrides.get("max_insertions", cfg.max_insertions),
-                                 seed=cfg.seed, output=str(out / "answers" / f"{tag}-{domain}.jsonl"),
-                                 progress=cfg.progress, **extra)
+        eval_config = EvalConfig(
+            memory=arm.memory,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+            max_insertions=arm.eval_overrides.get("max_insertions", cfg.max_insertions),
+            seed=cfg.seed,
+            output=str(out / "answers" / f"{tag}-{domain}.jsonl"),
+            progress=cfg.progress,
+            **extra,
+        )
         summary = evaluate(arm.model, as_task(domain, tests[domain]), eval_config)
         return {k: summary[k] for k in ("accuracy", "mean_insertions", "invocation_rate", "seconds_per_answer", "n")}
 
     rows, arms = [], {}
 
     def add_row(name: str, arm) -> None:
-        row = {"arm": name, "memory": arm.memory, "trainable_params": arm.trainable_params,
-               "train_seconds": round(arm.train_seconds, 1), "domains": {d: score(arm, d, name) for d in DOMAINS}}
+        row = {
+            "arm": name,
+            "memory": arm.memory,
+            "trainable_params": arm.trainable_params,
+            "train_seconds": round(arm.train_seconds, 1),
+            "domains": {d: score(arm, d, name) for d in DOMAINS},
+        }
         rows.append(row)
         log(f"arm {name}: " + ", ".join(f"{d}={row['domains'][d]['accuracy']:.2f}" for d in DOMAINS))
 
@@ -242,8 +328,10 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
     if cfg.experience_arms:
         log("experience: the reasoner gathers attempts on B, then writes insights and workflows")
         experience = arm_fns.build_experience(base, tokenizer, cfg, train_task, out)
-        log(f"experience: {experience['gathered']}, insights {experience['insights']['insights']}, "
-            f"workflows {experience['workflows']['workflows']}")
+        log(
+            f"experience: {experience['gathered']}, insights {experience['insights']['insights']}, "
+            f"workflows {experience['workflows']['workflows']}"
+        )
         for index, name in enumerate(EXPERIENCE_ARMS):
             torch.manual_seed(cfg.seed * len(ARMS) + len(ARMS) + 2 + index)
             log(f"arm {name}: training")
@@ -254,8 +342,15 @@ def run_seed(cfg: DemoConfig, precision: str, out: Path, log=print) -> dict:
     continual = None
     if cfg.continual:
         continual = run_continual(cfg, base, tokenizer, arms, rows, trains, score, out, log)
-    return {"seed": cfg.seed, "reasoner": reasoner_info, "arms": rows, "continual": continual,
-            "experience": experience, "agent": agent, "analysis": analysis}
+    return {
+        "seed": cfg.seed,
+        "reasoner": reasoner_info,
+        "arms": rows,
+        "continual": continual,
+        "experience": experience,
+        "agent": agent,
+        "analysis": analysis,
+    }
 
 
 AGENT_ARMS = ("vanilla", "memgen_sft", "memgen_trigger")
@@ -277,12 +372,23 @@ def run_agent_stage(cfg, arms: dict, out: Path, log) -> dict:
         result[name] = {}
         for domain in AGENT_DOMAINS:
             task = load_env_task("ledger", domain, "test", cfg.agent_episodes)
-            summary = evaluate_agent(arm.model, task, EvalConfig(
-                task="ledger", memory=arm.memory, max_new_tokens=cfg.agent_turn_tokens, batch_size=cfg.eval_batch_size,
-                max_insertions=cfg.max_insertions, seed=cfg.seed, progress=cfg.progress,
-                output=str(out / "answers" / f"agent-{name}-{domain}.jsonl")))
-            result[name][domain] = {k: summary[k] for k in ("success", "mean_turns", "mean_insertions",
-                                                             "seconds_per_episode", "n")}
+            summary = evaluate_agent(
+                arm.model,
+                task,
+                EvalConfig(
+                    task="ledger",
+                    memory=arm.memory,
+                    max_new_tokens=cfg.agent_turn_tokens,
+                    batch_size=cfg.eval_batch_size,
+                    max_insertions=cfg.max_insertions,
+                    seed=cfg.seed,
+                    progress=cfg.progress,
+                    output=str(out / "answers" / f"agent-{name}-{domain}.jsonl"),
+                ),
+            )
+            result[name][domain] = {
+                k: summary[k] for k in ("success", "mean_turns", "mean_insertions", "seconds_per_episode", "n")
+            }
         log(f"agent {name}: " + ", ".join(f"{d}={result[name][d]['success']:.2f}" for d in AGENT_DOMAINS))
     return result
 
@@ -292,8 +398,11 @@ def run_continual(cfg, base, tokenizer, arms: dict, rows: list, trains: dict, sc
     by_name = {row["arm"]: row for row in rows}
 
     def stage(name: str, arm_row: dict | None, arm, tag: str) -> dict:
-        accuracies = {d: arm_row["domains"][d]["accuracy"] for d in ("A", "B")} if arm_row else {
-            d: score(arm, d, tag)["accuracy"] for d in ("A", "B")}
+        accuracies = (
+            {d: arm_row["domains"][d]["accuracy"] for d in ("A", "B")}
+            if arm_row
+            else {d: score(arm, d, tag)["accuracy"] for d in ("A", "B")}
+        )
         accuracies["D"] = score(arm, "D", tag)["accuracy"]
         return {"stage": name, **accuracies}
 
@@ -305,34 +414,51 @@ def run_continual(cfg, base, tokenizer, arms: dict, rows: list, trains: dict, sc
     torch.manual_seed(cfg.seed * len(ARMS) + len(ARMS) + 1)
     memgen_d = arm_fns.memgen_continual(base, tokenizer, cfg, d_task, out, out / "adapters" / "memgen_sft")
     result = {
-        "lora_sft": [start, stage("B", by_name["lora_sft"], arms["lora_sft"], "lora_sft"),
-                     stage("D", None, lora_d, "lora_sft-after-D")],
-        "memgen_sft": [start, stage("B", by_name["memgen_sft"], arms["memgen_sft"], "memgen_sft"),
-                       stage("D", None, memgen_d, "memgen_sft-after-D")],
+        "lora_sft": [
+            start,
+            stage("B", by_name["lora_sft"], arms["lora_sft"], "lora_sft"),
+            stage("D", None, lora_d, "lora_sft-after-D"),
+        ],
+        "memgen_sft": [
+            start,
+            stage("B", by_name["memgen_sft"], arms["memgen_sft"], "memgen_sft"),
+            stage("D", None, memgen_d, "memgen_sft-after-D"),
+        ],
         "train_seconds": {"lora_sft": round(lora_d.train_seconds, 1), "memgen_sft": round(memgen_d.train_seconds, 1)},
     }
     for method in ("lora_sft", "memgen_sft"):
-        log(f"continual {method}: " + " | ".join(
-            f"after {s['stage']}: " + ", ".join(f"{d}={s[d]:.2f}" for d in CONTINUAL) for s in result[method]))
+        log(
+            f"continual {method}: "
+            + " | ".join(
+                f"after {s['stage']}: " + ", ".join(f"{d}={s[d]:.2f}" for d in CONTINUAL) for s in result[method]
+            )
+        )
     return result
 
 
 def _spread(values: list[float]) -> dict:
     values = [float(v) for v in values]
-    return {"mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "per_seed": values}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "per_seed": values,
+    }
 
 
 def reasoner_summary(runs: list[dict]) -> dict:
     """The reasoners' quality over seeds: held-out A accuracy and note reading, with their spread."""
     quality = [run["reasoner"]["quality"] for run in runs]
-    return {"accuracy_A": _spread([q["accuracy_A"] for q in quality]),
-            "note_reading": _spread([q["note_reading"] for q in quality]),
-            "bar": quality[0]["bar"], "bar_met_every_seed": all(q["met"] for q in quality),
-            "steps": [run["reasoner"]["steps"] for run in runs],
-            "pretrain_seconds": [round(run["reasoner"]["pretrain_seconds"], 1) for run in runs],
-            "cached": [run["reasoner"]["cached"] for run in runs],
-            "precision": runs[0]["reasoner"]["precision"], "params": runs[0]["reasoner"]["params"]}
+    return {
+        "accuracy_A": _spread([q["accuracy_A"] for q in quality]),
+        "note_reading": _spread([q["note_reading"] for q in quality]),
+        "bar": quality[0]["bar"],
+        "bar_met_every_seed": all(q["met"] for q in quality),
+        "steps": [run["reasoner"]["steps"] for run in runs],
+        "pretrain_seconds": [round(run["reasoner"]["pretrain_seconds"], 1) for run in runs],
+        "cached": [run["reasoner"]["cached"] for run in runs],
+        "precision": runs[0]["reasoner"]["precision"],
+        "params": runs[0]["reasoner"]["params"],
+    }
 
 
 def aggregate_arms(runs: list[dict]) -> list[dict]:
@@ -340,17 +466,26 @@ def aggregate_arms(runs: list[dict]) -> list[dict]:
     rows = []
     for index, first in enumerate(runs[0]["arms"]):
         per_seed = [run["arms"][index] for run in runs]
-        row = {"arm": first["arm"], "memory": first["memory"], "trainable_params": first["trainable_params"],
-               "train_seconds": round(statistics.fmean(r["train_seconds"] for r in per_seed), 1), "domains": {}}
+        row = {
+            "arm": first["arm"],
+            "memory": first["memory"],
+            "trainable_params": first["trainable_params"],
+            "train_seconds": round(statistics.fmean(r["train_seconds"] for r in per_seed), 1),
+            "domains": {},
+        }
         for domain in first["domains"]:
             cells = [r["domains"][domain] for r in per_seed]
             accuracy = _spread([c["accuracy"] for c in cells])
             rates = [c["invocation_rate"] for c in cells]
             row["domains"][domain] = {
-                "accuracy": accuracy["mean"], "accuracy_std": accuracy["std"], "accuracy_per_seed": accuracy["per_seed"],
+                "accuracy": accuracy["mean"],
+                "accuracy_std": accuracy["std"],
+                "accuracy_per_seed": accuracy["per_seed"],
                 "mean_insertions": round(statistics.fmean(c["mean_insertions"] for c in cells), 3),
                 "invocation_rate": None if None in rates else round(statistics.fmean(rates), 3),
-                "seconds_per_answer": statistics.fmean(c["seconds_per_answer"] for c in cells), "n": cells[0]["n"]}
+                "seconds_per_answer": statistics.fmean(c["seconds_per_answer"] for c in cells),
+                "n": cells[0]["n"],
+            }
         rows.append(row)
     return rows
 
@@ -368,6 +503,7 @@ def aggregate_continual(runs: list[dict]) -> dict:
 
 def check_claims(runs: list[dict], cfg: DemoConfig) -> list[dict]:
     """The paper's claims at this scale, each measured per seed as a difference against a threshold."""
+
     def acc(run, arm, domain):
         return next(r for r in run["arms"] if r["arm"] == arm)["domains"][domain]["accuracy"]
 
@@ -375,51 +511,113 @@ def check_claims(runs: list[dict], cfg: DemoConfig) -> list[dict]:
         return sum(next(r for r in run["arms"] if r["arm"] == arm)["domains"][d]["mean_insertions"] for d in "AB")
 
     specs = [
-        ("MemGen SFT beats vanilla on the new skill B by at least 0.2", "paper: large gains over vanilla",
-         "memgen_sft B - vanilla B", 0.2, lambda r: acc(r, "memgen_sft", "B") - acc(r, "vanilla", "B")),
-        ("MemGen SFT >= LoRA-SFT on B (in-domain)", "paper: GSM8K 58.15 vs 54.83 (Qwen2.5-1.5B)",
-         "memgen_sft B - lora_sft B", 0.0, lambda r: acc(r, "memgen_sft", "B") - acc(r, "lora_sft", "B")),
-        ("MemGen SFT keeps the old skill A better than LoRA-SFT", "paper: generalisation without forgetting",
-         "memgen_sft A - lora_sft A", 0.0, lambda r: acc(r, "memgen_sft", "A") - acc(r, "lora_sft", "A")),
-        ("the trained trigger keeps A within 0.05 of vanilla", "paper: memory invoked where it helps",
-         "memgen_trigger A - vanilla A", -0.05, lambda r: acc(r, "memgen_trigger", "A") - acc(r, "vanilla", "A")),
-        ("the trained trigger keeps B within 0.05 of always-on", "paper: trigger >= always-on",
-         "memgen_trigger B - memgen_sft B", -0.05, lambda r: acc(r, "memgen_trigger", "B") - acc(r, "memgen_sft", "B")),
-        ("the trained trigger inserts less than always-on", "paper: fewer invocations",
-         "insertions per answer on A+B, memgen_sft - memgen_trigger", 1e-9,
-         lambda r: ins(r, "memgen_sft") - ins(r, "memgen_trigger")),
-        ("the weaver beats prompt-only latents on B", "paper: weaver > prompt-only latents (SoftCoT-style)",
-         "memgen_sft B - prompt_only B", 1e-9, lambda r: acc(r, "memgen_sft", "B") - acc(r, "prompt_only", "B")),
+        (
+            "MemGen SFT beats vanilla on the new skill B by at least 0.2",
+            "paper: large gains over vanilla",
+            "memgen_sft B - vanilla B",
+            0.2,
+            lambda r: acc(r, "memgen_sft", "B") - acc(r, "vanilla", "B"),
+        ),
+        (
+            "MemGen SFT >= LoRA-SFT on B (in-domain)",
+            "paper: GSM8K 58.15 vs 54.83 (Qwen2.5-1.5B)",
+            "memgen_sft B - lora_sft B",
+            0.0,
+            lambda r: acc(r, "memgen_sft", "B") - acc(r, "lora_sft", "B"),
+        ),
+        (
+            "MemGen SFT keeps the old skill A better than LoRA-SFT",
+            "paper: generalisation without forgetting",
+            "memgen_sft A - lora_sft A",
+            0.0,
+            lambda r: acc(r, "memgen_sft", "A") - acc(r, "lora_sft", "A"),
+        ),
+        (
+            "the trained trigger keeps A within 0.05 of vanilla",
+            "paper: memory invoked where it helps",
+            "memgen_trigger A - vanilla A",
+            -0.05,
+            lambda r: acc(r, "memgen_trigger", "A") - acc(r, "vanilla", "A"),
+        ),
+        (
+            "the trained trigger keeps B within 0.05 of always-on",
+            "paper: trigger >= always-on",
+            "memgen_trigger B - memgen_sft B",
+            -0.05,
+            lambda r: acc(r, "memgen_trigger", "B") - acc(r, "memgen_sft", "B"),
+        ),
+        (
+            "the trained trigger inserts less than always-on",
+            "paper: fewer invocations",
+            "insertions per answer on A+B, memgen_sft - memgen_trigger",
+            1e-9,
+            lambda r: ins(r, "memgen_sft") - ins(r, "memgen_trigger"),
+        ),
+        (
+            "the weaver beats prompt-only latents on B",
+            "paper: weaver > prompt-only latents (SoftCoT-style)",
+            "memgen_sft B - prompt_only B",
+            1e-9,
+            lambda r: acc(r, "memgen_sft", "B") - acc(r, "prompt_only", "B"),
+        ),
     ]
     if cfg.continual:
+
         def after_d(run, method, domain):
             return run["continual"][method][-1][domain]
 
         specs += [
-            ("after the last skill D, MemGen keeps B better than LoRA-SFT", "paper Table 4: GPQA 20.09 vs 2.53",
-             "after D: memgen_sft B - lora_sft B", 0.0, lambda r: after_d(r, "memgen_sft", "B") - after_d(r, "lora_sft", "B")),
-            ("after the last skill D, MemGen keeps A better than LoRA-SFT", "paper Table 4",
-             "after D: memgen_sft A - lora_sft A", 0.0, lambda r: after_d(r, "memgen_sft", "A") - after_d(r, "lora_sft", "A")),
+            (
+                "after the last skill D, MemGen keeps B better than LoRA-SFT",
+                "paper Table 4: GPQA 20.09 vs 2.53",
+                "after D: memgen_sft B - lora_sft B",
+                0.0,
+                lambda r: after_d(r, "memgen_sft", "B") - after_d(r, "lora_sft", "B"),
+            ),
+            (
+                "after the last skill D, MemGen keeps A better than LoRA-SFT",
+                "paper Table 4",
+                "after D: memgen_sft A - lora_sft A",
+                0.0,
+                lambda r: after_d(r, "memgen_sft", "A") - after_d(r, "lora_sft", "A"),
+            ),
         ]
     if cfg.agent_stage:
+
         def episode(run, arm, domain):
             return run["agent"][arm][domain]["success"]
 
         specs += [
-            ("in multi-turn episodes, MemGen SFT beats vanilla on B by at least 0.2", "paper: ALFWorld gains",
-             "episodes: memgen_sft B - vanilla B", 0.2,
-             lambda r: episode(r, "memgen_sft", "B") - episode(r, "vanilla", "B")),
-            ("in multi-turn episodes, the trigger keeps A within 0.05 of vanilla", "paper: memory invoked where it helps",
-             "episodes: memgen_trigger A - vanilla A", -0.05,
-             lambda r: episode(r, "memgen_trigger", "A") - episode(r, "vanilla", "A")),
+            (
+                "in multi-turn episodes, MemGen SFT beats vanilla on B by at least 0.2",
+                "paper: ALFWorld gains",
+                "episodes: memgen_sft B - vanilla B",
+                0.2,
+                lambda r: episode(r, "memgen_sft", "B") - episode(r, "vanilla", "B"),
+            ),
+            (
+                "in multi-turn episodes, the trigger keeps A within 0.05 of vanilla",
+                "paper: memory invoked where it helps",
+                "episodes: memgen_trigger A - vanilla A",
+                -0.05,
+                lambda r: episode(r, "memgen_trigger", "A") - episode(r, "vanilla", "A"),
+            ),
         ]
     claims = []
     for claim, paper, measure, threshold, fn in specs:
         values = [round(fn(run), 4) for run in runs]
         spread = _spread(values)
-        claims.append({"claim": claim, "paper": paper, "measure": measure, "threshold": threshold, **spread,
-                       "holds_in_mean": spread["mean"] >= threshold,
-                       "holds_every_seed": all(v >= threshold for v in values)})
+        claims.append(
+            {
+                "claim": claim,
+                "paper": paper,
+                "measure": measure,
+                "threshold": threshold,
+                **spread,
+                "holds_in_mean": spread["mean"] >= threshold,
+                "holds_every_seed": all(v >= threshold for v in values),
+            }
+        )
     return claims
 
 
@@ -447,8 +645,13 @@ def continual_table(continual: dict, seeds: int = 1) -> str:
     rows = []
     for method, stages in continual.items():
         for s in stages:
-            rows.append({"method": method, "after training on": s["stage"],
-                         **{f"acc {d}": _cell(s[d]["mean"], s[d]["std"], seeds) for d in CONTINUAL}})
+            rows.append(
+                {
+                    "method": method,
+                    "after training on": s["stage"],
+                    **{f"acc {d}": _cell(s[d]["mean"], s[d]["std"], seeds) for d in CONTINUAL},
+                }
+            )
     return format_table(rows, list(rows[0]))
 
 
@@ -459,9 +662,11 @@ def aggregate_agent(runs: list[dict]) -> dict:
         out[name] = {}
         for domain in runs[0]["agent"][name]:
             cells = [run["agent"][name][domain] for run in runs]
-            out[name][domain] = {"success": _spread([c["success"] for c in cells]),
-                                 "mean_insertions": round(statistics.fmean(c["mean_insertions"] for c in cells), 2),
-                                 "n": cells[0]["n"]}
+            out[name][domain] = {
+                "success": _spread([c["success"] for c in cells]),
+                "mean_insertions": round(statistics.fmean(c["mean_insertions"] for c in cells), 2),
+                "n": cells[0]["n"],
+            }
     return out
 
 
@@ -477,11 +682,18 @@ def agent_table(agent: dict, seeds: int = 1) -> str:
 
 
 def claims_table(claims: list[dict]) -> str:
-    rows = [{"claim": c["claim"], "measure": c["measure"],
-             "mean ± std": f"{c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if len(c["per_seed"]) > 1 else ""),
-             "per seed": " ".join(f"{v:+.2f}" for v in c["per_seed"]), "threshold": f"{c['threshold']:+.2f}",
-             "holds (mean)": "yes" if c["holds_in_mean"] else "NO",
-             "holds (every seed)": "yes" if c["holds_every_seed"] else "NO"} for c in claims]
+    rows = [
+        {
+            "claim": c["claim"],
+            "measure": c["measure"],
+            "mean ± std": f"{c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if len(c["per_seed"]) > 1 else ""),
+            "per seed": " ".join(f"{v:+.2f}" for v in c["per_seed"]),
+            "threshold": f"{c['threshold']:+.2f}",
+            "holds (mean)": "yes" if c["holds_in_mean"] else "NO",
+            "holds (every seed)": "yes" if c["holds_every_seed"] else "NO",
+        }
+        for c in claims
+    ]
     return format_table(rows, list(rows[0]))
 
 
@@ -499,8 +711,14 @@ def write_plots(payload: dict, out: Path) -> None:
     for i, domain in enumerate(DOMAINS):
         values = [r["domains"][domain]["accuracy"] for r in results]
         errors = [r["domains"][domain].get("accuracy_std", 0.0) for r in results] if seeds > 1 else None
-        bars = ax.bar([x + (i - 1) * width for x in range(len(names))], values, width, yerr=errors, capsize=2,
-                      label=DOMAINS[domain])
+        bars = ax.bar(
+            [x + (i - 1) * width for x in range(len(names))],
+            values,
+            width,
+            yerr=errors,
+            capsize=2,
+            label=DOMAINS[domain],
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set_ylim(0, 1.12)
@@ -515,10 +733,20 @@ def write_plots(payload: dict, out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     x = range(len(names))
     for offset, domain, color in ((-0.2, "A", "tab:blue"), (0.2, "B", "tab:orange")):
-        left.bar([i + offset for i in x], [r["domains"][domain]["mean_insertions"] for r in results], 0.4,
-                 color=color, label=f"domain {domain}")
-        right.bar([i + offset for i in x], [r["domains"][domain]["invocation_rate"] or 0.0 for r in results], 0.4,
-                  color=color, label=f"domain {domain}")
+        left.bar(
+            [i + offset for i in x],
+            [r["domains"][domain]["mean_insertions"] for r in results],
+            0.4,
+            color=color,
+            label=f"domain {domain}",
+        )
+        right.bar(
+            [i + offset for i in x],
+            [r["domains"][domain]["invocation_rate"] or 0.0 for r in results],
+            0.4,
+            color=color,
+            label=f"domain {domain}",
+        )
     left.set_title("latent insertions per answer")
     right.set_ylim(0, 1.05)
     right.set_title("invocation rate at delimiters")
@@ -534,8 +762,14 @@ def write_plots(payload: dict, out: Path) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
         for axis, (method, stages) in zip(axes, payload["continual"].items()):
             for domain in CONTINUAL:
-                axis.errorbar([s["stage"] for s in stages], [s[domain]["mean"] for s in stages],
-                              yerr=[s[domain]["std"] for s in stages], marker="o", capsize=3, label=CONTINUAL[domain])
+                axis.errorbar(
+                    [s["stage"] for s in stages],
+                    [s[domain]["mean"] for s in stages],
+                    yerr=[s[domain]["std"] for s in stages],
+                    marker="o",
+                    capsize=3,
+                    label=CONTINUAL[domain],
+                )
             axis.set_title(f"{method}: skills A -> B -> D")
             axis.set_xlabel("after training on")
             axis.set_ylim(0, 1.05)
@@ -550,11 +784,16 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
     cfg, info = payload["config"], payload["reasoner"]
     seeds = payload["seeds"]
     cached = sum(info["cached"])
-    origin = (f"pretrained in {', '.join(f'{s:.0f} s' for s in info['pretrain_seconds'])}" if not cached
-              else f"{cached} of {len(seeds)} loaded from cache")
-    quality = (f"held-out A accuracy {info['accuracy_A']['mean']:.2f} ± {info['accuracy_A']['std']:.2f} and "
-               f"note reading {info['note_reading']['mean']:.2f} ± {info['note_reading']['std']:.2f} over "
-               f"{len(seeds)} seed(s) (bar {info['bar']}: {'met' if info['bar_met_every_seed'] else 'NOT met'})")
+    origin = (
+        f"pretrained in {', '.join(f'{s:.0f} s' for s in info['pretrain_seconds'])}"
+        if not cached
+        else f"{cached} of {len(seeds)} loaded from cache"
+    )
+    quality = (
+        f"held-out A accuracy {info['accuracy_A']['mean']:.2f} ± {info['accuracy_A']['std']:.2f} and "
+        f"note reading {info['note_reading']['mean']:.2f} ± {info['note_reading']['std']:.2f} over "
+        f"{len(seeds)} seed(s) (bar {info['bar']}: {'met' if info['bar_met_every_seed'] else 'NOT met'})"
+    )
     lines = [
         "# MemGen demo report",
         "",
@@ -577,22 +816,40 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
     ]
     if "agent" in tables:
         n = next(iter(next(iter(payload["agent"].values())).values()))["n"]
-        lines += ["## Agents: multi-turn ledger episodes", "",
-                  f"{n} held-out episodes per domain of the ledger world (memgen.agents): two turns, each stating the "
-                  "count and two events; the agent answers with its steps, a wrong count ends the episode, success is "
-                  "both turns right. No arm was trained on episodes: the weaver trained on single B problems weaves at "
-                  "the start of every turn and at its delimiters (memgen_trigger: where its trigger decides).", "",
-                  tables["agent"], ""]
+        lines += [
+            "## Agents: multi-turn ledger episodes",
+            "",
+            f"{n} held-out episodes per domain of the ledger world (memgen.agents): two turns, each stating the "
+            "count and two events; the agent answers with its steps, a wrong count ends the episode, success is "
+            "both turns right. No arm was trained on episodes: the weaver trained on single B problems weaves at "
+            "the start of every turn and at its delimiters (memgen_trigger: where its trigger decides).",
+            "",
+            tables["agent"],
+            "",
+        ]
     if "continual" in tables:
-        lines += ["## Continual learning: A -> B -> D", "",
-                  "Each method is trained on B, then on D, with the same recipe; every skill is evaluated after "
-                  "each stage (the paper's Table 4 layout). The stage-A row is the pretrained reasoner.", "",
-                  tables["continual"], "", "![continual learning](continual.png)", ""]
+        lines += [
+            "## Continual learning: A -> B -> D",
+            "",
+            "Each method is trained on B, then on D, with the same recipe; every skill is evaluated after "
+            "each stage (the paper's Table 4 layout). The stage-A row is the pretrained reasoner.",
+            "",
+            tables["continual"],
+            "",
+            "![continual learning](continual.png)",
+            "",
+        ]
     for run in payload["runs"]:
         if run.get("analysis"):
             lines += report_section(run["analysis"], run["seed"], out)
-    lines += ["## The paper's claims at this scale", "",
-              "Each claim is a per-seed difference measured against a threshold.", "", tables["claims"], "",
-              f"Total time: {payload['total_seconds']:.0f} s on {payload['machine']['threads']} threads, CPU capability "
-              f"{payload['machine']['cpu_capability']}."]
+    lines += [
+        "## The paper's claims at this scale",
+        "",
+        "Each claim is a per-seed difference measured against a threshold.",
+        "",
+        tables["claims"],
+        "",
+        f"Total time: {payload['total_seconds']:.0f} s on {payload['machine']['threads']} threads, CPU capability "
+        f"{payload['machine']['cpu_capability']}.",
+    ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -41,16 +41,27 @@ from ..train.runner import latest_checkpoint
 from .arms import completion_nll_step
 
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "prompt_only", "memgen_grpo"]
-MEMORY = {"vanilla": "off", "lora_sft": "off", "memgen_sft": "always", "memgen_trigger": "trigger",
-          "prompt_only": "prompt_end", "memgen_grpo": "always"}
+MEMORY = {
+    "vanilla": "off",
+    "lora_sft": "off",
+    "memgen_sft": "always",
+    "memgen_trigger": "trigger",
+    "prompt_only": "prompt_end",
+    "memgen_grpo": "always",
+}
 
 
 def memgen_config(cfg) -> MemGenConfig:
     # The prompt-end insertion is a trigger decision too, as in the default demo: prompt-end latents
     # alone move the model on prompts it already handles (the prompt_only arm's KL), and a trigger
     # that can only skip delimiters could not keep those prompts unchanged.
-    return MemGenConfig(prompt_latents=cfg.latents, inference_latents=cfg.latents, lora_r=cfg.lora_r,
-                        lora_alpha=2 * cfg.lora_r, trigger_at_prompt_end=True)
+    return MemGenConfig(
+        prompt_latents=cfg.latents,
+        inference_latents=cfg.latents,
+        lora_r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        trigger_at_prompt_end=True,
+    )
 
 
 def count(params) -> int:
@@ -61,7 +72,9 @@ def _finish(directory: Path, save, seconds: float, params: int) -> None:
     """Write an adapter with ``save(scratch)`` and its train.json, renamed into place only when complete."""
     with atomic_directory(directory) as scratch:
         save(scratch)
-        (scratch / "train.json").write_text(json.dumps({"train_seconds": round(seconds, 1), "trainable_params": params}))
+        (scratch / "train.json").write_text(
+            json.dumps({"train_seconds": round(seconds, 1), "trainable_params": params})
+        )
 
 
 def train_info(directory: Path) -> dict | None:
@@ -70,20 +83,37 @@ def train_info(directory: Path) -> dict | None:
 
 
 def _weaver_train_config(cfg, run_dir: Path, **overrides) -> WeaverTrainConfig:
-    values = dict(model="in-memory", data="in-memory", output_dir=str(run_dir), max_steps=cfg.sft_steps,
-                  per_device_batch_size=cfg.batch_size, learning_rate=cfg.weaver_lr, seed=cfg.seed,
-                  save_every=cfg.save_every, save_total_limit=1, progress=cfg.progress,
-                  max_insertions=cfg.max_insertions, tensorboard=False, lr_scheduler="cosine",
-                  warmup_steps=cfg.warmup_steps, max_new_tokens=cfg.max_new_tokens, use_chat_template=True,
-                  resume=latest_checkpoint(run_dir) is not None)
+    values = dict(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(run_dir),
+        max_steps=cfg.sft_steps,
+        per_device_batch_size=cfg.batch_size,
+        learning_rate=cfg.weaver_lr,
+        seed=cfg.seed,
+        save_every=cfg.save_every,
+        save_total_limit=1,
+        progress=cfg.progress,
+        max_insertions=cfg.max_insertions,
+        tensorboard=False,
+        lr_scheduler="cosine",
+        warmup_steps=cfg.warmup_steps,
+        max_new_tokens=cfg.max_new_tokens,
+        use_chat_template=True,
+        resume=latest_checkpoint(run_dir) is not None,
+    )
     values.update(overrides)
     return WeaverTrainConfig(**values)
 
 
-def _weaver_arm(name: str, base, tokenizer, cfg, seed_dir: Path, train: Task, start_from: Path | None,
-                trainer, config) -> float:
-    model = (MemGen.from_pretrained(start_from, base, tokenizer) if start_from
-             else MemGen(base, tokenizer, memgen_config(cfg)))
+def _weaver_arm(
+    name: str, base, tokenizer, cfg, seed_dir: Path, train: Task, start_from: Path | None, trainer, config
+) -> float:
+    model = (
+        MemGen.from_pretrained(start_from, base, tokenizer)
+        if start_from
+        else MemGen(base, tokenizer, memgen_config(cfg))
+    )
     started = time.perf_counter()
     trainer(config, model=model, task=train)
     seconds = time.perf_counter() - started
@@ -103,27 +133,58 @@ def train_prompt_only(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None
 
 
 def train_memgen_grpo(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
-    config = _weaver_train_config(cfg, seed_dir / "runs" / "memgen_grpo", method="grpo", max_steps=cfg.grpo_steps,
-                                  per_device_batch_size=cfg.rl_batch_size, num_generations=cfg.num_generations,
-                                  learning_rate=cfg.grpo_lr, lr_scheduler="constant", warmup_steps=0,
-                                  loss_type="dapo", temperature=cfg.rollout_temperature)
-    _weaver_arm("memgen_grpo", base, tokenizer, cfg, seed_dir, train, seed_dir / "adapters" / "memgen_sft",
-                train_weaver, config)
+    config = _weaver_train_config(
+        cfg,
+        seed_dir / "runs" / "memgen_grpo",
+        method="grpo",
+        max_steps=cfg.grpo_steps,
+        per_device_batch_size=cfg.rl_batch_size,
+        num_generations=cfg.num_generations,
+        learning_rate=cfg.grpo_lr,
+        lr_scheduler="constant",
+        warmup_steps=0,
+        loss_type="dapo",
+        temperature=cfg.rollout_temperature,
+    )
+    _weaver_arm(
+        "memgen_grpo", base, tokenizer, cfg, seed_dir, train, seed_dir / "adapters" / "memgen_sft", train_weaver, config
+    )
 
 
 def train_memgen_trigger(base, tokenizer, cfg, seed_dir: Path, mix: Task) -> None:
     """Trigger RL on the frozen SFT weaver; ``mix`` holds in-domain and already-known prompts."""
     run_dir = seed_dir / "runs" / "memgen_trigger"
-    config = TriggerTrainConfig(model="in-memory", data="in-memory", output_dir=str(run_dir),
-                                max_steps=cfg.trigger_steps, per_device_batch_size=cfg.rl_batch_size,
-                                num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                                learning_rate=cfg.trigger_lr, sparsity_lambda=cfg.sparsity_lambda, seed=cfg.seed,
-                                temperature=cfg.rollout_temperature,
-                                save_every=cfg.save_every, save_total_limit=1, progress=cfg.progress,
-                                max_insertions=cfg.max_insertions, tensorboard=False, use_chat_template=True,
-                                resume=latest_checkpoint(run_dir) is not None)
-    _weaver_arm("memgen_trigger", base, tokenizer, cfg, seed_dir, mix, seed_dir / "adapters" / "memgen_sft",
-                train_trigger, config)
+    config = TriggerTrainConfig(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(run_dir),
+        max_steps=cfg.trigger_steps,
+        per_device_batch_size=cfg.rl_batch_size,
+        num_generations=cfg.num_generations,
+        max_new_tokens=cfg.max_new_tokens,
+        learning_rate=cfg.trigger_lr,
+        sparsity_lambda=cfg.sparsity_lambda,
+        seed=cfg.seed,
+        temperature=cfg.rollout_temperature,
+        save_every=cfg.save_every,
+        save_total_limit=1,
+        progress=cfg.progress,
+        max_insertions=cfg.max_insertions,
+        tensorboard=False,
+        use_chat_template=True,
+        resume=latest_checkpoint(run_dir) is not None,
+    )
+    _weaver_arm(
+        "memgen_trigger",
+        base,
+        tokenizer,
+        cfg,
+        seed_dir,
+        mix,
+        seed_dir / "adapters" / "memgen_sft",
+        train_trigger,
+        config,
+    )
 
 
 def encode_sft(tokenizer, record) -> tuple[list[int], list[int]]:
@@ -141,33 +202,36 @@ def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
     from ..train.runner import _lr_lambda
 
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules))
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=memgen_config(cfg).lora_target_modules),
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
     schedule = _weaver_train_config(cfg, seed_dir / "runs" / "lora_sft", learning_rate=cfg.lora_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order, position, epoch = [], 0, 0
-    log = (seed_dir / "runs" / "lora_sft")
+    log = seed_dir / "runs" / "lora_sft"
     log.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model.train()
     with open(log / "metrics.jsonl", "w") as metrics:
         for step in tqdm(range(cfg.sft_steps), desc="train lora_sft", disable=not cfg.progress, dynamic_ncols=True):
             if position + cfg.batch_size > len(order):  # the runner's order: a fresh permutation per epoch
-                order = torch.randperm(len(train.records),
-                                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
+                order = torch.randperm(
+                    len(train.records), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                ).tolist()
                 position, epoch = 0, epoch + 1
-            picks, position = order[position: position + cfg.batch_size], position + cfg.batch_size
+            picks, position = order[position : position + cfg.batch_size], position + cfg.batch_size
             pairs = [encode_sft(tokenizer, train.records[i]) for i in picks]
             loss = completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad)
-            metrics.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 6),
-                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
+            metrics.write(
+                json.dumps({"step": step + 1, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]}) + "\n"
+            )
             metrics.flush()  # so a long run can be watched
     model.eval()
-    _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, time.perf_counter() - started,
-            count(trainable))
+    _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, time.perf_counter() - started, count(trainable))
 
 
 def lora_merged(base, tokenizer, cfg, directory: Path) -> MemGen:
@@ -182,8 +246,13 @@ def lora_merged(base, tokenizer, cfg, directory: Path) -> MemGen:
     return MemGen(merged, tokenizer, memgen_config(cfg))
 
 
-TRAINERS = {"lora_sft": train_lora_sft, "memgen_sft": train_memgen_sft, "memgen_trigger": train_memgen_trigger,
-            "prompt_only": train_prompt_only, "memgen_grpo": train_memgen_grpo}
+TRAINERS = {
+    "lora_sft": train_lora_sft,
+    "memgen_sft": train_memgen_sft,
+    "memgen_trigger": train_memgen_trigger,
+    "prompt_only": train_prompt_only,
+    "memgen_grpo": train_memgen_grpo,
+}
 
 
 def load_arm(name: str, base, tokenizer, cfg, seed_dir: Path) -> MemGen:

@@ -50,8 +50,8 @@ from ..checkpoint import atomic_directory
 from ..errors import QualityBarError
 from ..loading import load_base
 from ..precision import autocast, cpu_capability
-from ..tiny import tiny_causal_lm, tiny_tokenizer
 from ..tasks.domains import ALPHABET, answer_reward, make_problem, make_split, note, with_notes
+from ..tiny import tiny_causal_lm, tiny_tokenizer
 
 FORMAT_VERSION = 8
 
@@ -87,7 +87,8 @@ class ReasonerConfig:
 
 def cache_root() -> Path:
     base = os.environ.get("MEMGEN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memgen")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memgen"
+    )
     return Path(base) / "demo"
 
 
@@ -149,11 +150,16 @@ def greedy_accuracy(model, tokenizer, records, batch_size: int = 100, max_new_to
     newline = tokenizer.convert_tokens_to_ids("\n")
     hits = 0.0
     for start in range(0, len(records), batch_size):
-        chunk = records[start: start + batch_size]
+        chunk = records[start : start + batch_size]
         encoded = tokenizer([r.prompt for r in chunk], return_tensors="pt", padding=True, padding_side="left")
-        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=[tokenizer.eos_token_id, newline], pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[tokenizer.eos_token_id, newline],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += sum(answer_reward(None, texts, [r.columns["answer"] for r in chunk]))
     model.train(was_training)
     return hits / len(records)
@@ -183,8 +189,8 @@ def decode_with_notes(model, tokenizer, records, seed: int = 0, max_new_tokens: 
         ids = torch.full((len(active), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(active), width), dtype=torch.long)
         for j, i in enumerate(active):
-            ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
-            mask[j, width - len(rows[i]):] = 1
+            ids[j, width - len(rows[i]) :] = torch.tensor(rows[i])
+            mask[j, width - len(rows[i]) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
         still = []
@@ -219,10 +225,16 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
     from tqdm.auto import tqdm
 
     tokenizer = demo_tokenizer()
-    model = tiny_causal_lm(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-                           num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                           intermediate_size=config.intermediate_size, max_positions=config.max_positions,
-                           seed=config.seed)
+    model = tiny_causal_lm(
+        tokenizer,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        intermediate_size=config.intermediate_size,
+        max_positions=config.max_positions,
+        seed=config.seed,
+    )
     model.train()
     valid = quality_split(config, excluded_prompts)
     valid_notes = make_split("N", config.quality_size, f"quality-notes:{config.seed}")
@@ -267,20 +279,41 @@ def pretrain(config: ReasonerConfig, excluded_prompts: set[str], progress: bool 
                 f"after {step} steps the demo reasoner has greedy accuracy {accuracy:.3f} on {len(valid)} held-out "
                 f"domain-A problems and {reading:.3f} on {len(valid_notes)} nonce problems with true notes, below "
                 f"its quality bar {config.quality_bar}; checks: {checks}. Raise --pretrain-steps, or try another "
-                "--seed.")
-        log(f"reasoner: after {step} steps, held-out A {accuracy:.3f}, note reading {reading:.3f}: below the bar "
-            f"{config.quality_bar}; training {config.check_every} more")
+                "--seed."
+            )
+        log(
+            f"reasoner: after {step} steps, held-out A {accuracy:.3f}, note reading {reading:.3f}: below the bar "
+            f"{config.quality_bar}; training {config.check_every} more"
+        )
         budget += config.check_every
         bar.total = budget
     bar.close()
     model.eval()
     seconds = time.perf_counter() - started
     tokens = step * config.batch_size * config.seq_len
-    quality = {"accuracy_A": accuracy, "note_reading": reading, "bar": config.quality_bar, "n": len(valid),
-               "met": True, "checks": checks}
-    return model, tokenizer, {"precision": config.precision, "cpu_capability": cpu_capability(), "steps": step,
-                              "seconds_per_step": seconds / step, "pretrain_seconds": seconds, "pretrain_tokens": tokens,
-                              "pretrain_tokens_per_s": tokens / seconds, "final_loss": loss_value, "quality": quality}
+    quality = {
+        "accuracy_A": accuracy,
+        "note_reading": reading,
+        "bar": config.quality_bar,
+        "n": len(valid),
+        "met": True,
+        "checks": checks,
+    }
+    return (
+        model,
+        tokenizer,
+        {
+            "precision": config.precision,
+            "cpu_capability": cpu_capability(),
+            "steps": step,
+            "seconds_per_step": seconds / step,
+            "pretrain_seconds": seconds,
+            "pretrain_tokens": tokens,
+            "pretrain_tokens_per_s": tokens / seconds,
+            "final_loss": loss_value,
+            "quality": quality,
+        },
+    )
 
 
 def get_reasoner(config: ReasonerConfig, excluded_prompts: set[str], progress: bool = True, log=print):
@@ -291,14 +324,20 @@ def get_reasoner(config: ReasonerConfig, excluded_prompts: set[str], progress: b
         info = json.loads((directory / "pretrain.json").read_text())
         info["cached"] = True
         quality = info["quality"]
-        log(f"reasoner: cached at {directory} (held-out A {quality['accuracy_A']:.2f}, note reading "
-            f"{quality['note_reading']:.2f}, bar {quality['bar']})")
+        log(
+            f"reasoner: cached at {directory} (held-out A {quality['accuracy_A']:.2f}, note reading "
+            f"{quality['note_reading']:.2f}, bar {quality['bar']})"
+        )
         return model.eval(), tokenizer, info
-    log(f"reasoner: pretraining ({config.steps} steps, {config.precision}, quality bar {config.quality_bar} on "
-        f"held-out A and note reading); it will be cached at {directory}")
+    log(
+        f"reasoner: pretraining ({config.steps} steps, {config.precision}, quality bar {config.quality_bar} on "
+        f"held-out A and note reading); it will be cached at {directory}"
+    )
     model, tokenizer, info = pretrain(config, excluded_prompts, progress, log)
-    log(f"reasoner: after {info['steps']} steps, held-out A {info['quality']['accuracy_A']:.2f}, note reading "
-        f"{info['quality']['note_reading']:.2f} (bar {config.quality_bar})")
+    log(
+        f"reasoner: after {info['steps']} steps, held-out A {info['quality']['accuracy_A']:.2f}, note reading "
+        f"{info['quality']['note_reading']:.2f} (bar {config.quality_bar})"
+    )
     with atomic_directory(directory) as scratch:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)

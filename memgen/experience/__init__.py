@@ -9,5 +9,16 @@ from .records import ExperienceError, ExperienceRecord
 from .store import ExperienceStore, Hit
 from .weaving import ExperienceReader, RetrievalConfig, Retrieved
 
-__all__ = ["BM25Retriever", "Embedder", "ExperienceError", "ExperienceReader", "ExperienceRecord", "ExperienceStore",
-           "Hit", "ReasonerEmbedder", "RetrievalConfig", "Retrieved", "SentenceTransformerEmbedder"]
+__all__ = [
+    "BM25Retriever",
+    "Embedder",
+    "ExperienceError",
+    "ExperienceReader",
+    "ExperienceRecord",
+    "ExperienceStore",
+    "Hit",
+    "ReasonerEmbedder",
+    "RetrievalConfig",
+    "Retrieved",
+    "SentenceTransformerEmbedder",
+]

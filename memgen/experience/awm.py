@@ -36,8 +36,9 @@ class AWMConfig:
     max_workflows: int = help_field(8, "newest workflows put in the test prompt", ge=1)
     induce_every: int = help_field(4, "online: induce after this many new successes", ge=1)
     llm_max_new_tokens: int = help_field(256, "longest LLM answer when inducing", ge=1)
-    task_template: str = help_field("", "test-prompt template with {workflows} and {prompt} "
-                                        "(default: prompts/awm_task.txt)")
+    task_template: str = help_field(
+        "", "test-prompt template with {workflows} and {prompt} (default: prompts/awm_task.txt)"
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -50,28 +51,41 @@ def parse_workflows(text: str) -> list[str]:
     return [b for b in blocks if len(b.splitlines()) > 1]  # a name without steps is no workflow
 
 
-def induce_workflows(store: ExperienceStore, task: str, llm: LLM, config: AWMConfig,
-                     successes: list[ExperienceRecord] | None = None, run: str = "awm") -> dict:
+def induce_workflows(
+    store: ExperienceStore,
+    task: str,
+    llm: LLM,
+    config: AWMConfig,
+    successes: list[ExperienceRecord] | None = None,
+    run: str = "awm",
+) -> dict:
     """Induce workflows from ``successes`` (default: the task's stored successes, newest first, in batches)."""
     successes = successes if successes is not None else store.records(kind="trajectory", success=True, task=task)[::-1]
     template = prompt_template("awm_induce")
     added = empty = 0
     for start in range(0, len(successes), config.induction_batch):
-        batch = successes[start: start + config.induction_batch]
+        batch = successes[start : start + config.induction_batch]
         answer = llm([template.format(task=task, successes="\n".join(render(r) for r in batch))])[0]
         found = parse_workflows(answer)
         empty += not found
-        added += store.add_many(ExperienceRecord(kind="workflow", task=task, text=w,
-                                                 provenance={"source": run, "from": [r.id for r in batch]})
-                                for w in found)
-    return {"inductions": -(-len(successes) // config.induction_batch), "workflows_added": added,
-            "answers_without_workflow": empty, "workflows": len(store.records(kind="workflow", task=task))}
+        added += store.add_many(
+            ExperienceRecord(
+                kind="workflow", task=task, text=w, provenance={"source": run, "from": [r.id for r in batch]}
+            )
+            for w in found
+        )
+    return {
+        "inductions": -(-len(successes) // config.induction_batch),
+        "workflows_added": added,
+        "answers_without_workflow": empty,
+        "workflows": len(store.records(kind="workflow", task=task)),
+    }
 
 
 def awm_prompt(store: ExperienceStore, task: str, prompt: str, config: AWMConfig) -> str:
     """The test-time prompt: the task's newest workflows, then the task; with no workflow, the task alone
     (an empty memory leaves the agent as it was, rather than adding an empty header)."""
-    workflows = store.records(kind="workflow", task=task)[-config.max_workflows:]
+    workflows = store.records(kind="workflow", task=task)[-config.max_workflows :]
     if not workflows:
         return prompt
     body = "\n\n".join(r.text for r in workflows)
@@ -91,8 +105,14 @@ class OnlineAWM:
         return awm_prompt(self.store, self.task, prompt, self.config)
 
     def observe(self, prompt: str, trajectory: str, success: bool, reward: float = 0.0) -> None:
-        record = ExperienceRecord(task=self.task, input=prompt, trajectory=trajectory, success=success,
-                                  reward=reward, provenance={"source": "awm-online"})
+        record = ExperienceRecord(
+            task=self.task,
+            input=prompt,
+            trajectory=trajectory,
+            success=success,
+            reward=reward,
+            provenance={"source": "awm-online"},
+        )
         self.store.add(record)
         if not success:
             return

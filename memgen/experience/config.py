@@ -35,8 +35,9 @@ class ExperienceConfig:
     query: str = help_field("", "search: the text to match")
     top_k: int = help_field(4, "search: records to return", ge=1)
     limit: int = help_field(10, "show: records to list", ge=0)
-    llm_max_new_tokens: int = help_field(256, "insights/workflows: longest answer of the LLM (the --model reasoner)",
-                                         ge=1)
+    llm_max_new_tokens: int = help_field(
+        256, "insights/workflows: longest answer of the LLM (the --model reasoner)", ge=1
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -67,10 +68,16 @@ def records_from_jsonl(path: str | Path, task: str = "", success_reward: float =
         try:
             if "prompt" in obj and "completion" in obj:
                 reward = float(obj.get("reward", 0.0))
-                out.append(ExperienceRecord(
-                    task=obj.get("task") or task, input=obj["prompt"], trajectory=obj["completion"], reward=reward,
-                    success=reward >= success_reward,
-                    provenance={"file": where, **({"source": obj["source"]} if obj.get("source") else {})}))
+                out.append(
+                    ExperienceRecord(
+                        task=obj.get("task") or task,
+                        input=obj["prompt"],
+                        trajectory=obj["completion"],
+                        reward=reward,
+                        success=reward >= success_reward,
+                        provenance={"file": where, **({"source": obj["source"]} if obj.get("source") else {})},
+                    )
+                )
             else:
                 obj.pop("id", None)  # re-derived from the content, so an edited line cannot keep a stale id
                 record = ExperienceRecord.from_json(obj)
@@ -102,8 +109,10 @@ def run_experience(command: str, config: ExperienceConfig) -> str:
         with ExperienceStore(config.store, embedder, retriever) as store:
             added = store.add_many(records)
             total = len(store)
-        return (f"added {added} of {len(records)} records from {config.source} "
-                f"({len(records) - added} duplicates); {config.store} holds {total}")
+        return (
+            f"added {added} of {len(records)} records from {config.source} "
+            f"({len(records) - added} duplicates); {config.store} holds {total}"
+        )
     store = ExperienceStore(config.store, embedder, retriever, create=False, read_only=True)
     if command == "show":
         live = store.records(kind=kind, task=task)
@@ -155,5 +164,11 @@ def _row(record: ExperienceRecord) -> dict:
         text = text.replace("\n", " ")
         return text if len(text) <= n else text[: n - 3] + "..."
 
-    return {"id": record.id, "task": record.task, "kind": record.kind, "success": record.success,
-            "text": clip(record.search_text), "trajectory": clip(record.trajectory)}
+    return {
+        "id": record.id,
+        "task": record.task,
+        "kind": record.kind,
+        "success": record.success,
+        "text": clip(record.search_text),
+        "trajectory": clip(record.trajectory),
+    }

@@ -46,10 +46,16 @@ class ReasonerEmbedder:
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), self.batch_size):
-            chunk = [t if t else " " for t in texts[start: start + self.batch_size]]
+            chunk = [t if t else " " for t in texts[start : start + self.batch_size]]
             # Right padding with an explicit mask: pooling only needs which positions are real.
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_tokens, padding_side="right").to(device)
+            enc = self.tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                padding_side="right",
+            ).to(device)
             hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer].float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -67,7 +73,9 @@ class SentenceTransformerEmbedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
-            raise ExperienceError("the sentence-transformers embedder needs `pip install sentence-transformers`") from err
+            raise ExperienceError(
+                "the sentence-transformers embedder needs `pip install sentence-transformers`"
+            ) from err
         self.model = SentenceTransformer(str(path), device="cpu")
         self.batch_size = batch_size
         self.dim = int(self.model.get_sentence_embedding_dimension())
@@ -77,8 +85,13 @@ class SentenceTransformerEmbedder:
     def embed(self, texts: list[str]) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.dim)
-        vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+        vectors = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return vectors.float().cpu()
 
 
@@ -98,8 +111,9 @@ class BM25Retriever:
         self._bm25s = bm25s
         self._texts: list[str] = []
         # bm25s's default pattern drops one-character words; numbers and names of one letter matter here.
-        self._tokenize = lambda texts, **kw: bm25s.tokenize(texts, stopwords=None, show_progress=False,
-                                                            token_pattern=r"(?u)\b\w+\b", **kw)
+        self._tokenize = lambda texts, **kw: bm25s.tokenize(
+            texts, stopwords=None, show_progress=False, token_pattern=r"(?u)\b\w+\b", **kw
+        )
         self._index = None
 
     def reset(self, texts: list[str]) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Callable
 
 from ..dataclass_cli import check_ranges, help_field
 from .records import ExperienceError, ExperienceRecord
@@ -59,8 +59,9 @@ class ExpeLConfig:
     max_operations: int = help_field(4, "operations the LLM may write per call", ge=1)
     llm_max_new_tokens: int = help_field(256, "longest LLM answer when extracting insights", ge=1)
     top_k: int = help_field(2, "similar successful trajectories in the test prompt", ge=0)
-    task_template: str = help_field("", "test-prompt template with {insights}, {examples} and {prompt} "
-                                        "(default: prompts/expel_task.txt)")
+    task_template: str = help_field(
+        "", "test-prompt template with {insights}, {examples} and {prompt} (default: prompts/expel_task.txt)"
+    )
     seed: int = help_field(0, "seed for sampling attempts and picking pairs", ge=0)
 
     def __post_init__(self) -> None:
@@ -98,8 +99,9 @@ def insights(store: ExperienceStore, task: str) -> list[ExperienceRecord]:
     return store.records(kind="insight", task=task)
 
 
-def apply_operations(store: ExperienceStore, task: str, ops: list[Operation], max_insights: int,
-                     provenance: dict | None = None) -> dict:
+def apply_operations(
+    store: ExperienceStore, task: str, ops: list[Operation], max_insights: int, provenance: dict | None = None
+) -> dict:
     """Apply ExpeL's operations to the task's insight list; returns counts per outcome."""
     counts = {"ADD": 0, "EDIT": 0, "UPVOTE": 0, "DOWNVOTE": 0, "removed": 0, "invalid": 0}
     listed = insights(store, task)  # numbering fixed at the time the LLM saw the list
@@ -108,8 +110,9 @@ def apply_operations(store: ExperienceStore, task: str, ops: list[Operation], ma
             if len(insights(store, task)) >= max_insights:
                 counts["invalid"] += 1
                 continue
-            added = store.add(ExperienceRecord(kind="insight", task=task, text=op.text, votes=2,
-                                               provenance=dict(provenance or {})))
+            added = store.add(
+                ExperienceRecord(kind="insight", task=task, text=op.text, votes=2, provenance=dict(provenance or {}))
+            )
             counts["ADD" if added else "invalid"] += 1
             continue
         if not 1 <= op.index <= len(listed):
@@ -150,26 +153,42 @@ def extract_insights(store: ExperienceStore, task: str, llm: LLM, config: ExpeLC
 
     def step(prompt: str, sources: list[str]) -> None:
         answer = llm([prompt])[0]
-        counts = apply_operations(store, task, parse_operations(answer)[: config.max_operations],
-                                  config.max_insights, {"source": "expel", "from": sources})
+        counts = apply_operations(
+            store,
+            task,
+            parse_operations(answer)[: config.max_operations],
+            config.max_insights,
+            {"source": "expel", "from": sources},
+        )
         for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
 
     compare = prompt_template("expel_compare")
     for failure, success in pairs[: config.compare_pairs]:
-        step(compare.format(insights=_numbered(insights(store, task)), input=success.input,
-                            failure=failure.trajectory, success=success.trajectory,
-                            max_operations=config.max_operations), [failure.id, success.id])
+        step(
+            compare.format(
+                insights=_numbered(insights(store, task)),
+                input=success.input,
+                failure=failure.trajectory,
+                success=success.trajectory,
+                max_operations=config.max_operations,
+            ),
+            [failure.id, success.id],
+        )
     summarise = prompt_template("expel_successes")
     winners = [v[True][0] for v in by_input.values() if v[True]]
     rng.shuffle(winners)
     for b in range(config.success_batches):
-        batch = winners[b * config.success_batch: (b + 1) * config.success_batch]
+        batch = winners[b * config.success_batch : (b + 1) * config.success_batch]
         if not batch:
             break
         text = "\n".join(render(r) for r in batch)
-        step(summarise.format(insights=_numbered(insights(store, task)), successes=text,
-                              max_operations=config.max_operations), [r.id for r in batch])
+        step(
+            summarise.format(
+                insights=_numbered(insights(store, task)), successes=text, max_operations=config.max_operations
+            ),
+            [r.id for r in batch],
+        )
     totals["pairs"] = min(len(pairs), config.compare_pairs)
     totals["insights"] = len(insights(store, task))
     return totals
@@ -189,27 +208,47 @@ def expel_prompt(store: ExperienceStore, task: str, prompt: str, config: ExpeLCo
     return template.format(insights=_numbered(ranked), examples="".join(examples) or "(none)\n", prompt=prompt)
 
 
-def gather_experience(model, task, store: ExperienceStore, config: ExpeLConfig, memory: str = "off",
-                      batch_size: int = 8, run: str = "expel") -> dict:
+def gather_experience(
+    model,
+    task,
+    store: ExperienceStore,
+    config: ExpeLConfig,
+    memory: str = "off",
+    batch_size: int = 8,
+    run: str = "expel",
+) -> dict:
     """Attempt every training task ``config.attempts`` times and store each attempt with its reward."""
     from ..config import GenerateConfig
     from ..tasks.rewards import cut_at_stop
 
-    gen = GenerateConfig(memory=memory, do_sample=True, temperature=config.temperature,
-                         max_new_tokens=config.max_new_tokens, num_samples=config.attempts, stop=task.stop,
-                         seed=config.seed)
+    gen = GenerateConfig(
+        memory=memory,
+        do_sample=True,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        num_samples=config.attempts,
+        stop=task.stop,
+        seed=config.seed,
+    )
     added = successes = 0
     for start in range(0, len(task.records), batch_size):
-        batch = task.records[start: start + batch_size]
+        batch = task.records[start : start + batch_size]
         out = model.generate([r.prompt for r in batch], gen)
         texts = [cut_at_stop(c.text, task.stop) for c in out.completions]
         columns = {k: [r.columns.get(k) for r in batch for _ in range(config.attempts)] for k in batch[0].columns}
         prompts = [r.prompt for r in batch for _ in range(config.attempts)]
         rewards = task.reward(prompts, texts, **columns)
-        records = [ExperienceRecord(task=task.name, input=p, trajectory=t, reward=float(w), success=float(w) >= 1.0,
-                                    provenance={"run": run, "index": start + i // config.attempts,
-                                                "attempt": i % config.attempts})
-                   for i, (p, t, w) in enumerate(zip(prompts, texts, rewards))]
+        records = [
+            ExperienceRecord(
+                task=task.name,
+                input=p,
+                trajectory=t,
+                reward=float(w),
+                success=float(w) >= 1.0,
+                provenance={"run": run, "index": start + i // config.attempts, "attempt": i % config.attempts},
+            )
+            for i, (p, t, w) in enumerate(zip(prompts, texts, rewards))
+        ]
         added += store.add_many(records)
         successes += sum(r.success for r in records)
     return {"attempts": len(task.records) * config.attempts, "added": added, "successes": successes}
@@ -228,8 +267,9 @@ def reasoner_llm(model, max_new_tokens: int = 256, stop: list[str] | None = None
         ids = [p if room is None else p[-room:] for p in model.encode_prompts(list(prompts))]
         out = []
         for start in range(0, len(ids), batch_size):
-            result = model.generate(ids[start: start + batch_size], memory="off", max_new_tokens=max_new_tokens,
-                                    stop=stop or [])
+            result = model.generate(
+                ids[start : start + batch_size], memory="off", max_new_tokens=max_new_tokens, stop=stop or []
+            )
             out += result.texts
         return out
 

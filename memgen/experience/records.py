@@ -71,7 +71,7 @@ class ExperienceRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> "ExperienceRecord":
+    def from_json(cls, obj: dict) -> ExperienceRecord:
         known = {f.name for f in fields(cls)}
         unknown = set(obj) - known
         if unknown:

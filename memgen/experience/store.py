@@ -23,9 +23,9 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -50,8 +50,14 @@ class ExperienceStore:
     dense store; reading and BM25 search need none.
     """
 
-    def __init__(self, path: str | Path, embedder: Embedder | None = None, retriever: str = "dense",
-                 create: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        embedder: Embedder | None = None,
+        retriever: str = "dense",
+        create: bool = True,
+        read_only: bool = False,
+    ):
         if retriever not in RETRIEVERS:
             raise ExperienceError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
         self.path = Path(path)
@@ -98,8 +104,10 @@ class ExperienceStore:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ExperienceError(f"experience store {self.path} is open for writing in another process "
-                                  "(open it with read_only=True to search it)") from None
+            raise ExperienceError(
+                f"experience store {self.path} is open for writing in another process "
+                "(open it with read_only=True to search it)"
+            ) from None
         return handle
 
     def _load_meta(self) -> dict:
@@ -119,11 +127,13 @@ class ExperienceStore:
             elif meta["dim"] != self.embedder.dim:
                 raise ExperienceError(
                     f"embedding dimension mismatch: {self.path} holds {meta['dim']}-dim vectors from "
-                    f"{meta['embedder']}, the embedder given makes {self.embedder.dim}-dim ones ({self.embedder.name})")
+                    f"{meta['embedder']}, the embedder given makes {self.embedder.dim}-dim ones ({self.embedder.name})"
+                )
             elif meta["embedder"] != self.embedder.name:
                 raise ExperienceError(
                     f"{self.path} was embedded with {meta['embedder']}, not {self.embedder.name}: open it with "
-                    "that embedder, or re-embed it into a new store with `memgen experience build --from`")
+                    "that embedder, or re-embed it into a new store with `memgen experience build --from`"
+                )
         if not self.read_only and not meta_path.is_file():
             atomic_write_json(meta_path, meta)
         return meta
@@ -144,8 +154,9 @@ class ExperienceStore:
                 record = ExperienceRecord.from_json(json.loads(line))
             except (json.JSONDecodeError, TypeError, ExperienceError) as err:
                 reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
-                raise ExperienceError(f"{self._log}:{number}: corrupt experience record ({reason}); "
-                                      "the store was left as it is") from None
+                raise ExperienceError(
+                    f"{self._log}:{number}: corrupt experience record ({reason}); the store was left as it is"
+                ) from None
             self._apply(record)
 
     def _set_aside_torn_tail(self, data: bytes, complete: int) -> None:
@@ -269,7 +280,7 @@ class ExperienceStore:
             self._lock.close()
             self._lock = None
 
-    def __enter__(self) -> "ExperienceStore":
+    def __enter__(self) -> ExperienceStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -283,8 +294,9 @@ class ExperienceStore:
             raise ExperienceError(f"no experience record {record_id} in {self.path}")
         return record
 
-    def records(self, kind: str | None = None, success: bool | None = None, task: str | None = None
-                ) -> list[ExperienceRecord]:
+    def records(
+        self, kind: str | None = None, success: bool | None = None, task: str | None = None
+    ) -> list[ExperienceRecord]:
         """Live records in insertion order, optionally filtered."""
         return [r for r in (self._records[i] for i in self._ids) if _keep(r, kind, success, task)]
 
@@ -294,20 +306,28 @@ class ExperienceStore:
     def __iter__(self) -> Iterator[ExperienceRecord]:
         return iter(self.records())
 
-    def search(self, query: str, k: int = 4, kind: str | None = None, success: bool | None = None,
-               task: str | None = None) -> list[Hit]:
+    def search(
+        self, query: str, k: int = 4, kind: str | None = None, success: bool | None = None, task: str | None = None
+    ) -> list[Hit]:
         """The ``k`` live records most similar to ``query`` (cosine or BM25), best first, optionally filtered."""
         return self.search_many([query], k, kind, success, task)[0]
 
-    def search_many(self, queries: list[str], k: int = 4, kind: str | None = None, success: bool | None = None,
-                    task: str | None = None) -> list[list[Hit]]:
+    def search_many(
+        self,
+        queries: list[str],
+        k: int = 4,
+        kind: str | None = None,
+        success: bool | None = None,
+        task: str | None = None,
+    ) -> list[list[Hit]]:
         """:meth:`search` for several queries at once (one matrix product for dense search)."""
         if not self._ids or k <= 0:
             return [[] for _ in queries]
         if self.retriever == "dense":
             if self.embedder is None:
-                raise ExperienceError("dense search needs the store's embedder "
-                                      f"({self._meta['embedder'] or 'none recorded'})")
+                raise ExperienceError(
+                    f"dense search needs the store's embedder ({self._meta['embedder'] or 'none recorded'})"
+                )
             scores = self.embedder.embed(queries) @ self._vectors.T
         else:
             scores = torch.stack([self._bm25.scores(q) for q in queries])
@@ -316,8 +336,10 @@ class ExperienceStore:
         top = scores.topk(min(k, int(keep.sum())), dim=-1) if keep.any() else None
         if top is None:
             return [[] for _ in queries]
-        return [[Hit(self._records[self._ids[j]], float(s)) for s, j in zip(vals.tolist(), idx.tolist())]
-                for vals, idx in zip(top.values, top.indices)]
+        return [
+            [Hit(self._records[self._ids[j]], float(s)) for s, j in zip(vals.tolist(), idx.tolist())]
+            for vals, idx in zip(top.values, top.indices)
+        ]
 
     def export(self, path: str | Path) -> int:
         """Write the live records as JSONL to ``path`` (atomically); returns how many."""
@@ -331,8 +353,12 @@ class ExperienceStore:
 
 
 def _keep(record: ExperienceRecord, kind, success, task) -> bool:
-    return (not record.deleted and (kind is None or record.kind == kind)
-            and (success is None or record.success == success) and (task is None or record.task == task))
+    return (
+        not record.deleted
+        and (kind is None or record.kind == kind)
+        and (success is None or record.success == success)
+        and (task is None or record.task == task)
+    )
 
 
 def _text_hash(text: str) -> str:

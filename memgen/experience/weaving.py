@@ -65,7 +65,7 @@ class ExperienceReader:
 
     def query_text(self, prompt: str, answer_so_far: str) -> str:
         text = prompt if self.config.query == "prompt" else prompt + answer_so_far
-        return text[-self.config.query_chars:]
+        return text[-self.config.query_chars :]
 
     def read(self, queries: list[str]) -> list[Retrieved]:
         top = self.config.top_p
@@ -98,7 +98,10 @@ def open_reader(config, model) -> ExperienceReader:
 
     embedder, retriever = embedder_for(config.experience_embedder, lambda: (model.reasoner_model, model.tokenizer))
     store = ExperienceStore(config.experience, embedder, retriever, create=False, read_only=True)
-    return ExperienceReader(store, model.tokenizer, RetrievalConfig(
-        top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query))
-
-
+    return ExperienceReader(
+        store,
+        model.tokenizer,
+        RetrievalConfig(
+            top_p=config.retrieval_top_p, max_tokens=config.retrieval_max_tokens, query=config.retrieval_query
+        ),
+    )

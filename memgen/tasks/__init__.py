@@ -19,5 +19,19 @@ from .answers import gsm8k_records, math_records
 from .registry import PLUGIN_TASKS, TASKS, Task, TaskOptions, load_named_task, load_task
 from .sandbox import CodeExecutionFields, Program, Sandbox, SandboxConfig, SandboxError, SandboxResult
 
-__all__ = ["Task", "TaskOptions", "TASKS", "PLUGIN_TASKS", "load_task", "load_named_task", "gsm8k_records", "math_records", "Sandbox",
-           "SandboxConfig", "CodeExecutionFields", "SandboxError", "SandboxResult", "Program"]
+__all__ = [
+    "Task",
+    "TaskOptions",
+    "TASKS",
+    "PLUGIN_TASKS",
+    "load_task",
+    "load_named_task",
+    "gsm8k_records",
+    "math_records",
+    "Sandbox",
+    "SandboxConfig",
+    "CodeExecutionFields",
+    "SandboxError",
+    "SandboxResult",
+    "Program",
+]

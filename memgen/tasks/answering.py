@@ -53,15 +53,25 @@ def evaluate_answers(model, task, config, memory=None, insertion_filter=None, ob
     records = task.records[: config.limit] if config.limit is not None else task.records
     if not records:
         raise MemGenError(f"task {task.name} has no records to evaluate")
-    gen = GenerateConfig(memory=config.memory, max_new_tokens=config.max_new_tokens, stop=task.stop,
-                         max_insertions=config.max_insertions, insert_at_prompt_end=config.insert_at_prompt_end,
-                         seed=config.seed, return_latents=observe is not None)
+    gen = GenerateConfig(
+        memory=config.memory,
+        max_new_tokens=config.max_new_tokens,
+        stop=task.stop,
+        max_insertions=config.max_insertions,
+        insert_at_prompt_end=config.insert_at_prompt_end,
+        seed=config.seed,
+        return_latents=observe is not None,
+    )
 
     def score(batch):
         began = time.perf_counter()
         shown = [memory.rewrite(r) for r in batch] if memory is not None else batch
-        output = model.generate([prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
-                                gen, experience=experience, insertion_filter=insertion_filter)
+        output = model.generate(
+            [prompt_token_ids(r, model.tokenizer, config.use_chat_template) for r in shown],
+            gen,
+            experience=experience,
+            insertion_filter=insertion_filter,
+        )
         seconds = time.perf_counter() - began
         texts = [cut_at_stop(c.text, task.stop) for c in output.completions]
         columns = {k: [r.columns.get(k) for r in batch] for k in batch[0].columns}
@@ -72,12 +82,18 @@ def evaluate_answers(model, task, config, memory=None, insertion_filter=None, ob
         for i, (record, completion) in enumerate(zip(batch, output.completions)):
             # Decisions: every delimiter reached, and the prompt end where the trigger decides it.
             decided = [ins for ins in completion.insertions if ins.position > 0 or ins.probability is not None]
-            row = {"source": record.source, "prompt": record.prompt, "completion": texts[i],
-                   "reward": float(rewards[i]), "insertions": completion.num_insertions,
-                   "decisions": len(decided),
-                   "decided_insertions": sum(ins.inserted for ins in decided),
-                   "insertion_positions": completion.insertion_positions,
-                   "new_tokens": len(completion.token_ids), "seconds": seconds / len(batch)}
+            row = {
+                "source": record.source,
+                "prompt": record.prompt,
+                "completion": texts[i],
+                "reward": float(rewards[i]),
+                "insertions": completion.num_insertions,
+                "decisions": len(decided),
+                "decided_insertions": sum(ins.inserted for ins in decided),
+                "insertion_positions": completion.insertion_positions,
+                "new_tokens": len(completion.token_ids),
+                "seconds": seconds / len(batch),
+            }
             row.update({name: float(values[i]) for name, values in extras.items()})
             if outcomes is not None:
                 o = outcomes[i]
@@ -93,11 +109,14 @@ def evaluate_answers(model, task, config, memory=None, insertion_filter=None, ob
             observe(batch, output.completions, rows)
         return rows, seconds
 
-    rows, total_seconds = run_in_batches(model, records, config, f"eval {task.name} [{config.memory}]", score,
-                                         ("acc", "reward"))
+    rows, total_seconds = run_in_batches(
+        model, records, config, f"eval {task.name} [{config.memory}]", score, ("acc", "reward")
+    )
     n = len(rows)
     summary = {
-        "task": task.name, "memory": config.memory, "n": n,
+        "task": task.name,
+        "memory": config.memory,
+        "n": n,
         "accuracy": sum(r["reward"] for r in rows) / n,
         "mean_insertions": sum(r["insertions"] for r in rows) / n,
         "seconds_per_answer": total_seconds / n,
@@ -143,9 +162,19 @@ def answer_rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, *
     prompts = [run.encode_prompt(r) for r in records]
     stops = config.stop or run.task.stop
     gen_config = GenerateConfig(
-        memory=memory, do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        max_new_tokens=config.max_new_tokens, max_insertions=config.max_insertions, num_samples=g,
-        seed=run.rollout_seed(micro), return_logprobs=True, stop=stops, **generate_kwargs)
+        memory=memory,
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        max_new_tokens=config.max_new_tokens,
+        max_insertions=config.max_insertions,
+        num_samples=g,
+        seed=run.rollout_seed(micro),
+        return_logprobs=True,
+        stop=stops,
+        **generate_kwargs,
+    )
     was_training = model.training
     model.eval()
     output = model.generate(prompts, gen_config, experience=run.experience)
@@ -171,8 +200,14 @@ def answer_rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, *
         completion_ids=[c.token_ids for c in completions],
         insertions=[c.insertion_positions for c in completions],
         contexts=None if run.experience is None else [c.insertion_contexts for c in completions],
-        decisions=[[(i.position, i.inserted, PROMPT if i.position == 0 else INFERENCE) for i in c.insertions
-                    if i.probability is not None] for c in completions],
+        decisions=[
+            [
+                (i.position, i.inserted, PROMPT if i.position == 0 else INFERENCE)
+                for i in c.insertions
+                if i.probability is not None
+            ]
+            for c in completions
+        ],
         old_logprobs=old.to(model.device),
         rewards=rewards.to(model.device),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], device=model.device),
@@ -182,8 +217,9 @@ def answer_rollout(run, records, micro: int, reward_fn: RewardFn, memory: str, *
 
 
 # ------------------------------------------------------------------ SFT
-def contexts_at(reader, prompt_text: str, tokenizer, completion: list[int],
-                insertions: list[int]) -> list[list[int]] | None:
+def contexts_at(
+    reader, prompt_text: str, tokenizer, completion: list[int], insertions: list[int]
+) -> list[list[int]] | None:
     """What the weaver reads at each of ``insertions`` of a known completion (SFT), as a rollout would."""
     if reader is None:
         return None
@@ -204,8 +240,9 @@ def sft_example(run, record, index: int, micro: int):
         rng = random.Random(f"{config.seed}:{run.state['step']}:{micro}:{index}")
         inner = [p for p in inner if rng.random() < config.insertion_prob]
     points = [0] + inner[: config.max_insertions]
-    contexts = contexts_at(run.experience, tokenizer.decode(prompt, skip_special_tokens=True), tokenizer,
-                           completion, points)
+    contexts = contexts_at(
+        run.experience, tokenizer.decode(prompt, skip_special_tokens=True), tokenizer, completion, points
+    )
     return prompt, completion, points, contexts
 
 

@@ -49,8 +49,9 @@ def gsm8k_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record
             continue
         steps = _CALCULATOR.sub("", obj["answer"].split("####")[0]).strip()
         completion = f" {steps}\nThe answer is {final}."
-        records.append(Record(f"Question: {obj['question']}\nAnswer:", completion, {"answer": final},
-                              f"{path}:{lineno}"))
+        records.append(
+            Record(f"Question: {obj['question']}\nAnswer:", completion, {"answer": final}, f"{path}:{lineno}")
+        )
     return records, skipped
 
 
@@ -62,9 +63,14 @@ def math_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record]
         if not answer:
             skip_or_raise(f"{path}:{lineno}: solution has no \\boxed{{}} answer", skip_malformed, skipped)
             continue
-        records.append(Record(f"Problem: {obj['problem']}\nSolution:", " " + obj["solution"],
-                              {"answer": str(answer), "level": obj.get("level"),
-                               "subject": obj.get("subject") or obj.get("type")}, f"{path}:{lineno}"))
+        records.append(
+            Record(
+                f"Problem: {obj['problem']}\nSolution:",
+                " " + obj["solution"],
+                {"answer": str(answer), "level": obj.get("level"), "subject": obj.get("subject") or obj.get("type")},
+                f"{path}:{lineno}",
+            )
+        )
     return records, skipped
 
 
@@ -82,7 +88,12 @@ def gpqa_records(path: Path, subset: str = "diamond", seed: int = 0) -> list[Rec
         raise DataError(f"{path}: cannot read the GPQA zip: {exc}") from None
     records = []
     for i, row in enumerate(csv.DictReader(io.StringIO(raw.decode("utf-8"))), start=2):
-        options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+        options = [
+            row["Correct Answer"],
+            row["Incorrect Answer 1"],
+            row["Incorrect Answer 2"],
+            row["Incorrect Answer 3"],
+        ]
         options = [o.strip() for o in options]
         order = list(range(4))
         random.Random(f"{seed}:{i}").shuffle(order)
@@ -114,8 +125,14 @@ def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], 
             if not item.get("Question") or not aliases:
                 skip_or_raise(f"{path}:Data[{i}]: needs 'Question' and answer aliases", skip_malformed, skipped)
                 continue
-            records.append(Record(f"Question: {item['Question']}\nAnswer:", " " + aliases[0], {"aliases": aliases},
-                                  f"{path}:Data[{i}]"))
+            records.append(
+                Record(
+                    f"Question: {item['Question']}\nAnswer:",
+                    " " + aliases[0],
+                    {"aliases": aliases},
+                    f"{path}:Data[{i}]",
+                )
+            )
         return records, skipped
     rows, skipped = read_jsonl(path, skip_malformed)
     for lineno, obj in rows:
@@ -128,8 +145,14 @@ def qa_records(path: Path, skip_malformed: bool = False) -> tuple[list[Record], 
         if not obj.get("question") or not isinstance(aliases, list) or not aliases:
             skip_or_raise(f"{path}:{lineno}: needs 'question' and a non-empty 'answers' list", skip_malformed, skipped)
             continue
-        records.append(Record(f"Question: {obj['question']}\nAnswer:", " " + str(aliases[0]),
-                              {"aliases": [str(a) for a in aliases]}, f"{path}:{lineno}"))
+        records.append(
+            Record(
+                f"Question: {obj['question']}\nAnswer:",
+                " " + str(aliases[0]),
+                {"aliases": [str(a) for a in aliases]},
+                f"{path}:{lineno}",
+            )
+        )
     return records, skipped
 
 

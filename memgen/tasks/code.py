@@ -38,8 +38,18 @@ BIGCODEBENCH_SPLITS = ("complete", "instruct")
 # bigcodebench's own stop strings for completing a function body.
 BIGCODEBENCH_COMPLETE_STOP = ["\nif __name__", "\ndef main(", "\nprint(", "\n```"]
 
-_PYTEST_ARGS = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=",
-                "test_solution.py"]
+_PYTEST_ARGS = [
+    "-m",
+    "pytest",
+    "-q",
+    "-x",
+    "-p",
+    "no:cacheprovider",
+    "--no-header",
+    "-o",
+    "addopts=",
+    "test_solution.py",
+]
 # Only functions written in the test file are tests. Names the tests import (KodCode has
 # ``from heapq import merge as test_merge``) or get from ``from solution import *`` are not,
 # so a solution cannot add tests of its own.
@@ -80,13 +90,23 @@ sys.exit(0 if result.wasSuccessful() else 1)
 def kodcode_program(code: str, test_code: str) -> Program:
     """pytest on ``test_solution.py``, which starts with ``from solution import *`` (KodCode's convention)."""
     tests = "from solution import *  # noqa\n" + test_code
-    return Program({"solution.py": code, "test_solution.py": tests, "conftest.py": _PYTEST_CONFTEST},
-                   list(_PYTEST_ARGS), (1,), {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, _PYTEST_PASSED)
+    return Program(
+        {"solution.py": code, "test_solution.py": tests, "conftest.py": _PYTEST_CONFTEST},
+        list(_PYTEST_ARGS),
+        (1,),
+        {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+        _PYTEST_PASSED,
+    )
 
 
 def unittest_program(code: str, test: str) -> Program:
-    return Program({"program.py": code + "\n\n" + test + "\n", "run_tests.py": _UNITTEST_RUNNER},
-                   ["run_tests.py"], (1,), {}, _UNITTEST_PASSED)
+    return Program(
+        {"program.py": code + "\n\n" + test + "\n", "run_tests.py": _UNITTEST_RUNNER},
+        ["run_tests.py"],
+        (1,),
+        {},
+        _UNITTEST_PASSED,
+    )
 
 
 def program_for(completion: str, columns: dict) -> Program:
@@ -121,8 +141,9 @@ class CodeReward:
 
     def outcomes(self, prompts, completions, **columns) -> list[SandboxResult]:
         keys = list(columns)
-        programs = [program_for(completion_text(c), {k: columns[k][i] for k in keys})
-                    for i, c in enumerate(completions)]
+        programs = [
+            program_for(completion_text(c), {k: columns[k][i] for k in keys}) for i, c in enumerate(completions)
+        ]
         return self.sandbox.run_many(programs)
 
     def __call__(self, prompts, completions, **columns) -> list[float]:
@@ -214,14 +235,19 @@ def kodcode_records(path: Path, skip_malformed: bool = False) -> tuple[list[Reco
         solution = item.get("response") or item.get("solution")
         test_code = item.get("test_code") or item.get("test")
         if not all(isinstance(v, str) and v.strip() for v in (instruction, test_code)):
-            skip_or_raise(f"{source}: needs 'instruction' (or 'question') and 'test_code' (or 'test')",
-                          skip_malformed, skipped)
+            skip_or_raise(
+                f"{source}: needs 'instruction' (or 'question') and 'test_code' (or 'test')", skip_malformed, skipped
+            )
             continue
         reference = solution.strip() if isinstance(solution, str) and solution.strip() else None
         names = solution_names(test_code, reference)
         if names is None:
-            skip_or_raise(f"{source}: cannot tell which names the tests take from 'solution' (no 'from solution "
-                          "import ...' and no reference solution defining them)", skip_malformed, skipped)
+            skip_or_raise(
+                f"{source}: cannot tell which names the tests take from 'solution' (no 'from solution "
+                "import ...' and no reference solution defining them)",
+                skip_malformed,
+                skipped,
+            )
             continue
         needed = (imported_modules(test_code) | imported_modules(reference or "")) - {"solution"}
         absent = missing_libraries(sorted(needed))
@@ -229,9 +255,14 @@ def kodcode_records(path: Path, skip_malformed: bool = False) -> tuple[list[Reco
             unavailable.append(f"{source}: {', '.join(absent)} not installed")
             continue
         completion = f"```python\n{reference}\n```" if reference else None
-        records.append(Record(kodcode_prompt(instruction, names), completion,
-                              {"benchmark": "kodcode", "test_code": test_code, "required": names,
-                               "reference": reference}, source))
+        records.append(
+            Record(
+                kodcode_prompt(instruction, names),
+                completion,
+                {"benchmark": "kodcode", "test_code": test_code, "required": names, "reference": reference},
+                source,
+            )
+        )
     return records, skipped, unavailable
 
 
@@ -241,13 +272,21 @@ def missing_libraries(libs: list[str]) -> list[str]:
     return [lib for lib in libs if importlib.util.find_spec(lib.split(".")[0]) is None]
 
 
-def bigcodebench_records(path: Path, split: str = "complete", skip_malformed: bool = False
-                         ) -> tuple[list[Record], list[str], list[str]]:
+def bigcodebench_records(
+    path: Path, split: str = "complete", skip_malformed: bool = False
+) -> tuple[list[Record], list[str], list[str]]:
     """Records, malformed lines skipped, and ``task_id: missing libs`` of tasks left out."""
     if split not in BIGCODEBENCH_SPLITS:
         raise DataError(f"bigcodebench split must be one of {BIGCODEBENCH_SPLITS}, got {split!r}")
-    fields = ("task_id", "complete_prompt", "instruct_prompt", "canonical_solution", "code_prompt", "test",
-              "entry_point")
+    fields = (
+        "task_id",
+        "complete_prompt",
+        "instruct_prompt",
+        "canonical_solution",
+        "code_prompt",
+        "test",
+        "entry_point",
+    )
 
     def validate(obj: dict) -> None:
         missing = [f for f in fields if not isinstance(obj.get(f), str)]
@@ -266,13 +305,21 @@ def bigcodebench_records(path: Path, split: str = "complete", skip_malformed: bo
         if absent:
             unavailable.append(f"{obj['task_id']}: {', '.join(absent)} not installed")
             continue
-        columns = {"benchmark": "bigcodebench", "split": split, "task_id": obj["task_id"], "test": obj["test"],
-                   "entry_point": obj["entry_point"], "prompt_code": obj["complete_prompt"], "libs": libs}
+        columns = {
+            "benchmark": "bigcodebench",
+            "split": split,
+            "task_id": obj["task_id"],
+            "test": obj["test"],
+            "entry_point": obj["entry_point"],
+            "prompt_code": obj["complete_prompt"],
+            "libs": libs,
+        }
         if split == "complete":
             record = Record(obj["complete_prompt"], obj["canonical_solution"], columns, f"{path}:{lineno}")
         else:
             solution = obj["code_prompt"] + obj["canonical_solution"]
-            record = Record(obj["instruct_prompt"].rstrip() + "\n", f"```python\n{solution}\n```", columns,
-                            f"{path}:{lineno}")
+            record = Record(
+                obj["instruct_prompt"].rstrip() + "\n", f"```python\n{solution}\n```", columns, f"{path}:{lineno}"
+            )
         records.append(record)
     return records, skipped, unavailable

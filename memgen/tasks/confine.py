@@ -46,8 +46,14 @@ MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048
 MNT_DETACH = 2
 # statvfs f_flag bits that a read-only remount inside a user namespace must keep (the kernel
 # refuses to clear a flag it locked), as their mount(2) flags.
-_KEPT_FLAGS = ((2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC), (1024, MS_NOATIME), (2048, MS_NODIRATIME),
-               (4096, MS_RELATIME))
+_KEPT_FLAGS = (
+    (2, MS_NOSUID),
+    (4, MS_NODEV),
+    (8, MS_NOEXEC),
+    (1024, MS_NOATIME),
+    (2048, MS_NODIRATIME),
+    (4096, MS_RELATIME),
+)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 47, 4
 SIGKILL = 9
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -67,8 +73,11 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class PathBeneathAttr(ctypes.Structure):
@@ -88,17 +97,23 @@ def landlock_abi() -> int:
 
 def _landlock(abi: int, read_paths: list, write_paths: list, write_files: list) -> str:
     """Build and enforce the Landlock domain; returns a description of what it covers."""
-    handled = FS_ABI1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) \
-        | (FS_IOCTL_DEV if abi >= 5 else 0)
-    attr = RulesetAttr(handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
-                       SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+    handled = (
+        FS_ABI1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | (FS_IOCTL_DEV if abi >= 5 else 0)
+    )
+    attr = RulesetAttr(
+        handled,
+        NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
+        SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0,
+    )
     size = 8 if abi < 4 else 16 if abi < 6 else 24
-    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                            ctypes.c_uint32(0))
+    ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
         raise OSError(f"landlock_create_ruleset: {_errno_text()}")
-    rules = [(p, FS_READ) for p in read_paths] + [(p, handled) for p in write_paths] \
+    rules = (
+        [(p, FS_READ) for p in read_paths]
+        + [(p, handled) for p in write_paths]
         + [(p, FS_READ_FILE | FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0)) for p in write_files]
+    )
     for path, access in rules:
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -108,16 +123,25 @@ def _landlock(abi: int, read_paths: list, write_paths: list, write_files: list) 
             if not os.path.isdir(path):
                 access &= FILE_RIGHTS
             rule = PathBeneathAttr(access & handled, fd)
-            if _libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule),
-                             ctypes.c_uint32(0)) < 0:
+            if (
+                _libc.syscall(
+                    SYS_LANDLOCK_ADD_RULE,
+                    ctypes.c_int(ruleset),
+                    ctypes.c_int(1),
+                    ctypes.byref(rule),
+                    ctypes.c_uint32(0),
+                )
+                < 0
+            ):
                 raise OSError(f"landlock_add_rule {path}: {_errno_text()}")
         finally:
             os.close(fd)
     if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
         raise OSError(f"landlock_restrict_self: {_errno_text()}")
     os.close(ruleset)
-    covered = ["filesystem"] + (["tcp"] if abi >= 4 else []) \
-        + (["signals", "abstract-unix-sockets"] if abi >= 6 else [])
+    covered = (
+        ["filesystem"] + (["tcp"] if abi >= 4 else []) + (["signals", "abstract-unix-sockets"] if abi >= 6 else [])
+    )
     return f"landlock abi {abi}: " + ", ".join(covered)
 
 
@@ -148,13 +172,22 @@ def _namespaces(report: dict) -> tuple[bool, bool, bool]:
 
 
 def _mount(source, target: str, fstype, flags: int, options: str | None = None) -> bool:
-    return _libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
-                       ctypes.c_ulong(flags), ctypes.c_char_p(options.encode()) if options else None) == 0
+    return (
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            ctypes.c_char_p(options.encode()) if options else None,
+        )
+        == 0
+    )
 
 
 def _tmpfs(target: str, size: int, owner: tuple[int, int], mode: str = "0700") -> bool:
-    return _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
-                  f"size={size},mode={mode},uid={owner[0]},gid={owner[1]}")
+    return _mount(
+        "tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode={mode},uid={owner[0]},gid={owner[1]}"
+    )
 
 
 def _remount_read_only(target: str) -> bool:
@@ -204,8 +237,12 @@ def _minimal_root(spec: dict, report: dict, owner: tuple[int, int], pid_ns: bool
     _write(root + "/etc/passwd", f"root:x:0:0::/:/bin/sh\nsandbox:x:{owner[0]}:{owner[1]}::{workdir}:/bin/sh\n")
     _write(root + "/etc/group", f"root:x:0:\nsandbox:x:{owner[1]}:\n")
     os.makedirs(root + "/dev/shm")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{root}/dev/{name}")
     if not _tmpfs(root + "/dev/shm", min(size, 64 << 20), owner):
         raise OSError(f"tmpfs for /dev/shm: {_errno_text()}")
@@ -286,9 +323,14 @@ def _child(spec: dict, report: dict, mount_ns: bool, pid_ns: bool, report_fd: in
     os.chdir(workdir)
 
     limits = spec["limits"]
-    for name, value in (("RLIMIT_CPU", limits["cpu_seconds"]), ("RLIMIT_AS", limits["address_space"]),
-                        ("RLIMIT_FSIZE", limits["file_size"]), ("RLIMIT_NPROC", limits["processes"]),
-                        ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0)):
+    for name, value in (
+        ("RLIMIT_CPU", limits["cpu_seconds"]),
+        ("RLIMIT_AS", limits["address_space"]),
+        ("RLIMIT_FSIZE", limits["file_size"]),
+        ("RLIMIT_NPROC", limits["processes"]),
+        ("RLIMIT_NOFILE", limits["open_files"]),
+        ("RLIMIT_CORE", 0),
+    ):
         hard = value + 1 if name == "RLIMIT_CPU" else value  # SIGXCPU first, SIGKILL a second later
         resource.setrlimit(getattr(resource, name), (value, hard))
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

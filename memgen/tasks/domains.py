@@ -134,7 +134,7 @@ def disjoint_splits(domain: str, sizes: dict[str, int], seed: int) -> dict[str, 
     pool = make_split(domain, sum(sizes.values()), seed)
     out, start = {}, 0
     for name, size in sizes.items():
-        out[name] = pool[start: start + size]
+        out[name] = pool[start : start + size]
         start += size
     return out
 
@@ -148,8 +148,16 @@ def answer_reward(prompts, completions, answer, **_) -> list[float]:
     return scores
 
 
-FAILURE_TYPES = ("correct", "format", "copy_error", "wrong_sign", "arithmetic", "stopped_early", "extra_step",
-                 "wrong_final")
+FAILURE_TYPES = (
+    "correct",
+    "format",
+    "copy_error",
+    "wrong_sign",
+    "arithmetic",
+    "stopped_early",
+    "extra_step",
+    "wrong_final",
+)
 """What :func:`failure_type` returns: the first way an answer leaves its reference solution."""
 _PROMPT = re.compile(r"has (\d+) \w+\. (.*)\nA:", re.S)
 _STEP = re.compile(r"([+-])(\d+)=(\d+)")
@@ -189,7 +197,7 @@ def failure_type(prompt: str, completion: str, gold) -> str:
         if result != value + (got if op == "+" else -got):
             return "arithmetic"
         value = result
-    rest = pieces[len(steps) + 1:]
+    rest = pieces[len(steps) + 1 :]
     if not rest or not rest[0]:
         return "stopped_early"
     if _STEP.fullmatch(rest[0]):

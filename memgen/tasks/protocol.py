@@ -19,9 +19,10 @@ holds the two pieces both kinds share: :class:`RolloutBatch` and :func:`run_in_b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,12 +37,11 @@ class TaskProtocol(Protocol):
     episodic: bool
     """True when a record is an episode (evaluation rows then carry ``success`` and a turn log)"""
 
-    def evaluate(self, model, config, memory: "MemorySource | None" = None, insertion_filter=None,
-                 observe=None) -> dict:
+    def evaluate(self, model, config, memory: MemorySource | None = None, insertion_filter=None, observe=None) -> dict:
         """Run ``model`` on the records (``config``: an :class:`~memgen.evaluate.EvalConfig`), score them and
         return the summary; rows go to ``config.output`` as JSONL."""
 
-    def rollout(self, run, records: list[Record], micro: int, memory: str, **generate_kwargs) -> "RolloutBatch":
+    def rollout(self, run, records: list[Record], micro: int, memory: str, **generate_kwargs) -> RolloutBatch:
         """``run.config.num_generations`` sampled rollouts per record, rewarded, as teacher-forcing rows."""
 
     def sft_step(self, run, micro: int):
@@ -113,7 +113,7 @@ def run_in_batches(model, records, config, desc: str, score_batch, shown: tuple[
     model.eval()
     try:
         for start in range(0, len(records), config.batch_size):
-            batch = records[start: start + config.batch_size]
+            batch = records[start : start + config.batch_size]
             batch_rows, seconds = score_batch(batch)
             total_seconds += seconds
             for row in batch_rows:

@@ -39,23 +39,42 @@ def _last_error(text: str) -> str:
 
 
 def check_references(config: ReferenceCheckConfig) -> dict:
-    task = load_task(config.task, config.data, split=config.split, limit=config.limit,
-                     sandbox=config.sandbox_config())
+    task = load_task(config.task, config.data, split=config.split, limit=config.limit, sandbox=config.sandbox_config())
     records = [r for r in task.records if r.completion]
-    results = task.reward.sandbox.run_many([program_for(r.completion, r.columns) for r in records],
-                                           progress=config.progress)
-    rows = [{"item": r.columns.get("task_id") or r.source, "status": o.status, "limit": o.limit,
-             "seconds": o.seconds, "detail": o.detail, "error": _last_error(o.stderr) if not o.passed else "",
-             "stdout": o.stdout, "stderr": o.stderr} for r, o in zip(records, results)]
+    results = task.reward.sandbox.run_many(
+        [program_for(r.completion, r.columns) for r in records], progress=config.progress
+    )
+    rows = [
+        {
+            "item": r.columns.get("task_id") or r.source,
+            "status": o.status,
+            "limit": o.limit,
+            "seconds": o.seconds,
+            "detail": o.detail,
+            "error": _last_error(o.stderr) if not o.passed else "",
+            "stdout": o.stdout,
+            "stderr": o.stderr,
+        }
+        for r, o in zip(records, results)
+    ]
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         with open(config.output, "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    summary = {"task": task.name, "checked": len(rows), **{s: sum(r["status"] == s for r in rows) for s in STATUSES},
-               "skipped": len(task.unavailable), "without_reference": len(task.records) - len(records)}
-    return {"summary": summary, "failures": [r for r in rows if r["status"] != "passed"],
-            "skipped": task.unavailable, "mechanisms": task.reward.sandbox.mechanisms}
+    summary = {
+        "task": task.name,
+        "checked": len(rows),
+        **{s: sum(r["status"] == s for r in rows) for s in STATUSES},
+        "skipped": len(task.unavailable),
+        "without_reference": len(task.records) - len(records),
+    }
+    return {
+        "summary": summary,
+        "failures": [r for r in rows if r["status"] != "passed"],
+        "skipped": task.unavailable,
+        "mechanisms": task.reward.sandbox.mechanisms,
+    }
 
 
 def sandbox_info(config: SandboxConfig | None = None) -> dict[str, str]:

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from ..data import DataError, Record, report_skipped
 from . import answering
 from .answers import gpqa_records, gsm8k_records, jsonl_records, jsonl_reward, math_records, qa_records
-from .rewards import (RewardFn, choice_failure_type, choice_reward, exact_match_reward, f1_reward,
-                      math_failure_type, math_reward, qa_failure_type)
+from .rewards import (
+    RewardFn,
+    choice_failure_type,
+    choice_reward,
+    exact_match_reward,
+    f1_reward,
+    math_failure_type,
+    math_reward,
+    qa_failure_type,
+)
 
 
 @dataclass
@@ -87,8 +96,14 @@ class TaskOptions:
     """a :class:`~memgen.tasks.sandbox.SandboxConfig` for code tasks (default: its defaults)"""
 
 
-def _task(name: str, loaded: tuple[list[Record], list[str]], reward: RewardFn, stop: list[str],
-          extra_metrics: dict[str, RewardFn] | None = None, failure_type=None) -> Task:
+def _task(
+    name: str,
+    loaded: tuple[list[Record], list[str]],
+    reward: RewardFn,
+    stop: list[str],
+    extra_metrics: dict[str, RewardFn] | None = None,
+    failure_type=None,
+) -> Task:
     records, skipped = loaded
     return Task(name, records, reward, extra_metrics or {}, stop, skipped, failure_type=failure_type)
 
@@ -111,16 +126,30 @@ def _code_task(name: str, path: Path, options: TaskOptions) -> Task:
 
 
 TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
-    "gsm8k": lambda path, o: _task("gsm8k", gsm8k_records(path, o.skip_malformed), math_reward, ["\nQuestion:"],
-                                   failure_type=math_failure_type),
-    "math": lambda path, o: _task("math", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"],
-                                  failure_type=math_failure_type),
-    "math500": lambda path, o: _task("math500", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"],
-                                     failure_type=math_failure_type),
-    "gpqa": lambda path, o: _task("gpqa", (gpqa_records(path, "diamond", o.seed), []), choice_reward,
-                                  ["\nQuestion:"], failure_type=choice_failure_type),
-    "qa": lambda path, o: _task("qa", qa_records(path, o.skip_malformed), exact_match_reward, ["\n"],
-                                {"f1": f1_reward}, failure_type=qa_failure_type),
+    "gsm8k": lambda path, o: _task(
+        "gsm8k", gsm8k_records(path, o.skip_malformed), math_reward, ["\nQuestion:"], failure_type=math_failure_type
+    ),
+    "math": lambda path, o: _task(
+        "math", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"], failure_type=math_failure_type
+    ),
+    "math500": lambda path, o: _task(
+        "math500", math_records(path, o.skip_malformed), math_reward, ["\nProblem:"], failure_type=math_failure_type
+    ),
+    "gpqa": lambda path, o: _task(
+        "gpqa",
+        (gpqa_records(path, "diamond", o.seed), []),
+        choice_reward,
+        ["\nQuestion:"],
+        failure_type=choice_failure_type,
+    ),
+    "qa": lambda path, o: _task(
+        "qa",
+        qa_records(path, o.skip_malformed),
+        exact_match_reward,
+        ["\n"],
+        {"f1": f1_reward},
+        failure_type=qa_failure_type,
+    ),
     "jsonl": lambda path, o: _task("jsonl", jsonl_records(path, o.skip_malformed), jsonl_reward, []),
     "kodcode": lambda path, o: _code_task("kodcode", path, o),
     "bigcodebench": lambda path, o: _code_task("bigcodebench", path, o),
@@ -129,8 +158,10 @@ TASKS: dict[str, Callable[[Path, TaskOptions], Task]] = {
 
 # Tasks that live in a layer above this one, as "module:loader": resolved on use, so this module never
 # imports them. Each loader takes (name, data, split, limit, max_turns, step_timeout).
-PLUGIN_TASKS: dict[str, str] = {"alfworld": "memgen.agents.tasks:load_env_task",
-                                "ledger": "memgen.agents.tasks:load_env_task"}
+PLUGIN_TASKS: dict[str, str] = {
+    "alfworld": "memgen.agents.tasks:load_env_task",
+    "ledger": "memgen.agents.tasks:load_env_task",
+}
 
 
 def load_named_task(config, env_split: str, limit: int | None = None):
@@ -141,12 +172,20 @@ def load_named_task(config, env_split: str, limit: int | None = None):
         module, _, attr = PLUGIN_TASKS[config.task].partition(":")
         loader = getattr(importlib.import_module(module), attr)
         return loader(config.task, config.data, env_split, limit, config.max_turns or None, config.step_timeout)
-    return load_task(config.task, config.data, config.skip_malformed, config.seed, limit, config.split,
-                     config.sandbox_config())
+    return load_task(
+        config.task, config.data, config.skip_malformed, config.seed, limit, config.split, config.sandbox_config()
+    )
 
 
-def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: int = 0,
-              limit: int | None = None, split: str = "", sandbox=None) -> Task:
+def load_task(
+    name: str,
+    path: str | Path,
+    skip_malformed: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+    split: str = "",
+    sandbox=None,
+) -> Task:
     """Load task ``name`` from ``path``.
 
     ``gpqa`` takes ``gpqa.zip`` or ``gpqa.zip:main``; ``bigcodebench`` reads ``split``
@@ -162,16 +201,25 @@ def load_task(name: str, path: str | Path, skip_malformed: bool = False, seed: i
         text, subset = text.rsplit(":", 1)
     path = Path(text)
     if subset:
-        task = Task("gpqa", gpqa_records(path, subset, seed), choice_reward, {}, ["\nQuestion:"],
-                    failure_type=choice_failure_type)
+        task = Task(
+            "gpqa",
+            gpqa_records(path, subset, seed),
+            choice_reward,
+            {},
+            ["\nQuestion:"],
+            failure_type=choice_failure_type,
+        )
     else:
         task = TASKS[name](path, TaskOptions(skip_malformed, seed, split, sandbox))
     report_skipped(path, task.skipped)
     if task.unavailable:
         import sys
 
-        print(f"memgen: {path}: left out {len(task.unavailable)} item(s) this machine cannot score "
-              f"(e.g. {task.unavailable[0]})", file=sys.stderr)
+        print(
+            f"memgen: {path}: left out {len(task.unavailable)} item(s) this machine cannot score "
+            f"(e.g. {task.unavailable[0]})",
+            file=sys.stderr,
+        )
     if not task.records:
         raise DataError(f"{path}: no usable records for task {name}")
     if limit is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RewardFn = Callable[..., list[float]]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -51,7 +51,7 @@ def last_boxed(text: str) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[brace + 1: i]
+                return text[brace + 1 : i]
     return None
 
 
@@ -104,7 +104,9 @@ def math_equal(prediction: str | None, gold: str | None) -> bool:
 
     try:
         gold_parsed = parse(as_latex(gold))
-        pred_parsed = parse(as_latex(prediction.replace(",", "") if _NUMBER.fullmatch(prediction.strip()) else prediction))
+        pred_parsed = parse(
+            as_latex(prediction.replace(",", "") if _NUMBER.fullmatch(prediction.strip()) else prediction)
+        )
         return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
     except Exception:  # math-verify raises on unparsable LaTeX; an unparsable answer is wrong
         return False
@@ -150,14 +152,18 @@ def token_f1(prediction: str, gold: str) -> float:
 
 def exact_match_reward(prompts, completions, aliases, **_) -> list[float]:
     """1.0 when the first line of the completion equals any alias after normalisation."""
-    return [float(any(normalize_answer(_qa_prediction(completion_text(c))) == normalize_answer(a) for a in al))
-            for c, al in zip(completions, aliases)]
+    return [
+        float(any(normalize_answer(_qa_prediction(completion_text(c))) == normalize_answer(a) for a in al))
+        for c, al in zip(completions, aliases)
+    ]
 
 
 def f1_reward(prompts, completions, aliases, **_) -> list[float]:
     """Best token-level F1 of the completion's first line over the aliases."""
-    return [max((token_f1(_qa_prediction(completion_text(c)), a) for a in al), default=0.0)
-            for c, al in zip(completions, aliases)]
+    return [
+        max((token_f1(_qa_prediction(completion_text(c)), a) for a in al), default=0.0)
+        for c, al in zip(completions, aliases)
+    ]
 
 
 def qa_failure_type(prompt: str, completion: str, gold) -> str:
@@ -178,14 +184,22 @@ _WORD = r"(?i:{})"
 # not: with IGNORECASE a bare [A-D] matches the "a" of "answer is a careful ..." and the article "A".
 _CHOICE_EXPLICIT = [
     re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-D])\)?\s*\}?\s*\}"),
-    re.compile(_WORD.format(r"answer|option|choice") + r"\W{0,3}\s*(?:" + _WORD.format(r"is|would be|will be|=|:")
-               + r")?\s*\**\s*(?:" + _WORD.format(r"option|choice") + r"\s*)?\(?([A-D])\b\)?(?![A-Za-z])"),
+    re.compile(
+        _WORD.format(r"answer|option|choice")
+        + r"\W{0,3}\s*(?:"
+        + _WORD.format(r"is|would be|will be|=|:")
+        + r")?\s*\**\s*(?:"
+        + _WORD.format(r"option|choice")
+        + r"\s*)?\(?([A-D])\b\)?(?![A-Za-z])"
+    ),
 ]
 _CHOICE_PAREN = re.compile(r"\(([A-D])\)")
 # A bare capital letter; an "A" that starts a phrase ("A careful analysis") is the article, unless a
 # verb that takes a choice follows ("A is correct").
-_CHOICE_BARE = re.compile(r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])(?!\s+(?!(?:is|was|seems|appears|looks|would|must|should"
-                          r"|fits|matches|holds)\b)[a-z])")
+_CHOICE_BARE = re.compile(
+    r"(?<![A-Za-z0-9])([A-D])(?![A-Za-z0-9])(?!\s+(?!(?:is|was|seems|appears|looks|would|must|should"
+    r"|fits|matches|holds)\b)[a-z])"
+)
 
 
 def choice_letter(text: str) -> str | None:
@@ -217,7 +231,9 @@ def choice_failure_type(prompt: str, completion: str, gold) -> str:
 
 def reference_match_reward(prompts, completions, answer, **_) -> list[float]:
     """Normalised exact match of the whole completion against a reference string."""
-    return [float(normalize_answer(completion_text(c)) == normalize_answer(str(a))) for c, a in zip(completions, answer)]
+    return [
+        float(normalize_answer(completion_text(c)) == normalize_answer(str(a))) for c, a in zip(completions, answer)
+    ]
 
 
 # ---------------------------------------------------------------- combination

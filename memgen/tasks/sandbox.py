@@ -72,11 +72,27 @@ _ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 # What of /etc a test program reads: the dynamic loader's cache, time zone, certificates'
 # public parts, locale aliases, MIME types, name-service switch. Not the account databases
 # (the sandbox writes its own), not keys (/etc/ssl/private, /etc/ssh), not credentials.
-_ETC_READ = ("/etc/alternatives", "/etc/ca-certificates", "/etc/ca-certificates.conf", "/etc/fonts",
-             "/etc/host.conf", "/etc/hosts", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
-             "/etc/locale.alias", "/etc/localtime", "/etc/mime.types", "/etc/nsswitch.conf", "/etc/os-release",
-             "/etc/pki/ca-trust/extracted", "/etc/pki/tls/certs", "/etc/ssl/certs", "/etc/ssl/openssl.cnf",
-             "/etc/timezone")
+_ETC_READ = (
+    "/etc/alternatives",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/fonts",
+    "/etc/host.conf",
+    "/etc/hosts",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/locale.alias",
+    "/etc/localtime",
+    "/etc/mime.types",
+    "/etc/nsswitch.conf",
+    "/etc/os-release",
+    "/etc/pki/ca-trust/extracted",
+    "/etc/pki/tls/certs",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/timezone",
+)
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _SYS_READ = ("/sys/devices/system/cpu",)  # the CPU count (glibc's get_nprocs, numpy, BLAS)
 # Per-run host ids for the program when memgen runs as root: outside any range that names an
@@ -93,15 +109,17 @@ class SandboxError(MemGenError):
 class SandboxConfig:
     timeout: float = help_field(10.0, "wall-clock seconds per program; then its whole process tree is killed", gt=0)
     memory_mb: int = help_field(4096, "address space per process, MiB", ge=64)
-    file_size_mb: int = help_field(64, "largest file a program may write, MiB (also caps its stdout and stderr)",
-                                   ge=1)
+    file_size_mb: int = help_field(64, "largest file a program may write, MiB (also caps its stdout and stderr)", ge=1)
     disk_mb: int = help_field(256, "size of the program's private tmpfs work directory, MiB", ge=1)
     processes: int = help_field(64, "processes and threads a program may have at once", ge=4)
     open_files: int = help_field(256, "open file descriptors per process", ge=16)
     workers: int = help_field(0, "programs run in parallel (0: the CPU count)", ge=0)
     output_chars: int = help_field(4000, "characters kept from the end of stdout and of stderr", ge=0)
-    allow_weaker: bool = help_field(False, "run even when the platform lacks a mechanism (network or filesystem "
-                                           "isolation, a process limit); what is missing is in `mechanisms`")
+    allow_weaker: bool = help_field(
+        False,
+        "run even when the platform lacks a mechanism (network or filesystem "
+        "isolation, a process limit); what is missing is in `mechanisms`",
+    )
     tmp_root: str = help_field("", "where the per-run temporary directories go (default: the system's)")
 
     def __post_init__(self) -> None:
@@ -115,12 +133,17 @@ class CodeExecutionFields:
     code_timeout: float = help_field(10.0, "code tasks: seconds each program (solution and its tests) may run", gt=0)
     code_workers: int = help_field(0, "code tasks: sandboxed programs run in parallel (0: the CPU count)", ge=0)
     code_memory_mb: int = help_field(4096, "code tasks: address space per sandboxed process, MiB", ge=64)
-    sandbox_allow_weaker: bool = help_field(False, "code tasks: run even where the platform lacks a sandbox "
-                                                   "mechanism (the missing ones are printed)")
+    sandbox_allow_weaker: bool = help_field(
+        False, "code tasks: run even where the platform lacks a sandbox mechanism (the missing ones are printed)"
+    )
 
     def sandbox_config(self) -> SandboxConfig:
-        return SandboxConfig(timeout=self.code_timeout, workers=self.code_workers, memory_mb=self.code_memory_mb,
-                             allow_weaker=self.sandbox_allow_weaker)
+        return SandboxConfig(
+            timeout=self.code_timeout,
+            workers=self.code_workers,
+            memory_mb=self.code_memory_mb,
+            allow_weaker=self.sandbox_allow_weaker,
+        )
 
 
 @dataclass
@@ -163,10 +186,21 @@ def _interpreter_paths() -> list[str]:
     or ``PYTHONPATH`` entries: files there (a repository's ``.env``) stay out of reach. Each
     path is kept both as written and resolved, since the program is started by the former.
     """
-    probe = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
-                           capture_output=True, text=True, env={}, check=True)
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(sys.executable)}
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
+        capture_output=True,
+        text=True,
+        env={},
+        check=True,
+    )
+    paths = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.dirname(sys.executable),
+    }
     paths.update(p for p in sysconfig.get_paths().values() if p)
     paths.update(p for p in json.loads(probe.stdout) if p)
     found = set()
@@ -188,8 +222,7 @@ def _outermost(paths) -> list[str]:
 def _root_layout() -> dict[str, list[str]]:
     """What the sandbox's minimal root holds: read-only binds, and the top-level links of a merged /usr."""
     links = [p for p in _ROOT_DIRS if os.path.islink(p)]
-    binds = _outermost([p for p in _ROOT_DIRS if not os.path.islink(p) and os.path.isdir(p)]
-                       + _interpreter_paths())
+    binds = _outermost([p for p in _ROOT_DIRS if not os.path.islink(p) and os.path.isdir(p)] + _interpreter_paths())
     binds += [p for p in (*_ETC_READ, *_DEVICES, *_SYS_READ) if os.path.lexists(p)]
     # Landlock's read list is the same set: inside the minimal root nothing else exists, and
     # where no minimal root could be built it is what keeps the host's other files unread.
@@ -248,25 +281,48 @@ class Sandbox:
             raise SandboxError(f"the sandbox cannot start a program here: {probe.detail}\n{probe.stderr}")
         missing = [k for k, v in self.mechanisms.items() if v.startswith("none")]
         if missing and not self.config.allow_weaker:
-            raise SandboxError("the sandbox lacks " + "; ".join(f"{k}: {self.mechanisms[k]}" for k in missing)
-                               + ". Pass allow_weaker (--sandbox-allow-weaker) to run with weaker isolation.")
+            raise SandboxError(
+                "the sandbox lacks "
+                + "; ".join(f"{k}: {self.mechanisms[k]}" for k in missing)
+                + ". Pass allow_weaker (--sandbox-allow-weaker) to run with weaker isolation."
+            )
 
     # ------------------------------------------------------------------ one program
     def _spec(self, program: Program, workdir: str, report_fd: int) -> dict:
         c = self.config
         run_id = _RUN_ID_BASE + int.from_bytes(os.urandom(2), "little") % _RUN_ID_COUNT
         # The interpreter's own directory first: tests run ``python`` by name.
-        env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
-               "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-               "MPLCONFIGDIR": os.path.join(workdir, ".matplotlib")}
+        env = {
+            "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "MPLBACKEND": "Agg",
+            "MPLCONFIGDIR": os.path.join(workdir, ".matplotlib"),
+        }
         env.update(program.env)
         return {
-            "workdir": workdir, "files": program.files, "report_fd": report_fd,
-            "argv": [sys.executable, "-I", *program.args], "env": env,
-            "tmpfs_bytes": c.disk_mb << 20, **self._layout, "uid": run_id, "gid": run_id,
-            "limits": {"cpu_seconds": int(c.timeout) + 1, "address_space": c.memory_mb << 20,
-                       "file_size": c.file_size_mb << 20, "processes": c.processes, "open_files": c.open_files},
+            "workdir": workdir,
+            "files": program.files,
+            "report_fd": report_fd,
+            "argv": [sys.executable, "-I", *program.args],
+            "env": env,
+            "tmpfs_bytes": c.disk_mb << 20,
+            **self._layout,
+            "uid": run_id,
+            "gid": run_id,
+            "limits": {
+                "cpu_seconds": int(c.timeout) + 1,
+                "address_space": c.memory_mb << 20,
+                "file_size": c.file_size_mb << 20,
+                "processes": c.processes,
+                "open_files": c.open_files,
+            },
         }
 
     def run(self, program: Program, _probe: bool = False) -> SandboxResult:
@@ -278,9 +334,16 @@ class Sandbox:
         try:
             spec = marshal.dumps(self._spec(program, workdir, write_fd))
             with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", CONFINE], stdin=subprocess.PIPE, stdout=out,
-                                        stderr=err, pass_fds=(write_fd,), start_new_session=True, env={},
-                                        cwd=workdir)
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", CONFINE],
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                    env={},
+                    cwd=workdir,
+                )
                 os.close(write_fd)
                 write_fd = -1
                 try:
@@ -291,8 +354,15 @@ class Sandbox:
                 timed_out = not _wait_exit(proc, c.timeout)
                 seconds = time.perf_counter() - began
                 report = self._kill_and_report(proc, read_fd)
-                result = self._classify(program, proc.returncode, report, timed_out, seconds,
-                                        _tail(out, c.output_chars), _tail(err, c.output_chars))
+                result = self._classify(
+                    program,
+                    proc.returncode,
+                    report,
+                    timed_out,
+                    seconds,
+                    _tail(out, c.output_chars),
+                    _tail(err, c.output_chars),
+                )
         finally:
             os.close(read_fd)
             if write_fd >= 0:
@@ -348,8 +418,9 @@ class Sandbox:
             _wait_gone(report["init_pid"], 5.0)
         return report
 
-    def _classify(self, program: Program, code: int, report: dict, timed_out: bool, seconds: float,
-                  stdout: str, stderr: str) -> SandboxResult:
+    def _classify(
+        self, program: Program, code: int, report: dict, timed_out: bool, seconds: float, stdout: str, stderr: str
+    ) -> SandboxResult:
         signum = report.get("signal") or (-code if code is not None and code < 0 else None) or None
         limit = None
         if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
@@ -359,8 +430,16 @@ class Sandbox:
         elif "Resource temporarily unavailable" in stderr and "fork" in stderr:
             limit = "processes"
         if timed_out:
-            return SandboxResult("timeout", None, signum, seconds, stdout, stderr, "time",
-                                 f"killed after the {self.config.timeout:g} s timeout")
+            return SandboxResult(
+                "timeout",
+                None,
+                signum,
+                seconds,
+                stdout,
+                stderr,
+                "time",
+                f"killed after the {self.config.timeout:g} s timeout",
+            )
         if signum == signal.SIGXCPU or (signum == signal.SIGKILL and seconds >= self.config.timeout):
             return SandboxResult("timeout", None, signum, seconds, stdout, stderr, "cpu", "CPU time limit")
         if signum:
@@ -368,12 +447,19 @@ class Sandbox:
             return SandboxResult("crashed", None, signum, seconds, stdout, stderr, limit, f"killed by {name}")
         if code == 0:
             if program.passed_pattern and not re.search(program.passed_pattern, stdout + "\n" + stderr, re.M):
-                return SandboxResult("crashed", 0, None, seconds, stdout, stderr, limit,
-                                     "exit 0 without the test runner's report (did the program exit early?)")
+                return SandboxResult(
+                    "crashed",
+                    0,
+                    None,
+                    seconds,
+                    stdout,
+                    stderr,
+                    limit,
+                    "exit 0 without the test runner's report (did the program exit early?)",
+                )
             return SandboxResult("passed", 0, None, seconds, stdout, stderr, limit, "exit 0")
         if code == 126 and "memgen sandbox: cannot start" in stderr:
-            return SandboxResult("crashed", code, None, seconds, stdout, stderr, None,
-                                 stderr.strip().splitlines()[-1])
+            return SandboxResult("crashed", code, None, seconds, stdout, stderr, None, stderr.strip().splitlines()[-1])
         if code in program.failure_exit_codes:
             return SandboxResult("failed", code, None, seconds, stdout, stderr, limit, f"tests failed (exit {code})")
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -399,13 +485,16 @@ class Sandbox:
         root = "minimal root (read-only binds of /usr, the interpreter, a few /etc entries)"
         return {
             "network": network,
-            "unix_sockets": f"{root}: no host socket path exists inside" if minimal
+            "unix_sockets": f"{root}: no host socket path exists inside"
+            if minimal
             else f"none: {report.get('root', '?')}; Landlock does not govern connect() on socket files",
-            "filesystem": (f"{root}; {landlock}" if minimal else landlock) if enforced
+            "filesystem": (f"{root}; {landlock}" if minimal else landlock)
+            if enforced
             else f"none: Landlock {landlock}",
             "uid": identity,
             "signals": "PID namespace, Landlock scope" if "signals" in landlock else "none: Landlock below ABI 6",
-            "processes": "RLIMIT_NPROC, counted for this run alone" if uid != "0"
+            "processes": "RLIMIT_NPROC, counted for this run alone"
+            if uid != "0"
             else "none: uid 0 ignores RLIMIT_NPROC",
             "cleanup": "PID namespace" if report.get("pid_namespace") == "True" else "process group only",
             "proc": "private /proc (own processes only)" if report.get("proc") else "host /proc",
@@ -421,8 +510,10 @@ class Sandbox:
         from tqdm.auto import tqdm
 
         results: list[SandboxResult | None] = [None] * len(programs)
-        with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool, \
-                tqdm(total=len(programs), disable=not progress, desc="sandbox", dynamic_ncols=True) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool,
+            tqdm(total=len(programs), disable=not progress, desc="sandbox", dynamic_ncols=True) as bar,
+        ):
             futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()

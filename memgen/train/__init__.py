@@ -35,5 +35,11 @@ def train_trigger(config: TriggerTrainConfig, model=None, task=None, reward_fn=N
     return run.train(trigger_step)
 
 
-__all__ = ["TrainConfig", "WeaverTrainConfig", "TriggerTrainConfig", "train_weaver", "train_trigger",
-           "latest_checkpoint"]
+__all__ = [
+    "TrainConfig",
+    "WeaverTrainConfig",
+    "TriggerTrainConfig",
+    "train_weaver",
+    "train_trigger",
+    "latest_checkpoint",
+]

@@ -26,19 +26,29 @@ class TrainConfig(CodeExecutionFields):
     model: str = help_field("", "base model directory (save_pretrained) or hub name")
     adapter: str | None = help_field(None, "start from this memgen adapter (e.g. the SFT weaver before GRPO)")
     output_dir: str = help_field("runs/memgen", "where checkpoints, metrics.jsonl and the final adapter go")
-    task: str = help_field("jsonl", "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | "
-                                    "bigcodebench, or an agent task: alfworld | ledger")
-    data: str = help_field("", "training data file (see --task); alfworld: the directory of the game archives; "
-                               "ledger: demo domains, e.g. B")
+    task: str = help_field(
+        "jsonl",
+        "data adapter: gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | "
+        "bigcodebench, or an agent task: alfworld | ledger",
+    )
+    data: str = help_field(
+        "",
+        "training data file (see --task); alfworld: the directory of the game archives; ledger: demo domains, e.g. B",
+    )
     max_turns: int = help_field(0, "agent tasks: turns per episode (0: the task's default, 50 for alfworld)", ge=0)
     step_timeout: float = help_field(30.0, "agent tasks: seconds an environment step may take", gt=0)
-    invalid_action_penalty: float = help_field(0.0, "agent RL per-step shaping: subtracted from an episode's reward "
-                                                    "(success) per turn whose reply held no action (0 = off)", ge=0)
+    invalid_action_penalty: float = help_field(
+        0.0,
+        "agent RL per-step shaping: subtracted from an episode's reward "
+        "(success) per turn whose reply held no action (0 = off)",
+        ge=0,
+    )
     limit: int | None = help_field(None, "use only the first N records", ge=1)
     split: str = help_field("", "bigcodebench: complete (default) | instruct")
     skip_malformed: bool = help_field(False, "skip malformed data lines (reported as file:line) instead of stopping")
-    use_chat_template: bool = help_field(False, "render prompts with the tokenizer's chat template (plain prompts "
-                                                "become one user turn)")
+    use_chat_template: bool = help_field(
+        False, "render prompts with the tokenizer's chat template (plain prompts become one user turn)"
+    )
     seed: int = help_field(0, "seed for data order, insertion subsets, rollouts and initialisation", ge=0)
     max_steps: int = help_field(100, "optimizer steps", ge=1)
     per_device_batch_size: int = help_field(8, "prompts per process per micro-step", ge=1)
@@ -49,8 +59,11 @@ class TrainConfig(CodeExecutionFields):
     warmup_steps: int = help_field(0, "linear warmup steps", ge=0)
     max_grad_norm: float = help_field(1.0, "gradient clipping norm (0 = off)", ge=0)
     mixed_precision: str = help_field("no", "no | bf16 | fp16 (accelerate autocast)")
-    base_dtype: str = help_field("float32", "dtype the frozen base is stored and run in: float32 | bfloat16 | "
-                                            "auto (bfloat16 where bf16 is native); trainable weights stay float32")
+    base_dtype: str = help_field(
+        "float32",
+        "dtype the frozen base is stored and run in: float32 | bfloat16 | "
+        "auto (bfloat16 where bf16 is native); trainable weights stay float32",
+    )
     save_every: int = help_field(50, "write a checkpoint every N steps (0 = only at the end)", ge=0)
     save_total_limit: int = help_field(2, "keep this many newest checkpoints", ge=1)
     log_every: int = help_field(1, "log metrics every N steps", ge=1)
@@ -66,10 +79,12 @@ class TrainConfig(CodeExecutionFields):
     latent_init_text: str | None = help_field(None, "start latents at this text's token embeddings (new weavers only)")
     anchor_context: bool = help_field(True, "map the insertion point's state into the latents (new weavers only)")
     max_prompt_tokens: int = help_field(512, "prompts are truncated from the left to this many tokens", ge=1)
-    experience: str | None = help_field(None, "experience store the weaver reads on every invocation "
-                                              "(retrieval-augmented weaving, paper App. E)")
-    experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner (the frozen "
-                                                      "reasoner's pooled states) | bm25 | st:DIR")
+    experience: str | None = help_field(
+        None, "experience store the weaver reads on every invocation (retrieval-augmented weaving, paper App. E)"
+    )
+    experience_embedder: str = help_field(
+        "reasoner", "how --experience is searched: reasoner (the frozen reasoner's pooled states) | bm25 | st:DIR"
+    )
     retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
     retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
     retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
@@ -90,10 +105,16 @@ class TrainConfig(CodeExecutionFields):
             raise ConfigError(f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
 
     def memgen_config(self) -> MemGenConfig:
-        return MemGenConfig(prompt_latents=self.prompt_latents, inference_latents=self.inference_latents,
-                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, delimiters=self.delimiters,
-                            latent_positions=self.latent_positions, latent_init_text=self.latent_init_text,
-                            anchor_context=self.anchor_context)
+        return MemGenConfig(
+            prompt_latents=self.prompt_latents,
+            inference_latents=self.inference_latents,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            delimiters=self.delimiters,
+            latent_positions=self.latent_positions,
+            latent_init_text=self.latent_init_text,
+            anchor_context=self.anchor_context,
+        )
 
 
 @dataclass
@@ -114,8 +135,9 @@ class RolloutConfig:
     def check_rewards(self) -> None:
         funcs = self.reward_funcs or ["task"]
         if self.reward_weights and len(self.reward_weights) != len(funcs):
-            raise ConfigError(f"reward_weights has {len(self.reward_weights)} weight(s) for {len(funcs)} reward "
-                              f"function(s) {funcs}")
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} weight(s) for {len(funcs)} reward function(s) {funcs}"
+            )
 
 
 @dataclass
@@ -157,8 +179,11 @@ class TriggerTrainConfig(RolloutConfig, TrainConfig):
     # Off by default here, unlike weaver GRPO: in a group whose rollouts tie on task reward
     # (all right or all wrong, most groups), the std division blows the small sparsity
     # penalties up to unit advantages, so the trigger learns "invoke less" whatever memory does.
-    scale_rewards: bool = help_field(False, "divide group-centred rewards by the group std (True: GRPO; the "
-                                            "penalty alone then sets full-size advantages in tied groups)")
+    scale_rewards: bool = help_field(
+        False,
+        "divide group-centred rewards by the group std (True: GRPO; the "
+        "penalty alone then sets full-size advantages in tied groups)",
+    )
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)

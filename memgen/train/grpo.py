@@ -33,20 +33,27 @@ def grpo_step(run, micro: int):
         batch = collect(run, records, micro, config.memory)
         if config.num_iterations > 1 and run.unwrapped.reasoner.dtype not in (torch.float32, torch.float64):
             with torch.no_grad():
-                batch.old_logprobs = run.unwrapped.teacher_forced(batch.prompt_ids, batch.completion_ids,
-                                                                  batch.insertions, config.temperature,
-                                                                  batch.contexts, batch.kinds).logprobs
+                batch.old_logprobs = run.unwrapped.teacher_forced(
+                    batch.prompt_ids,
+                    batch.completion_ids,
+                    batch.insertions,
+                    config.temperature,
+                    batch.contexts,
+                    batch.kinds,
+                ).logprobs
         ref = None
         if config.beta > 0:
             with torch.no_grad():
-                ref = run.unwrapped.teacher_forced(batch.prompt_ids, batch.completion_ids,
-                                                   [[] for _ in batch.completion_ids], config.temperature).logprobs
+                ref = run.unwrapped.teacher_forced(
+                    batch.prompt_ids, batch.completion_ids, [[] for _ in batch.completion_ids], config.temperature
+                ).logprobs
         advantages = batch.per_row(group_advantages(batch.rewards, config.num_generations, config.scale_rewards))
         cache[micro] = (batch, ref, advantages)
     batch, ref, advantages = cache[micro]
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts,
-                    batch.kinds)
+    out = run.model(
+        batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts, batch.kinds
+    )
     mask = out.mask.float()
     if batch.loss_mask is not None:  # agent episodes: observations are context, not actions
         mask = mask * batch.loss_mask

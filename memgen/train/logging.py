@@ -10,8 +10,9 @@ from ..checkpoint import atomic_write_text
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
         """``resume_step``: the run continues from this step's checkpoint, so later rows are dropped."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -20,8 +21,11 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:

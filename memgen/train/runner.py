@@ -22,9 +22,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,9 +34,8 @@ from ..checkpoint import atomic_directory, atomic_torch_save
 from ..data import Record, prompt_token_ids
 from ..errors import ConfigError
 from ..loading import load_base
-from ..precision import resolve_base_dtype
 from ..model import MemGen
-from ..precision import warn_if_bf16_emulated
+from ..precision import resolve_base_dtype, warn_if_bf16_emulated
 from ..tasks import Task, load_named_task
 from .logging import MetricsLogger
 
@@ -44,8 +43,15 @@ STATE_FILE = "trainer_state.pt"
 RANKS_DIR = "ranks"
 # Settings that may differ on --resume: they change what is shown or kept, not what is computed.
 # code_workers only sets how many sandboxed programs run at once, not what they return.
-RESUME_FREE_FIELDS = ("resume", "progress", "tensorboard", "save_every", "save_total_limit", "log_every",
-                      "code_workers")
+RESUME_FREE_FIELDS = (
+    "resume",
+    "progress",
+    "tensorboard",
+    "save_every",
+    "save_total_limit",
+    "log_every",
+    "code_workers",
+)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,8 +60,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    found = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file())
+    found = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()
+    )
     return found[-1][1] if found else None
 
 
@@ -130,19 +137,23 @@ class Run:
         self.rank = self.accelerator.process_index
         self.global_batch = config.per_device_batch_size * self.world
         if self.global_batch > len(self.records):
-            raise ConfigError(f"a global batch of {self.global_batch} records needs at least that many records; "
-                              f"{config.data} has {len(self.records)}")
+            raise ConfigError(
+                f"a global batch of {self.global_batch} records needs at least that many records; "
+                f"{config.data} has {len(self.records)}"
+            )
         self.state = {"step": 0, "epoch": 0, "position": 0, "method": {}}
         self.output_dir = Path(config.output_dir)
         if config.resume:
             self._resume()
         elif latest_checkpoint(self.output_dir) is not None:  # every rank checks, so none waits on a raised one
-            raise ConfigError(f"{self.output_dir} already holds checkpoints; pass --resume to continue "
-                              "or choose another --output-dir")
+            raise ConfigError(
+                f"{self.output_dir} already holds checkpoints; pass --resume to continue or choose another --output-dir"
+            )
         # Rows logged after the step we start from are dropped: those steps run (again) now. A fresh
         # run starts at 0, so rows left by an earlier attempt that died before its first checkpoint go too.
-        self.logger = MetricsLogger(self.output_dir, config.tensorboard, self.accelerator.is_main_process,
-                                    resume_step=self.state["step"])
+        self.logger = MetricsLogger(
+            self.output_dir, config.tensorboard, self.accelerator.is_main_process, resume_step=self.state["step"]
+        )
 
     # ------------------------------------------------------------------ data
     def _order(self, epoch: int) -> list[int]:
@@ -156,7 +167,7 @@ class Run:
             self.state["position"] = 0
         order = self._order(self.state["epoch"])
         start = self.state["position"] + self.rank * self.config.per_device_batch_size
-        indices = order[start: start + self.config.per_device_batch_size]
+        indices = order[start : start + self.config.per_device_batch_size]
         self.state["position"] += self.global_batch
         return [self.records[i] for i in indices], indices
 
@@ -164,7 +175,7 @@ class Run:
     def encode_prompt(self, record: Record) -> list[int]:
         """A record's prompt ids (through the chat template with ``use_chat_template``), truncated from the left."""
         ids = prompt_token_ids(record, self.unwrapped.tokenizer, self.config.use_chat_template)
-        return ids[-self.config.max_prompt_tokens:]
+        return ids[-self.config.max_prompt_tokens :]
 
     def global_sum(self, value: float | torch.Tensor) -> float:
         tensor = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device).detach().clone()
@@ -175,7 +186,7 @@ class Run:
         n = self.global_sum(values.numel())
         mean = self.global_sum(values.sum()) / n
         square = self.global_sum((values.double() ** 2).sum()) / n
-        return mean, max(0.0, square - mean ** 2) ** 0.5
+        return mean, max(0.0, square - mean**2) ** 0.5
 
     def rollout_seed(self, micro: int) -> int:
         return (self.config.seed * 1_000_003 + self.state["step"] * 101 + micro) * 17 + self.rank
@@ -183,9 +194,16 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict:
         """What differs between processes: method state (e.g. GRPO's cached rollouts) and RNG streams."""
-        return {"method": self.state["method"], "rank": self.rank,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        return {
+            "method": self.state["method"],
+            "rank": self.rank,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
 
     def save_checkpoint(self) -> Path | None:
         """Every rank writes its own state, then the main process assembles the checkpoint and renames it in."""
@@ -200,13 +218,16 @@ class Run:
         if acc.is_main_process:
             with atomic_directory(path) as scratch:
                 self.unwrapped.save_pretrained(scratch / "adapter")
-                torch.save({
-                    "state": {k: v for k, v in self.state.items() if k != "method"},
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "config": asdict(self.config),
-                    "world_size": self.world,
-                }, scratch / STATE_FILE)
+                torch.save(
+                    {
+                        "state": {k: v for k, v in self.state.items() if k != "method"},
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "config": asdict(self.config),
+                        "world_size": self.world,
+                    },
+                    scratch / STATE_FILE,
+                )
                 shutil.move(str(staging), str(scratch / RANKS_DIR))
             self._prune_checkpoints()
         acc.wait_for_everyone()
@@ -225,15 +246,21 @@ class Run:
             free.add("max_steps")  # extending a constant-LR run changes nothing already run
         defaults = {f.name: f.default for f in fields(self.config)}
         # A field added after the checkpoint was written counts as unchanged at its default.
-        changed = [f"{name}: {saved['config'].get(name)!r} in the checkpoint, {value!r} now"
-                   for name, value in now.items() if name not in free and saved["config"].get(name, defaults.get(
-                       name) if name not in saved["config"] else None) != value]
+        changed = [
+            f"{name}: {saved['config'].get(name)!r} in the checkpoint, {value!r} now"
+            for name, value in now.items()
+            if name not in free
+            and saved["config"].get(name, defaults.get(name) if name not in saved["config"] else None) != value
+        ]
         if saved.get("world_size", 1) != self.world:
             changed.append(f"processes: {saved.get('world_size', 1)} in the checkpoint, {self.world} now")
         if changed:
-            raise ConfigError(f"--resume from {path} with changed settings would not continue the same run: "
-                              + "; ".join(changed) + ". Resume with the checkpoint's settings (see "
-                              f"{self.output_dir / 'config.yaml'}) or start a new --output-dir")
+            raise ConfigError(
+                f"--resume from {path} with changed settings would not continue the same run: "
+                + "; ".join(changed)
+                + ". Resume with the checkpoint's settings (see "
+                f"{self.output_dir / 'config.yaml'}) or start a new --output-dir"
+            )
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.output_dir)
@@ -268,8 +295,13 @@ class Run:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-        bar = tqdm(total=config.max_steps, initial=self.state["step"], disable=not (config.progress and acc.is_main_process),
-                   desc=f"train {self.trainable}", dynamic_ncols=True)
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.state["step"],
+            disable=not (config.progress and acc.is_main_process),
+            desc=f"train {self.trainable}",
+            dynamic_ncols=True,
+        )
         while self.state["step"] < config.max_steps:
             started = time.perf_counter()
             totals: dict[str, float] = {}

@@ -32,16 +32,16 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .rollouts import collect, execution_metrics, group_advantages
 from ..weaver import PROMPT
+from .rollouts import collect, execution_metrics, group_advantages
 
 
 def sparsity_penalties(task_rewards: list[float], decisions: list[list[bool]], group: int, lam: float):
     """Per-rollout penalties and per-group p̄ (paper Eq. 9)."""
     penalties, p_bars = [], []
     for start in range(0, len(task_rewards), group):
-        rewards = task_rewards[start: start + group]
-        flags = decisions[start: start + group]
+        rewards = task_rewards[start : start + group]
+        flags = decisions[start : start + group]
         median = statistics.median(rewards)
         good = [sum(f) / len(f) for f, r in zip(flags, rewards) if r >= median and f]
         p_bar = sum(good) / len(good) if good else 0.0
@@ -57,15 +57,15 @@ def calibrate_head(run, head, seen: list[torch.Tensor]) -> None:
     """
     d = head.input_mean.numel()
     states = torch.cat(seen).double() if seen else torch.zeros(0, d, dtype=torch.float64)
-    moments = torch.cat([states.new_tensor([len(states)]), states.sum(0), (states ** 2).sum(0)])
+    moments = torch.cat([states.new_tensor([len(states)]), states.sum(0), (states**2).sum(0)])
     moments = run.accelerator.reduce(moments.to(run.accelerator.device), reduction="sum")
     n = float(moments[0])
     if n < 2:  # no decision anywhere yet: try again on the next step
         return
-    mean = moments[1: 1 + d] / n
+    mean = moments[1 : 1 + d] / n
     # One scale for all features (their RMS spread), not one per feature: the prompt-end head sees only
     # one state per prompt in the first step, too few for d per-feature variances.
-    spread = (moments[1 + d:] / n - mean ** 2).clamp_min(0.0).mean().sqrt()
+    spread = (moments[1 + d :] / n - mean**2).clamp_min(0.0).mean().sqrt()
     head.calibrate(mean.float(), spread.float())
 
 
@@ -75,8 +75,9 @@ def trigger_step(run, micro: int):
     heads = [h for h in run.unwrapped.trigger_heads() if not bool(h.calibrated) and h.untrained]
     with contextlib.ExitStack() as stack:
         seen = [stack.enter_context(h.recording()) for h in heads]
-        batch = collect(run, records, micro, "trigger", sample_trigger=True,
-                        insert_at_prompt_end=config.insert_at_prompt_end)
+        batch = collect(
+            run, records, micro, "trigger", sample_trigger=True, insert_at_prompt_end=config.insert_at_prompt_end
+        )
     for head, states in zip(heads, seen):
         calibrate_head(run, head, states)
     owner = batch.row_episode.tolist() if batch.row_episode is not None else list(range(len(batch.decisions)))
@@ -88,8 +89,9 @@ def trigger_step(run, micro: int):
     total = batch.rewards - torch.tensor(penalties, device=batch.rewards.device)
     advantages = batch.per_row(group_advantages(total, config.num_generations, config.scale_rewards))
 
-    out = run.model(batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts,
-                    batch.kinds)
+    out = run.model(
+        batch.prompt_ids, batch.completion_ids, batch.insertions, config.temperature, batch.contexts, batch.kinds
+    )
     rows = [r for r, d in enumerate(batch.decisions) for _ in d]
     positions = [pos for d in batch.decisions for pos, _, _ in d]
     turn_starts = [kind == PROMPT and pos > 0 for d in batch.decisions for pos, _, kind in d]
