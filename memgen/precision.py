@@ -104,7 +104,7 @@ BASE_DTYPES = ("auto", "float32", "bfloat16")
 def resolve_base_dtype(requested: str, device: torch.device | str = "cpu") -> tuple[torch.dtype, str]:
     """The dtype a frozen base is stored and run in, and why: ``auto`` -> bfloat16 where bf16 is native.
 
-    Measured on SmolLM2-135M-Instruct (BENCHMARKS.md, "A real checkpoint"): on a CPU with
+    Measured on SmolLM2-135M-Instruct (docs/benchmarks.md, "A real checkpoint"): on a CPU with
     native bf16 (AVX512-BF16) a bfloat16 base decodes 1.7-2.0x faster than float32 with memgen's
     ratios against ``generate`` unchanged, and memory off still equals ``generate`` token for
     token; where bf16 is emulated it is many times slower. This is a different choice from

@@ -118,7 +118,7 @@ def test_bigcodebench_references_pass_and_missing_libraries_are_listed(split):
         task_id, _, reason = line.partition(": ")
         assert task_id.startswith("BigCodeBench/") and reason.endswith("not installed")
     # The first 12 tasks on the standard library alone, none of it networking, keep the run
-    # short; `memgen sandbox check` runs them all (see the closing note / BENCHMARKS.md).
+    # short; `memgen sandbox check` runs them all (see the closing note / docs/benchmarks.md).
     offline = [
         r
         for r in task.records

@@ -106,7 +106,7 @@ class DemoConfig:
     experience_arms: bool = help_field(
         False,
         "also run the experience arms: expel, awm and memgen_sft_retrieval "
-        "(about +290 s per seed on 2 cores, past the cached budget; DEMO.md)",
+        "(about +290 s per seed on 2 cores, past the cached budget; docs/results.md)",
     )
     experience_size: int = help_field(
         200, "B training problems the reasoner attempts (twice) to gather experience", ge=1
@@ -118,7 +118,7 @@ class DemoConfig:
     trigger_at_prompt_end: bool = help_field(
         True,
         "the trigger also decides whether to weave at the prompt end "
-        "(seed 0: prompt-end latents alone cost A 0.42; DEMO.md)",
+        "(seed 0: prompt-end latents alone cost A 0.42; docs/results.md)",
     )
     trigger_lr: float = help_field(3e-3, "trigger learning rate", gt=0)
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)

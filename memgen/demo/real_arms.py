@@ -19,7 +19,7 @@ LoRA-SFT is evaluated merged into a float32 copy of the base. Merged into bfloat
 update smaller than half a bfloat16 step of its weight (2^-9 relative) would round away, so a
 bf16 merge would not be the model that was trained; unmerged, the peft layers could not sit
 under MemGen's own adapter. Its decoding is therefore float32 while the other arms' is the
-base dtype (see DEMO.md for what that costs).
+base dtype (see docs/results.md for what that costs).
 """
 
 from __future__ import annotations

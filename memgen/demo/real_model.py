@@ -18,7 +18,7 @@ and a re-run with more seeds or arms computes only what is new (``run.json`` rec
 seed's rows). Then the claims are checked per seed and in the mean and
 ``results.json``, ``report.md`` and plots are written, as the default demo does.
 
-Settings were chosen on the validation split only (DEMO.md, "Real model"); ``--validate``
+Settings were chosen on the validation split only (docs/results.md, "Real model"); ``--validate``
 prints the vanilla model's and a trained adapter's validation accuracy and touches no test.
 
 Departures from the paper: a 135M reasoner, CPU budgets (hundreds of SFT steps, tens of RL
@@ -91,7 +91,7 @@ class RealDemoConfig:
     seeds: int = help_field(3, "seeds to run: seed, seed+1, ...; each has its own problems, arms and samples", ge=1)
     steps: int = help_field(2, "in-domain events per problem (the harder set has one more)", ge=1)
     operations: list[str] = help_field(
-        ["add", "sub"], "in-domain operations: add sub mul div (chosen on validation: DEMO.md)"
+        ["add", "sub"], "in-domain operations: add sub mul div (chosen on validation: docs/results.md)"
     )
     train_size: int = help_field(2000, "in-domain training problems", ge=1)
     validation_size: int = help_field(64, "in-domain validation problems (for choosing settings)", ge=1)
@@ -123,7 +123,7 @@ class RealDemoConfig:
     rollout_temperature: float = help_field(
         0.7,
         "sampling temperature of trigger-RL and GRPO rollouts (chosen on "
-        "validation: DEMO.md, 'Why the first trigger stayed silent')",
+        "validation: docs/results.md, 'Why the first trigger stayed silent')",
         gt=0,
     )
     max_new_tokens: int = help_field(128, "longest answer (word problems, known questions, RL rollouts)", ge=1)

@@ -11,13 +11,13 @@ problems, some carrying notes (see :mod:`memgen.tasks.domains`).
   model got 650 steps of it and reached 0.20-0.26 greedy accuracy on held-out A; a 1M model
   gets 2,000+ steps of the same budget and went from 0.15 to 0.93 between steps 500 and
   1,000 (the algorithm -- find step k's verb and amount, add single digits -- is learnt in a
-  jump). See DEMO.md for the measurements.
+  jump). See docs/results.md for the measurements.
 - **Half nonce problems, every one with notes.** Reading the memory channel is learnt in a
   jump whose timing varied by seed when 40% of problems were nonce and a fifth of those had
   no notes (their signs cannot be learnt, only guessed): seed 1 plateaued at 0.55 note
   reading after 3,500 steps, seed 0 passed 0.9 only at 3,250. With ``nonce_share`` 0.5 and
   ``nonce_notes`` 1.0, seeds 0, 1 and 2 passed both checks by steps 1,500, 1,250 and 1,250
-  (fp32, AVX2 kernels; DEMO.md).
+  (fp32, AVX2 kernels; docs/results.md).
 - **A quality bar on both skills.** After the schedule, greedy accuracy on held-out domain-A
   problems and on held-out nonce problems with true notes (:func:`note_reading_accuracy`:
   reading the memory channel, learnt later than A) is measured; while either is below
