@@ -207,6 +207,7 @@ def test_unparsable_or_overlong_actions_get_a_failure_observation(tok):
     assert any(t.completion.finish_reason == "length" for t in episode.turns)
 
 
+@pytest.mark.slow
 def test_step_timeout_ends_the_episode_and_the_batch_goes_on(tok):
     model = _ending_memgen(tok)
     slow = ProcessEnv(SleepyEnv, timeout=1.0, name="sleepy")

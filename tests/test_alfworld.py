@@ -42,6 +42,7 @@ def test_splits_have_the_published_game_counts(cache):
     assert str(unpack_split(DATA, "valid_seen")).startswith(str(cache))
 
 
+@pytest.mark.slow
 def test_expert_replay_solves_every_valid_seen_game():
     summary = replay_split(ExpertConfig(data=str(DATA), split="valid_seen", workers=2))
     assert summary["games"] == 140
@@ -83,6 +84,7 @@ def _tiny_model(tmp_path):
     return tmp_path / "base"
 
 
+@pytest.mark.slow
 def test_recipe_sft_then_grpo_then_trigger_on_two_games(tmp_path):
     """The real entry points on 2 training games with a tiny random model, then eval and play."""
     from memgen.train.logging import read_metrics

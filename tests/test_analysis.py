@@ -34,6 +34,7 @@ def blobs(seed=0, n=40, d=16, centers=3):
 
 
 # ---------------------------------------------------------------- clustering
+@pytest.mark.slow
 def test_clustering_is_deterministic_for_a_seed():
     points = blobs() + torch.randn(120, 16, generator=torch.Generator().manual_seed(5)) * 3
     first, again = fit_clusters(points, 4, seed=3), fit_clusters(points, 4, seed=3)
@@ -261,6 +262,7 @@ def run_cli(*args):
     return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GSM8K.is_file(), reason="../shared/data/gsm8k missing")
 def test_recipe_analyze_cli_on_gsm8k(tmp_path, tok):
     """The real entry point: collect -> cluster -> project -> read -> ablate -> report on 6 GSM8K problems."""

@@ -260,6 +260,7 @@ def causal_lm_types():
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+@pytest.mark.slow
 def test_every_accepted_architecture_gives_the_models_own_logits(tok):
     """Each tiny-buildable causal LM is either refused with a memgen error, or gives the model's own logits and
     ``generate``'s greedy tokens with memory off."""

@@ -13,6 +13,8 @@ from memgen.tasks import SandboxConfig, load_task
 from memgen.tasks.code import missing_libraries, program_for, solution_names
 from memgen.tasks.code_extract import complete_program, extract_code
 
+pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KODCODE = DATA / "kodcode"
 BIGCODEBENCH = DATA / "bigcodebench" / "BigCodeBench.jsonl.gz"

@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from memgen.tasks.domains import answer_reward, disjoint_splits, make_problem
 
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "memgen_random", "prompt_only", "memgen_grpo"]
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path):
     env = dict(os.environ, MEMGEN_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"

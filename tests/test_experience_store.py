@@ -12,6 +12,8 @@ import torch
 from memgen.experience import BM25Retriever, ExperienceError, ExperienceRecord, ExperienceStore, ReasonerEmbedder
 from memgen.tiny import tiny_causal_lm, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
+
 PROBLEMS = [f"Q: Ann has {a} pens. gets {b}. loses {c}." for a in range(1, 6) for b in range(1, 4) for c in range(1, 3)]
 
 

@@ -168,6 +168,7 @@ def outcomes(payload: dict) -> list:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the checkout")
 def test_real_demo_quick_runs_end_to_end_and_resumes_from_its_cache(tmp_path):
     out = tmp_path / "real"

@@ -24,6 +24,8 @@ from memgen.checkpoint import weights_fingerprint
 from memgen.data import Record, prompt_token_ids
 from memgen.loading import export_base, load_base, packaged_smollm2
 
+pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 

@@ -208,6 +208,7 @@ def test_weaver_training_reads_the_store(tok, store, tmp_path):
     assert (weights["with"] - weights["without"]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_cli_trains_weaver_then_trigger_with_an_experience_store(tmp_path):
     """The real entry points: `memgen train weaver --experience`, then `memgen train trigger --experience`."""
     import json

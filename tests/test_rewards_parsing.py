@@ -4,6 +4,8 @@ import pytest
 
 from memgen.tasks.rewards import choice_letter, choice_reward, final_answer, math_reward
 
+pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
+
 CHOICES = [
     ("The answer is clearly B", "B"),
     ("A careful analysis shows (C)", "C"),

@@ -119,6 +119,7 @@ def test_malformed_task_lines_name_file_and_line(tmp_path):
         assert len(load_task("gsm8k", bad, skip_malformed=True).records) == 3
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_and_writes_jsonl(tmp_path, tok):
     from conftest import make_base
 

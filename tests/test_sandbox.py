@@ -75,6 +75,7 @@ def test_passing_program_and_its_output(run):
     assert result.status == "passed" and result.stdout == "hello\n" and result.stderr == "oops\n"
 
 
+@pytest.mark.slow
 def test_infinite_loop_times_out(run, sandbox):
     began = time.monotonic()
     result = run("while True: pass")
@@ -82,6 +83,7 @@ def test_infinite_loop_times_out(run, sandbox):
     assert time.monotonic() - began < sandbox.config.timeout + 3
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_contained(run):
     result = run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
     assert result.status == "timeout"
@@ -290,6 +292,7 @@ def test_missing_mechanism_is_refused_unless_weaker_isolation_is_allowed(monkeyp
     assert weaker.run(Program({}, ["-c", "print('ran')"])).stdout == "ran\n"
 
 
+@pytest.mark.slow
 def test_cli_sandbox_info_names_every_mechanism():
     done = subprocess.run(
         [sys.executable, "-m", "memgen", "sandbox", "info"], capture_output=True, text=True, timeout=120
@@ -449,6 +452,7 @@ print(json.dumps({"uid": os.getuid(), "mechanisms": sandbox.mechanisms, "status"
 """
 
 
+@pytest.mark.slow
 def test_contained_when_memgen_is_not_root(tmp_path):
     """As an ordinary user (nobody): a fork bomb is contained without any cgroup, and host sockets,
     root-only files and host processes stay out of reach."""

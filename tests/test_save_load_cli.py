@@ -116,6 +116,7 @@ def run_cli(*args):
     return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_generate_json_matches_python_api(saved):
     root, model = saved
     proc = run_cli(
@@ -144,6 +145,7 @@ def test_cli_generate_json_matches_python_api(saved):
     assert [i["position"] for i in result["insertions"] if i["inserted"]] == expected.insertion_positions
 
 
+@pytest.mark.slow
 def test_cli_streams_plain_text(saved):
     root, model = saved
     proc = run_cli(
@@ -163,6 +165,7 @@ def test_cli_streams_plain_text(saved):
         (["--prompt", "x" * 1100], "does not fit the model's context"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_gives_clean_error(saved, args, message):
     root, _ = saved
     proc = run_cli("generate", "--model", str(root / "base"), *args)
@@ -171,6 +174,7 @@ def test_cli_bad_input_gives_clean_error(saved, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_model_dir(tmp_path):
     proc = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

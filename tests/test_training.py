@@ -24,6 +24,8 @@ from memgen.train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, t
 from memgen.train.logging import read_metrics
 from memgen.train.trigger_rl import sparsity_penalties
 
+pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
