@@ -570,7 +570,8 @@ def write_report(payload: dict, tables: dict, out: Path) -> None:
         f"Every trained arm sees the same {cfg['train_size']} in-domain problems ({cfg['steps']} steps, operations "
         f"{', '.join(cfg['operations'])}) through the chat template for {cfg['sft_steps']} SFT steps of batch "
         f"{cfg['batch_size']}; the trigger trains {cfg['trigger_steps']} RL steps on a {cfg['known_share']:.0%} "
-        f"known / in-domain mix, GRPO {cfg['grpo_steps']} steps from the SFT weaver. K={cfg['latents']}, LoRA rank "
+        f"known / in-domain mix, GRPO {cfg['grpo_steps']} steps from the SFT weaver (RL rollouts at temperature "
+        f"{cfg['rollout_temperature']}). K={cfg['latents']}, LoRA rank "
         f"{cfg['lora_r']}. Greedy evaluation; seeds {', '.join(map(str, seeds))}"
         + (" (cells: mean ± std)." if len(seeds) > 1 else "."),
         "",
