@@ -63,6 +63,13 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     parser.add_argument("--prompts", type=int, default=16, help="validation prompts per task")
     parser.add_argument("--samples", type=int, default=4, help="G: samples per prompt, as in trigger RL")
+    parser.add_argument(
+        "--memories",
+        nargs="+",
+        default=["off", "always"],
+        help="memory policies to probe (random:P draws each decision with probability P)",
+    )
+    parser.add_argument("--tasks", nargs="+", default=["in_domain", "known"], help="validation sets to probe")
     args = parser.parse_args()
     cfg = replace(RealDemoConfig(out=args.out, progress=False).effective(), seed=args.seed)
     base, tokenizer, _ = load_reasoner(cfg)
@@ -74,7 +81,9 @@ def main() -> None:
     with torch.inference_mode():
         for temperature in args.temperatures:
             for name, task in validation.items():
-                for memory in ("off", "always"):
+                if name not in args.tasks:
+                    continue
+                for memory in args.memories:
                     started = time.perf_counter()
                     row = {
                         "temperature": temperature,

@@ -65,6 +65,13 @@ class TriggerHead(nn.Module):
         return not bool(self.net[-1].weight.any())
 
     @torch.no_grad()
+    def start_at(self, prob: float) -> None:
+        """Make an untrained head give ``prob`` for every state (its output bias); a trained head refuses."""
+        if not self.untrained:
+            raise ValueError("start_at is for an untrained head: this one has learnt weights")
+        self.net[-1].bias.fill_(math.log(prob / (1.0 - prob)))
+
+    @torch.no_grad()
     def calibrate(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-3) -> None:
         """Standardise inputs with this mean (d,) and std (a scalar or (d,)); marks the head calibrated."""
         self.input_mean.copy_(mean.float())

@@ -1,5 +1,7 @@
 """The trigger head's input standardisation: what it reads, when it is calibrated, and old adapters."""
 
+import json
+
 import pytest
 import torch
 from conftest import PROMPTS, make_base, make_memgen, toy_task_records
@@ -95,3 +97,38 @@ def test_prompt_end_head_is_saved_and_required(tok, tmp_path):
     )
     with pytest.raises(AdapterError, match="prompt_trigger head"):
         MemGen.from_pretrained(tmp_path / "a", model.reasoner_model, tok)
+
+
+def test_start_at_moves_an_untrained_head_everywhere_and_refuses_a_trained_one(tok):
+    head = make_memgen(tok, randomize=False).trigger
+    states = torch.randn(40, head.input_mean.numel()) * 4
+    head.start_at(0.9)
+    assert torch.allclose(torch.sigmoid(head(states)), torch.full((40,), 0.9), atol=1e-6)
+    with torch.no_grad():
+        head.net[-1].weight.normal_()
+    with pytest.raises(ValueError, match="untrained"):
+        head.start_at(0.5)
+
+
+@pytest.mark.parametrize("init_prob", [0.1, 0.9])
+def test_trigger_rl_first_rollouts_sample_at_init_prob(tok, tmp_path, init_prob):
+    model = make_memgen(tok, randomize=False)
+    config = TriggerTrainConfig(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(tmp_path / "t"),
+        progress=False,
+        save_every=0,
+        per_device_batch_size=4,
+        num_generations=4,
+        max_new_tokens=24,
+        max_steps=1,
+        learning_rate=1e-2,
+        seed=0,
+        init_prob=init_prob,
+    )
+    task = Task("toy", toy_task_records(), lambda p, c, **k: [0.0] * len(c), {}, [])
+    train_trigger(config, model=model, task=task, reward_fn=lambda p, texts, **k: [float(len(t) % 2) for t in texts])
+    first = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["decisions_per_rollout"] * 16 >= 24  # enough Bernoulli draws for the rate to mean something
+    assert abs(first["invocation_rate"] - init_prob) < 0.15

@@ -166,6 +166,7 @@ def train_memgen_trigger(base, tokenizer, cfg, seed_dir: Path, mix: Task) -> Non
         sparsity_lambda=cfg.sparsity_lambda,
         seed=cfg.seed,
         temperature=cfg.rollout_temperature,
+        init_prob=cfg.trigger_init_prob,
         save_every=cfg.save_every,
         save_total_limit=1,
         progress=cfg.progress,

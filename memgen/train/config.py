@@ -176,6 +176,13 @@ class TriggerTrainConfig(RolloutConfig, TrainConfig):
     adapter: str | None = help_field(None, "the trained weaver adapter (required)")
     sparsity_lambda: float = help_field(0.1, "λ of the reward-adaptive sparsity penalty (paper Eqs. 8-9)", ge=0)
     insert_at_prompt_end: bool = help_field(True, "weave at the prompt end during rollouts")
+    init_prob: float | None = help_field(
+        None,
+        "P(invoke) at which every untrained trigger head starts RL (e.g. 0.9: start near "
+        "the always-on policy the weaver was trained under); None: as the adapter built it",
+        gt=0,
+        lt=1,
+    )
     # Off by default here, unlike weaver GRPO: in a group whose rollouts tie on task reward
     # (all right or all wrong, most groups), the std division blows the small sparsity
     # penalties up to unit advantages, so the trigger learns "invoke less" whatever memory does.

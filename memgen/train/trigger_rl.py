@@ -17,6 +17,11 @@ During rollouts the trigger's decisions at delimiters are Bernoulli draws
   log σ(-z) for a skip, with z the trigger logit read from the teacher-forced forward at
   the decision token.
 
+``init_prob`` sets where an untrained head starts (every state at that P(invoke)); the weaver
+was trained with memory always on, and where the benefit of memory needs most of its insertions
+together, a head starting at 0.5 samples rollouts in which memory rarely pays and the penalty
+always does (measured on the real demo: docs/results.md).
+
 Before the first update, each untrained head's input centre and scale are set from the
 decision states of the first rollouts (see ``memgen.trigger``); without it the demo's head
 went to always-invoke within 5 steps.
@@ -73,6 +78,9 @@ def trigger_step(run, micro: int):
     config = run.config
     records, _ = run.next_batch()
     heads = [h for h in run.unwrapped.trigger_heads() if not bool(h.calibrated) and h.untrained]
+    if config.init_prob is not None:  # only before the first update: a head with learnt weights is left alone
+        for head in heads:
+            head.start_at(config.init_prob)
     with contextlib.ExitStack() as stack:
         seen = [stack.enter_context(h.recording()) for h in heads]
         batch = collect(
