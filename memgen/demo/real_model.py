@@ -115,7 +115,11 @@ class RealDemoConfig:
     trigger_steps: int = help_field(30, "trigger RL steps", ge=1)
     trigger_lr: float = help_field(3e-3, "trigger learning rate", gt=0)
     trigger_init_prob: float = help_field(
-        0.5, "P(invoke) at which the untrained trigger starts RL (0.5: unbiased)", gt=0, lt=1
+        0.9,
+        "P(invoke) at which the untrained trigger starts RL: near the always-on policy the weaver was "
+        "trained under (chosen on validation: docs/results.md, 'Why the first trigger stayed silent')",
+        gt=0,
+        lt=1,
     )
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
     known_share: float = help_field(0.5, "share of already-known prompts in the trigger's RL mix", ge=0, le=1)
