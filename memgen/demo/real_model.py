@@ -124,7 +124,9 @@ class RealDemoConfig:
     sparsity_lambda: float = help_field(0.05, "λ of the trigger's sparsity penalty", ge=0)
     known_share: float = help_field(0.5, "share of already-known prompts in the trigger's RL mix", ge=0, le=1)
     grpo_steps: int = help_field(10, "weaver GRPO steps after SFT", ge=1)
-    grpo_lr: float = help_field(1e-4, "weaver GRPO learning rate", gt=0)
+    grpo_lr: float = help_field(
+        1e-5, "weaver GRPO learning rate (chosen on validation: 1e-4 broke the weaver; docs/results.md)", gt=0
+    )
     rl_batch_size: int = help_field(4, "prompts per RL step", ge=1)
     num_generations: int = help_field(4, "rollouts per prompt in RL", ge=2)
     rollout_temperature: float = help_field(
