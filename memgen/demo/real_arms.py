@@ -82,25 +82,33 @@ def train_info(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _weaver_train_config(cfg, run_dir: Path, **overrides) -> WeaverTrainConfig:
-    values = dict(
+def _run_fields(cfg, run_dir: Path) -> dict:
+    """What every weaver and trigger run of the real demo shares: in-memory model and data, checkpoints
+    (resumed when one exists), the chat template and the insertion cap."""
+    return dict(
         model="in-memory",
         data="in-memory",
         output_dir=str(run_dir),
-        max_steps=cfg.sft_steps,
-        per_device_batch_size=cfg.batch_size,
-        learning_rate=cfg.weaver_lr,
         seed=cfg.seed,
         save_every=cfg.save_every,
         save_total_limit=1,
         progress=cfg.progress,
         max_insertions=cfg.max_insertions,
         tensorboard=False,
-        lr_scheduler="cosine",
-        warmup_steps=cfg.warmup_steps,
         max_new_tokens=cfg.max_new_tokens,
         use_chat_template=True,
         resume=latest_checkpoint(run_dir) is not None,
+    )
+
+
+def _weaver_train_config(cfg, run_dir: Path, **overrides) -> WeaverTrainConfig:
+    values = dict(
+        _run_fields(cfg, run_dir),
+        max_steps=cfg.sft_steps,
+        per_device_batch_size=cfg.batch_size,
+        learning_rate=cfg.weaver_lr,
+        lr_scheduler="cosine",
+        warmup_steps=cfg.warmup_steps,
     )
     values.update(overrides)
     return WeaverTrainConfig(**values)
@@ -155,25 +163,14 @@ def train_memgen_trigger(base, tokenizer, cfg, seed_dir: Path, mix: Task) -> Non
     """Trigger RL on the frozen SFT weaver; ``mix`` holds in-domain and already-known prompts."""
     run_dir = seed_dir / "runs" / "memgen_trigger"
     config = TriggerTrainConfig(
-        model="in-memory",
-        data="in-memory",
-        output_dir=str(run_dir),
+        **_run_fields(cfg, run_dir),
         max_steps=cfg.trigger_steps,
         per_device_batch_size=cfg.rl_batch_size,
         num_generations=cfg.num_generations,
-        max_new_tokens=cfg.max_new_tokens,
         learning_rate=cfg.trigger_lr,
         sparsity_lambda=cfg.sparsity_lambda,
-        seed=cfg.seed,
         temperature=cfg.rollout_temperature,
         init_prob=cfg.trigger_init_prob,
-        save_every=cfg.save_every,
-        save_total_limit=1,
-        progress=cfg.progress,
-        max_insertions=cfg.max_insertions,
-        tensorboard=False,
-        use_chat_template=True,
-        resume=latest_checkpoint(run_dir) is not None,
     )
     _weaver_arm(
         "memgen_trigger",
