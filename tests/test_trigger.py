@@ -14,6 +14,22 @@ from memgen.tasks import Task
 from memgen.train import TriggerTrainConfig, train_trigger
 
 
+def trigger_config(tmp_path, **fields) -> TriggerTrainConfig:
+    """A short in-memory trigger RL run of 4 prompts x 4 rollouts; ``fields`` set the rest."""
+    return TriggerTrainConfig(
+        model="in-memory",
+        data="in-memory",
+        output_dir=str(tmp_path / "t"),
+        progress=False,
+        save_every=0,
+        per_device_batch_size=4,
+        num_generations=4,
+        learning_rate=1e-2,
+        seed=0,
+        **fields,
+    )
+
+
 def test_the_head_reads_only_decision_states(tok):
     model = make_memgen(tok)
     with model.trigger.recording() as seen:
@@ -41,19 +57,7 @@ def test_calibrating_an_untrained_head_changes_no_probability_then_standardises(
 
 def test_trigger_rl_calibrates_once_from_its_first_rollouts(tok, tmp_path):
     model = make_memgen(tok, randomize=False)
-    config = TriggerTrainConfig(
-        model="in-memory",
-        data="in-memory",
-        output_dir=str(tmp_path / "t"),
-        progress=False,
-        save_every=0,
-        per_device_batch_size=4,
-        num_generations=4,
-        max_new_tokens=16,
-        max_steps=2,
-        learning_rate=1e-2,
-        seed=0,
-    )
+    config = trigger_config(tmp_path, max_new_tokens=16, max_steps=2)
     task = Task("toy", toy_task_records(), lambda p, c, **k: [0.0] * len(c), {}, [])
     seen_means = []
     original = model.trigger.calibrate
@@ -113,20 +117,7 @@ def test_start_at_moves_an_untrained_head_everywhere_and_refuses_a_trained_one(t
 @pytest.mark.parametrize("init_prob", [0.1, 0.9])
 def test_trigger_rl_first_rollouts_sample_at_init_prob(tok, tmp_path, init_prob):
     model = make_memgen(tok, randomize=False)
-    config = TriggerTrainConfig(
-        model="in-memory",
-        data="in-memory",
-        output_dir=str(tmp_path / "t"),
-        progress=False,
-        save_every=0,
-        per_device_batch_size=4,
-        num_generations=4,
-        max_new_tokens=24,
-        max_steps=1,
-        learning_rate=1e-2,
-        seed=0,
-        init_prob=init_prob,
-    )
+    config = trigger_config(tmp_path, max_new_tokens=24, max_steps=1, init_prob=init_prob)
     task = Task("toy", toy_task_records(), lambda p, c, **k: [0.0] * len(c), {}, [])
     train_trigger(config, model=model, task=task, reward_fn=lambda p, texts, **k: [float(len(t) % 2) for t in texts])
     first = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[0])
