@@ -307,3 +307,31 @@ def append_rows_slots(cache: DynamicCache, sub: DynamicCache, rows: torch.Tensor
             grown[:, :, : full.shape[2]] = full
             grown[rows, :, full.shape[2] :] = new
             setattr(layer, name, grown)
+
+
+def join_rows(
+    reasoner: Reasoner, cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache holding the rows of ``cache`` then those of ``other``, and its 2-D mask.
+
+    The shorter side is left-padded with zero, masked slots: attention reads keys only through
+    the mask and positions are baked into the keys, so every row's later logits are unchanged.
+    """
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def padded(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+    data = [
+        (
+            torch.cat([padded(a.keys, 2), padded(b.keys, 2)], dim=0),
+            torch.cat([padded(a.values, 2), padded(b.values, 2)], dim=0),
+        )
+        for a, b in zip(cache.layers, other.layers)
+    ]
+    return reasoner.new_cache(data), torch.cat([padded(mask, 1), padded(other_mask, 1)], dim=0)
