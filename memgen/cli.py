@@ -2,6 +2,7 @@
 
 memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
                 [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
+memgen serve --model DIR [--adapter DIR] [--host 127.0.0.1] [--port 8000] [any ServeConfig flag]
 memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
 memgen analyze --model DIR --adapter DIR --task TASK --data FILE --out DIR [--clusters 4] [any AnalyzeConfig flag]
 """
@@ -70,6 +71,23 @@ def _generate(args: argparse.Namespace) -> int:
                 }
             )
         )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serving.config import ServeConfig
+
+    config = _config(ServeConfig, args)
+    try:
+        from .serving.server import default_model_name, serve
+    except ImportError as exc:
+        raise MemGenError(f"memgen serve needs FastAPI and uvicorn: pip install 'memgen[serve]' ({exc})") from None
+    model, has_adapter = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
+    if not has_adapter and config.memory != "off":
+        print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
+    name = config.served_model_name or default_model_name(args.model)
+    print(f"memgen: serving {name!r} on http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
+    serve(model, config, name, has_adapter)
     return 0
 
 
@@ -249,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-chat-template",
         action="store_true",
         help="send the prompt as a user message through the tokenizer's chat template",
+    )
+    from .serving.config import ServeConfig
+
+    _command(
+        sub,
+        "serve",
+        "serve the model over the OpenAI API (chat and completions) with continuous batching",
+        ServeConfig,
+        _serve,
+        model=True,
     )
     train = sub.add_parser("train", help="train the weaver (sft | grpo) or the trigger (RL)")
     targets = train.add_subparsers(dest="target", required=True)

@@ -95,7 +95,8 @@ _ids = itertools.count()
 class EngineRequest:
     """A prompt and its :class:`GenerateConfig`, as submitted to a :class:`ContinuousEngine`.
 
-    ``on_event(StepEvent)`` is called from the engine's thread for every token; ``result()``
+    ``on_event(StepEvent)`` is called from the engine's thread for every token, and
+    ``on_done(request)`` once the request has finished, failed or been cancelled; ``result()``
     waits for every sample's :class:`memgen.engine.Completion`.
     """
 
@@ -106,6 +107,7 @@ class EngineRequest:
         on_event=None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        on_done=None,
     ) -> None:
         if not prompt_ids:
             raise InputError("empty prompt: memgen needs at least one prompt token to condition on")
@@ -113,6 +115,7 @@ class EngineRequest:
         self.prompt_ids = list(prompt_ids)
         self.config = config or GenerateConfig()
         self.on_event = on_event
+        self.on_done = on_done
         self.logprobs = logprobs or top_logprobs > 0
         self.top_logprobs = top_logprobs
         self.completions: list[Completion | None] = [None] * self.config.num_samples
@@ -147,6 +150,8 @@ class EngineRequest:
         if error is not None and self.error is None:
             self.error = error
         self._done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 @dataclass
@@ -215,6 +220,7 @@ class ContinuousEngine:
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "decisions": 0,
+            "invoked": 0,
             "insertions": 0,
             "latent_slots": 0,
             "steps": 0,
@@ -490,6 +496,7 @@ class ContinuousEngine:
             row.logs.append(_logged(Insertion(position(row), prob_list[r], inserted), found[r]))
             self.counters["decisions"] += 1
             if inserted:
+                self.counters["invoked"] += 1
                 self.counters["insertions"] += 1
                 self.counters["latent_slots"] += k
                 if kind == INFERENCE:

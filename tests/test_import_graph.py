@@ -39,6 +39,7 @@ LAYERS = [
             "memgen.loading",
             "memgen.model",
             "memgen.engine",
+            "memgen.continuous",
             "memgen.teacher_forcing",
             "memgen.tiny",
         ],
@@ -47,7 +48,7 @@ LAYERS = [
     ("experience", ["memgen.experience"]),
     ("agents", ["memgen.agents"]),
     ("entry points", ["memgen.evaluate", "memgen.train"]),
-    ("applications", ["memgen.analysis", "memgen.demo", "memgen.cli", "memgen.__main__"]),
+    ("applications", ["memgen.analysis", "memgen.demo", "memgen.serving", "memgen.cli", "memgen.__main__"]),
 ]
 
 
