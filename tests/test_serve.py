@@ -120,7 +120,19 @@ def server(tiny_dirs):
 
 def generate_cli(base, adapter, prompt, *flags):
     out = subprocess.run(
-        [sys.executable, "-m", "memgen", "generate", "--model", base, "--adapter", adapter, "--prompt", prompt, "--json"]
+        [
+            sys.executable,
+            "-m",
+            "memgen",
+            "generate",
+            "--model",
+            base,
+            "--adapter",
+            adapter,
+            "--prompt",
+            prompt,
+            "--json",
+        ]
         + list(flags),
         capture_output=True,
         text=True,
@@ -151,9 +163,7 @@ def test_greedy_completion_equals_memgen_generate(server, tiny_dirs, memory):
         temperature=0,
         extra_body={"memgen": {"memory": memory}},
     )
-    want_chat = generate_cli(
-        base, adapter, prompt, "--memory", memory, "--max-new-tokens", "24", "--use-chat-template"
-    )
+    want_chat = generate_cli(base, adapter, prompt, "--memory", memory, "--max-new-tokens", "24", "--use-chat-template")
     assert chat.choices[0].message.content == want_chat["text"]
 
 
@@ -209,7 +219,10 @@ def test_stop_strings_n_and_seeds(server):
     assert len({c.text for c in first.choices}) > 1
 
 
-REQUESTS = [(f"{w} sat on the mat, then", n, m) for w, n, m in zip("abcdefghijklmnop", range(8, 72, 4), ["off", "always", "trigger", "random:0.5"] * 4)]
+REQUESTS = [
+    (f"{w} sat on the mat, then", n, m)
+    for w, n, m in zip("abcdefghijklmnop", range(8, 72, 4), ["off", "always", "trigger", "random:0.5"] * 4)
+]
 
 
 def test_sixteen_concurrent_clients_each_get_what_they_get_alone(server):
@@ -365,7 +378,10 @@ def test_sigterm_finishes_admitted_requests_then_exits(tiny_dirs):
     root, base, adapter = tiny_dirs
     srv = Server(root, ["--model", base, "--adapter", adapter], name="drain")
     client = srv.client()
-    jobs = [dict(model="base", prompt=p, max_tokens=300 + 20 * i, temperature=0) for i, p in enumerate(["a", "e m", "Hello, world.", "the mat"])]
+    jobs = [
+        dict(model="base", prompt=p, max_tokens=300 + 20 * i, temperature=0)
+        for i, p in enumerate(["a", "e m", "Hello, world.", "the mat"])
+    ]
     alone = [client.completions.create(**job).choices[0].text for job in jobs]
     results = {}
 

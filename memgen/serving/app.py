@@ -131,7 +131,12 @@ def _error(state: ServerState, status: int, message: str, kind: str, param: str 
 
 def _check_model(state: ServerState, name: str) -> None:
     if name != state.model_name:
-        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}", "not_found_error", "model")
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+            "not_found_error",
+            "model",
+        )
 
 
 def _chat_prompt(state: ServerState, body: ChatRequest) -> list[int]:
@@ -181,18 +186,24 @@ def _generate_config(state: ServerState, body, prompt_len: int, max_tokens: int 
             seed=body.seed,
             num_samples=body.n,
             memory=(options and options.memory) or cfg.memory,
-            max_insertions=cfg.max_insertions if options is None or options.max_insertions is None else options.max_insertions,
+            max_insertions=cfg.max_insertions
+            if options is None or options.max_insertions is None
+            else options.max_insertions,
             trigger_threshold=cfg.trigger_threshold
             if options is None or options.trigger_threshold is None
             else options.trigger_threshold,
-            insert_at_prompt_end=True if options is None or options.insert_at_prompt_end is None else options.insert_at_prompt_end,
+            insert_at_prompt_end=True
+            if options is None or options.insert_at_prompt_end is None
+            else options.insert_at_prompt_end,
             sample_trigger=bool(options and options.sample_trigger),
         )
     except MemGenError as exc:
         raise ApiError(422, str(exc)) from None
 
 
-async def _generate(state: ServerState, request: Request, body, prompts, max_tokens, chat: bool, logprobs: bool, top: int):
+async def _generate(
+    state: ServerState, request: Request, body, prompts, max_tokens, chat: bool, logprobs: bool, top: int
+):
     if state.draining:
         raise ApiError(503, "the server is shutting down", "service_unavailable")
     unsupported = body.unsupported()
@@ -203,7 +214,11 @@ async def _generate(state: ServerState, request: Request, body, prompts, max_tok
         raise ApiError(400, f"n={body.n} over {len(prompts)} prompt(s) is more than this server's {limit}", param="n")
     for ids in prompts:
         if len(ids) > state.max_prompt_tokens:
-            raise ApiError(413, f"the prompt has {len(ids)} tokens; this server accepts at most {state.max_prompt_tokens}", param="prompt")
+            raise ApiError(
+                413,
+                f"the prompt has {len(ids)} tokens; this server accepts at most {state.max_prompt_tokens}",
+                param="prompt",
+            )
     configs = [_generate_config(state, body, len(ids), max_tokens) for ids in prompts]
 
     loop = asyncio.get_running_loop()
@@ -354,7 +369,10 @@ class _Reply:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "memgen": {"latent_slots": slots, "insertions": sum(1 for c in self.choices for i in c.insertions if i.inserted)},
+            "memgen": {
+                "latent_slots": slots,
+                "insertions": sum(1 for c in self.choices for i in c.insertions if i.inserted),
+            },
         }
 
     # ------------------------------------------------------------------ whole response

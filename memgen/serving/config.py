@@ -18,7 +18,9 @@ class ServeConfig:
     max_rows: int = help_field(16, "most rows decoding at once (a request with n choices takes n)", ge=1)
     max_queue: int = help_field(64, "most requests waiting for rows; more get 429", ge=0)
     prefill_chunk: int = help_field(256, "prompt tokens prefilled per engine step", ge=1)
-    max_prompt_tokens: int = help_field(0, "longest prompt accepted, in tokens (0: the model's context); longer get 413", ge=0)
+    max_prompt_tokens: int = help_field(
+        0, "longest prompt accepted, in tokens (0: the model's context); longer get 413", ge=0
+    )
     max_model_len: int = help_field(0, "prompt plus completion limit in positions (0: the model's context)", ge=0)
     max_n: int = help_field(8, "most choices (n) per request", ge=1)
     max_body_bytes: int = help_field(4_000_000, "largest request body accepted; larger get 413", ge=1)

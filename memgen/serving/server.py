@@ -8,8 +8,8 @@ its engine only after every admitted request has finished. The process then exit
 from __future__ import annotations
 
 import hmac
-import signal
 import json
+import signal
 from pathlib import Path
 
 from ..continuous import ContinuousConfig, ContinuousEngine
@@ -97,7 +97,9 @@ def serve(model, config: ServeConfig, model_name: str, adapter: bool = False, ex
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=None)
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=None
+        )
     )
     server.run()
 
