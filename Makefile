@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/agents.py
 	$(PY) benchmarks/sandbox.py
 	$(PY) benchmarks/delimiters.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

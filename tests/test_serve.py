@@ -7,7 +7,8 @@ answering one request at a time, or from ``memgen generate`` in another process.
 
 import asyncio
 import json
-import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import make_memgen
@@ -412,29 +414,58 @@ def test_sigterm_finishes_admitted_requests_then_exits(tiny_dirs):
         client.completions.create(**jobs[0])
 
 
-def test_real_model_greedy_chat_equals_memgen_generate(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory):
+    """The real model, started as the serving guide starts it."""
     from memgen.loading import packaged_smollm2
 
-    gguf = packaged_smollm2()
-    srv = Server(tmp_path, ["--model", gguf], "--memory", "off", name="smollm2")
-    try:
-        question = "What is the capital of France? Answer in one word."
-        chat = srv.client().chat.completions.create(
-            model=srv.client().models.list().data[0].id,
-            messages=[{"role": "user", "content": question}],
-            max_tokens=16,
-            temperature=0,
-        )
-    finally:
-        srv.stop()
+    root = tmp_path_factory.mktemp("smollm2")
+    srv = Server(root, ["--model", packaged_smollm2()], "--served-model-name", "smollm2", "--memory", "always")
+    yield srv
+    srv.stop()
+
+
+def test_real_model_greedy_chat_equals_memgen_generate(smollm2_server):
+    from memgen.loading import packaged_smollm2
+
+    question = "What is the capital of France? Answer in one word."
+    chat = smollm2_server.client().chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"memgen": {"memory": "off"}},
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "memgen", "generate", "--model", gguf, "--prompt", question, "--json"]
+        [sys.executable, "-m", "memgen", "generate", "--model", packaged_smollm2(), "--prompt", question, "--json"]
         + ["--memory", "off", "--max-new-tokens", "16", "--use-chat-template"],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     want = json.loads(out.stdout.strip().splitlines()[-1])
     assert chat.choices[0].message.content == want["text"]
     assert "Paris" in want["text"]
+
+
+def guide_blocks(language: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "serving.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_the_serving_guide_examples_work_as_written(smollm2_server, tok):
+    port = str(smollm2_server.port)
+    start, curl = guide_blocks("bash")[:2]
+    assert "--served-model-name smollm2 --memory always" in start  # the fixture's command
+    if shutil.which("curl"):
+        done = subprocess.run(["bash", "-c", curl.replace("8000", port)], capture_output=True, text=True, check=True)
+        reply = json.loads(done.stdout)
+        assert reply["choices"][0]["message"]["content"] and "insertions" in reply["choices"][0]["memgen"]
+    client_example, engine_example = guide_blocks("python")
+    done = subprocess.run(
+        [sys.executable, "-c", client_example.replace("8000", port)], capture_output=True, text=True, check=True
+    )
+    assert "latent_slots" in done.stdout and "'position': 0" in done.stdout
+    namespace = {"model": make_memgen(tok)}
+    exec(engine_example, namespace)
+    assert namespace["first"].result()[0].insertions and not namespace["second"].result()[0].insertions

@@ -184,6 +184,7 @@ def _generate_config(state: ServerState, body, prompt_len: int, max_tokens: int 
             top_k=max(0, body.top_k or 0),
             stop=body.stop or [],
             seed=body.seed,
+            ignore_eos=body.ignore_eos,
             num_samples=body.n,
             memory=(options and options.memory) or cfg.memory,
             max_insertions=cfg.max_insertions

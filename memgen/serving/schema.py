@@ -73,6 +73,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past EOS (benchmarks)
     memgen: MemgenOptions | None = None
 
     @field_validator("stop")
