@@ -211,3 +211,35 @@ def test_background_thread_serves_concurrent_submitters_and_drains_on_stop(tok):
         engine.submit(EngineRequest(prompts[0], cfgs[0]))
     for i, request in results.items():
         assert_same(request.result(timeout=0)[0], alone(model, prompts[i % 4], cfgs[i % 4]))
+
+
+@pytest.mark.parametrize("query", ["prompt", "context"])
+def test_retrieval_reads_per_row_as_generate_does(tok, tmp_path, query):
+    from test_retrieval_weaving import RECORDS, reader
+
+    from memgen.experience import ExperienceRecord, ExperienceStore
+
+    with ExperienceStore(tmp_path / "store", retriever="bm25") as s:
+        s.add_many(
+            ExperienceRecord(task="toy", input=i, trajectory=t, success=ok, reward=float(ok)) for i, t, ok in RECORDS
+        )
+    store = ExperienceStore(tmp_path / "store", retriever="bm25", read_only=True)
+    model = make_memgen(tok).double()
+    prompts = model.encode_prompts(PROMPTS)
+    cfgs = configs(model, "always")
+    experience = reader(store, tok, query=query)
+    want = [model.generate([p], c, experience=experience).completions[0] for p, c in zip(prompts, cfgs)]
+    engine = ContinuousEngine(model, ContinuousConfig(prefill_chunk=4), experience=experience)
+    requests = []
+    for p, c in zip(prompts, cfgs):
+        requests.append(engine.submit(EngineRequest(p, c)))
+        engine.step()
+    engine.run_until_idle()
+    read = 0
+    for request, expected in zip(requests, want):
+        got = request.result()[0]
+        assert_same(got, expected)
+        assert [i.context_ids for i in got.insertions] == [i.context_ids for i in expected.insertions]
+        read += sum(1 for i in got.insertions if i.context_ids)
+    assert read > 0
+    store.close()
