@@ -106,7 +106,11 @@ async def one_request(client, model: str, prompt: str, args, memory: str) -> dic
             if choice.text:
                 stamps.append(time.perf_counter())
             inserted += len((choice.model_extra.get("memgen") or {}).get("insertions", []))
-    return {"ttft": stamps[0] - sent if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "insertions": inserted}
+    return {
+        "ttft": stamps[0] - sent if stamps else float("nan"),
+        "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+        "insertions": inserted,
+    }
 
 
 async def phase(url: str, model: str, clients: int, args, memory: str) -> dict:
@@ -238,7 +242,7 @@ def main() -> None:
         "hf_generate_one_at_a_time": hf,
         "memgen": phases,
     }
-    for memory, rows in phases.items():
+    for rows in phases.values():
         single = rows[0]
         for row in rows:
             row["throughput_vs_one_at_a_time"] = round(row["tokens_per_second"] / single["tokens_per_second"], 2)
