@@ -23,6 +23,10 @@ triggering.
 :class:`TurnSession` runs the same state machine over the turns of agent episodes: between turns
 each continuing row appends its observation to its own cache row and weaves at the new turn's
 start, so a multi-turn episode is never re-prefilled (:mod:`memgen.agents`).
+
+Forced decoding (``forced``): the same state machine, fed given continuation tokens instead of
+chosen ones, so a continuation is scored with latents woven exactly where the policy weaves them
+while reading it (:mod:`memgen.forced`; lm-eval's ``loglikelihood`` under memory).
 """
 
 from __future__ import annotations
@@ -134,9 +138,13 @@ class DecodeSession:
         stream_text: bool = False,
         experience=None,
         insertion_filter=None,
+        forced: list[list[int]] | None = None,
     ):
         self.m = memgen
         self.cfg = config
+        self.forced = forced
+        self.forced_greedy: list[list[bool]] = []
+        """with ``forced``: per row, whether each forced token was the argmax of its logits"""
         self.insertion_filter = insertion_filter
         self.prompts = prompts
         self.stream_text = stream_text
@@ -172,10 +180,28 @@ class DecodeSession:
             elif source:
                 eos.update(source)
         self.eos_ids = torch.tensor(
-            sorted(eos) if not config.ignore_eos else [], dtype=torch.long, device=reasoner.device
+            sorted(eos) if not (config.ignore_eos or forced is not None) else [],
+            dtype=torch.long,
+            device=reasoner.device,
         )
         pad = tok.pad_token_id if tok.pad_token_id is not None else (sorted(eos)[0] if eos else 0)
         self.pad_id = pad
+        if forced is not None:
+            self._check_forced(forced)
+
+    def _check_forced(self, forced: list[list[int]]) -> None:
+        """Forced decoding feeds the given tokens instead of choosing them (:mod:`memgen.forced`)."""
+        cfg = self.cfg
+        if len(forced) != len(self.prompts) or cfg.num_samples != 1:
+            raise InputError(f"forced decoding needs one continuation per prompt ({len(self.prompts)}) and one sample")
+        if any(not c for c in forced) or max(len(c) for c in forced) > cfg.max_new_tokens:
+            raise InputError("every forced continuation needs 1..max_new_tokens tokens")
+        width = max(len(c) for c in forced)
+        ids = torch.full((len(forced), width), self.pad_id, dtype=torch.long)
+        for r, c in enumerate(forced):
+            ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+        self._forced_ids = ids.to(self.m.device)
+        self._forced_last = torch.tensor([len(c) - 1 for c in forced], device=self.m.device)
 
     # ------------------------------------------------------------------ helpers
     def _prefill_batch(self):
@@ -368,8 +394,13 @@ class DecodeSession:
         pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
         stats, logits, logs = state.stats, state.logits, state.logs
 
+        greedy: list[list[bool]] = [[] for _ in range(batch)]
         for step in range(cfg.max_new_tokens):
-            chosen = select_tokens(logits, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, state.token_gen)
+            if self.forced is not None:
+                chosen = self._forced_ids[:, min(step, self._forced_ids.shape[1] - 1)]
+                was_greedy = (torch.argmax(logits, dim=-1) == chosen).tolist()
+            else:
+                chosen = select_tokens(logits, cfg.do_sample, cfg.temperature, cfg.top_k, cfg.top_p, state.token_gen)
             chosen = torch.where(finished, pad, chosen)
             if cfg.output_logits:
                 step_logits.append(logits.float().cpu())
@@ -382,11 +413,15 @@ class DecodeSession:
                 now_done |= state.next_pos + 1 >= self.context
             if step == cfg.max_new_tokens - 1:
                 now_done |= ~finished
+            if self.forced is not None:
+                now_done |= self._forced_last == step
             eos_list = is_eos.tolist()
             for r in range(batch):
                 if not was_active[r]:
                     continue
                 tokens[r].append(chosen_list[r])
+                if self.forced is not None:
+                    greedy[r].append(was_greedy[r])
                 if lp is not None:
                     logprobs[r].append(lp[r])
                 if eos_list[r]:
@@ -472,6 +507,7 @@ class DecodeSession:
                 stats["compactions"] += 1
 
         state.logits = logits
+        self.forced_greedy = greedy
         state.tokens, state.logprobs, state.reasons = tokens, logprobs, [r or "length" for r in reasons]
         state.step_logits = step_logits
         state.turn_logs = [log[start:] for log, start in zip(logs, state.turn_start)]

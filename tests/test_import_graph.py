@@ -40,6 +40,7 @@ LAYERS = [
             "memgen.model",
             "memgen.engine",
             "memgen.continuous",
+            "memgen.forced",
             "memgen.teacher_forcing",
             "memgen.tiny",
         ],
