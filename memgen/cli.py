@@ -3,6 +3,7 @@
 memgen generate --model DIR [--adapter DIR] --prompt TEXT [--memory off|always|trigger|random:P]
                 [--max-new-tokens N] [--seed S] [--json] [--config gen.yaml] [any GenerateConfig flag]
 memgen serve --model DIR [--adapter DIR] [--host 127.0.0.1] [--port 8000] [any ServeConfig flag]
+memgen lm-eval --model memgen --model_args pretrained=M,memory=always --tasks gsm8k_local [any lm_eval flag]
 memgen experience build|show|search|insights|workflows --store DIR [--source FILE] [--embedder reasoner|bm25|st:DIR] ...
 memgen analyze --model DIR --adapter DIR --task TASK --data FILE --out DIR [--clusters 4] [any AnalyzeConfig flag]
 """
@@ -268,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the prompt as a user message through the tokenizer's chat template",
     )
+    sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with --model memgen and local task overrides (every lm_eval flag works)",
+    )
     from .serving.config import ServeConfig
 
     _command(
@@ -382,6 +387,11 @@ _default_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own flags, passed through untouched
+        from .harness.cli import run
+
+        return run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)

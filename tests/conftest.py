@@ -82,3 +82,26 @@ def memgen_on(
             for p in model.trigger_parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 1.0)
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def saved_tiny(tmp_path_factory, tok):
+    """A tiny model saved as users save theirs: a base directory (with a chat template) and a randomised adapter."""
+    root = tmp_path_factory.mktemp("saved-tiny")
+    model = make_memgen(tok)
+    base, adapter = root / "base", root / "adapter"
+    saved_template = getattr(tok, "chat_template", None)
+    tok.chat_template = CHAT_TEMPLATE
+    try:
+        model.reasoner_model.save_pretrained(base)
+        tok.save_pretrained(base)
+        model.save_pretrained(adapter)
+    finally:
+        tok.chat_template = saved_template
+    return {"root": root, "base": base, "adapter": adapter}

@@ -49,7 +49,10 @@ LAYERS = [
     ("experience", ["memgen.experience"]),
     ("agents", ["memgen.agents"]),
     ("entry points", ["memgen.evaluate", "memgen.train"]),
-    ("applications", ["memgen.analysis", "memgen.demo", "memgen.serving", "memgen.cli", "memgen.__main__"]),
+    (
+        "applications",
+        ["memgen.analysis", "memgen.demo", "memgen.serving", "memgen.harness", "memgen.cli", "memgen.__main__"],
+    ),
 ]
 
 

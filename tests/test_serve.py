@@ -28,28 +28,12 @@ pytest.importorskip("uvicorn")
 
 pytestmark = pytest.mark.slow
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 KEY = "sk-test"
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory, tok):
-    root = tmp_path_factory.mktemp("serve")
-    model = make_memgen(tok)
-    base, adapter = root / "base", root / "adapter"
-    tokenizer = model.tokenizer  # the session's tokenizer: its template is restored below
-    saved_template = getattr(tokenizer, "chat_template", None)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    try:
-        model.reasoner_model.save_pretrained(base)
-        tokenizer.save_pretrained(base)
-        model.save_pretrained(adapter)
-    finally:
-        tokenizer.chat_template = saved_template
-    return root, str(base), str(adapter)
+def tiny_dirs(saved_tiny):
+    return saved_tiny["root"], str(saved_tiny["base"]), str(saved_tiny["adapter"])
 
 
 def free_port() -> int:
