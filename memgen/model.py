@@ -116,6 +116,30 @@ class MemGen(nn.Module):
             module.train(mode)
         return self
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the reasoner's decoder layers in the backward pass instead of keeping their activations.
+
+        Training then stores one layer's inputs per layer and sequence, not every intermediate activation,
+        for about one more forward pass (:mod:`memgen.checkpointing`). Decoding is unaffected.
+        """
+        from .checkpointing import set_enabled
+
+        set_enabled(self.reasoner.backbone, True, self._lora_swap())
+
+    def gradient_checkpointing_disable(self) -> None:
+        from .checkpointing import set_enabled
+
+        set_enabled(self.reasoner.backbone, False, self._lora_swap())
+
+    def _lora_swap(self):
+        return (lambda: self.weaver.lora_is_installed, self.weaver.set_lora_installed)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from .checkpointing import is_enabled
+
+        return is_enabled(self.reasoner.backbone)
+
     @property
     def device(self) -> torch.device:
         return self.reasoner.device

@@ -153,6 +153,12 @@ class LoraQueryWeaver(Weaver):
     def _install(self, lora: bool) -> None:
         for parent, attr, lora_layer, base_layer in self._sites:
             setattr(parent, attr, lora_layer if lora else base_layer)
+        self.lora_is_installed = lora
+
+    def set_lora_installed(self, lora: bool) -> None:
+        """Put the LoRA layers in or take them out (gradient checkpointing replays a layer as it ran)."""
+        if lora != self.lora_is_installed:
+            self._install(lora)
 
     @contextmanager
     def lora_installed(self):

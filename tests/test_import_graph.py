@@ -41,6 +41,7 @@ LAYERS = [
             "memgen.engine",
             "memgen.continuous",
             "memgen.forced",
+            "memgen.checkpointing",
             "memgen.teacher_forcing",
             "memgen.tiny",
         ],

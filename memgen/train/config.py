@@ -59,6 +59,9 @@ class TrainConfig(CodeExecutionFields):
     warmup_steps: int = help_field(0, "linear warmup steps", ge=0)
     max_grad_norm: float = help_field(1.0, "gradient clipping norm (0 = off)", ge=0)
     mixed_precision: str = help_field("no", "no | bf16 | fp16 (accelerate autocast)")
+    gradient_checkpointing: bool = help_field(
+        False, "recompute decoder layers in the backward pass: far less activation memory for ~one more forward"
+    )
     base_dtype: str = help_field(
         "float32",
         "dtype the frozen base is stored and run in: float32 | bfloat16 | "

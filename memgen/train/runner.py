@@ -51,6 +51,7 @@ RESUME_FREE_FIELDS = (
     "save_total_limit",
     "log_every",
     "code_workers",
+    "gradient_checkpointing",  # the same gradients, so a run that ran out of memory may resume with it on
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -113,6 +114,8 @@ class Run:
             else:
                 model = MemGen(base, tokenizer, config.memgen_config())
         model.to(self.accelerator.device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         self.experience = None
         if config.experience:
             from ..experience.weaving import open_reader
