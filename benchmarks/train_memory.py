@@ -77,11 +77,13 @@ def rows_of(tokenizer, length: int, batch: int) -> list[dict]:
 
 
 def child_memgen(spec: dict) -> dict:
-    from memgen.loading import load_tokenizer
+    from memgen import MemGen
+    from memgen.loading import load_base
     from memgen.train import WeaverTrainConfig, train_weaver
     from memgen.train.logging import read_metrics
 
-    rows = rows_of(load_tokenizer(spec["model"]), spec["length"], spec["batch"])
+    base, tokenizer = load_base(spec["model"])
+    rows = rows_of(tokenizer, spec["length"], spec["batch"])
     with tempfile.TemporaryDirectory() as out:
         data = Path(out) / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -106,8 +108,10 @@ def child_memgen(spec: dict) -> dict:
             max_prompt_tokens=100_000,
             gradient_checkpointing=spec["checkpointing"],
         )
+        # The model is loaded before the baseline is read, as on TRL's side.
+        model = MemGen(base, tokenizer, config.memgen_config())
         before = rss_mb()
-        train_weaver(config)
+        train_weaver(config, model=model)
         peak = peak_mb()
         logged = read_metrics(config.output_dir)
     return {

@@ -16,6 +16,11 @@ the live cache is extended outside the checkpoint, once. The recomputation is no
 LoRA on the frozen base without unfreezing anything, restores the RNG state (LoRA dropout
 draws the same mask), and works under DDP.
 
+Keys and values are kept once. A cache grows by concatenation, so each round's past is a new
+tensor; a checkpoint that saved the past it read would keep every round's copy alive. Each
+layer instead keeps the pieces it appended (one tensor per round) and hands those to its
+checkpoints; the past is concatenated from them inside the checkpoint, and again on replay.
+
 The weaver's LoRA layers are swapped into the reasoner only around its query passes, so the
 backward pass may replay a layer while they are out. Each checkpoint therefore records whether
 they were in (``swap``: a getter and a setter) and replays the layer in that state.
@@ -91,6 +96,46 @@ def set_enabled(backbone, enabled: bool, swap) -> None:
 def is_enabled(backbone) -> bool:
     layers = getattr(backbone, "layers", None) or []
     return any(getattr(layer, "_memgen_checkpointing", False) for layer in layers)
+
+
+class _Pieces:
+    """One layer's cached keys and values as the pieces it appended, valid while the live cache is what it left."""
+
+    def __init__(self) -> None:
+        self.cache = None
+        self.live = None  # the live keys tensor right after our last append
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def current(self, cache, layer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pieces whose concatenation is the live past (the live tensors themselves when we cannot tell)."""
+        live = layer.keys if layer.is_initialized else None
+        if live is None:
+            self.keys, self.values = [], []
+        elif not (cache is self.cache and self.live is not None and (live is self.live or live._base is self.live)):
+            self.keys, self.values = [live], [layer.values]  # appended or edited elsewhere: start over from it
+        else:  # what we left, possibly cropped (the weaver's query slots dropped): trim the newest pieces
+            excess = sum(k.shape[-2] for k in self.keys) - live.shape[-2]
+            while excess > 0:
+                size = self.keys[-1].shape[-2]
+                if size <= excess:
+                    self.keys.pop(), self.values.pop()
+                else:
+                    self.keys[-1] = self.keys[-1][..., : size - excess, :]
+                    self.values[-1] = self.values[-1][..., : size - excess, :]
+                    size = excess
+                excess -= size
+        self.cache = cache
+        return list(self.keys), list(self.values)
+
+    def appended(self, keys: torch.Tensor, values: torch.Tensor, live: torch.Tensor) -> None:
+        self.keys.append(keys)
+        self.values.append(values)
+        self.live = live
+
+
+def _joined(pieces: tuple) -> torch.Tensor | None:
+    return None if not pieces else pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
 def _checkpointed(layer, original, layer_idx: int, swap):
