@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sandbox.py
 	$(PY) benchmarks/delimiters.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/train_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

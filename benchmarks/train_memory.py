@@ -210,7 +210,7 @@ def main() -> None:
         print(json.dumps((child_memgen if spec["trainer"] == "memgen" else child_trl)(spec)))
         return
     if args.quick:
-        args.lengths, args.steps = "32,64", 2
+        args.lengths, args.steps = "48", 2
     lengths = [int(n) for n in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:

@@ -562,7 +562,8 @@ class ContinuousEngine:
         for event in events:
             if event.request.on_event is not None:
                 event.request.on_event(event)
-        finished_requests = {rows[r].request.id: rows[r].request for r in range(len(rows)) if r not in set(keep)}
+        kept = set(keep)
+        finished_requests = {row.request.id: row.request for r, row in enumerate(rows) if r not in kept}
         for request in finished_requests.values():
             if all(c is not None for c in request.completions):
                 self.counters["finished"] += 1
