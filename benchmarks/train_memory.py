@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -122,10 +121,8 @@ def child_memgen(spec: dict) -> dict:
 
 
 def child_trl(spec: dict) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from support.trl_sft import StepTimer, sft_trainer
+    from transformers import AutoModelForCausalLM
 
     from memgen.loading import load_tokenizer
 
@@ -133,47 +130,26 @@ def child_trl(spec: dict) -> dict:
     rows = rows_of(tokenizer, spec["length"], spec["batch"])
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(
-            output_dir=out,
-            max_steps=spec["steps"],
-            per_device_train_batch_size=spec["batch"],
-            learning_rate=1e-4,
-            logging_steps=1000,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            max_length=None,
-            completion_only_loss=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
+        trainer = sft_trainer(
+            model,
+            tokenizer,
+            rows,
+            out,
+            steps=spec["steps"],
+            batch=spec["batch"],
+            lora_r=16,
+            targets=TARGETS,
+            timer=timer,
             gradient_checkpointing=spec["checkpointing"],
             gradient_checkpointing_kwargs={"use_reentrant": False} if spec["checkpointing"] else None,
-        )
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[StepTimer()],
         )
         before = rss_mb()
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
         peak = peak_mb()
-    return {"peak_mb": round(peak - before, 1), "step_seconds": round(statistics.median(times[1:]), 3)}
+    return {"peak_mb": round(peak - before, 1), "step_seconds": round(statistics.median(timer.times[1:]), 3)}
 
 
 def run_child(spec: dict) -> dict:

@@ -27,7 +27,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,55 +47,32 @@ def records(n: int, prompt_chars: int, completion_chars: int) -> list[dict]:
 
 
 def bench_trl(model_dir: Path, rows: list[dict], args) -> list[float]:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from support.trl_sft import StepTimer, sft_trainer
+    from transformers import AutoModelForCausalLM
 
     from memgen.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.base_dtype))
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(
-            output_dir=out,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch,
-            learning_rate=1e-4,
-            logging_steps=1000,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            max_length=None,
-            completion_only_loss=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
+        trainer = sft_trainer(
+            model,
+            tokenizer,
+            rows,
+            out,
+            steps=args.steps,
+            batch=args.batch,
+            lora_r=args.lora_r,
+            targets=TARGETS,
+            timer=timer,
             bf16=args.mixed_precision == "bf16",
             fp16=False,
         )
-        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=TARGETS, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[StepTimer()],
-        )
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary; stdout is the JSON
             trainer.train()
-    return times
+    return timer.times
 
 
 def bench_memgen(model_dir: Path, rows: list[dict], args) -> tuple[list[float], dict]:

@@ -44,7 +44,7 @@ import torch
 
 from .config import GenerateConfig
 from .dataclass_cli import help_field
-from .engine import DECISION_SEED_OFFSET, Completion, Insertion, _logged
+from .engine import DECISION_SEED_OFFSET, Completion, Insertion, _logged, eos_token_ids
 from .errors import InputError, MemGenError
 from .reasoner import compact_cache, join_rows, select_rows
 from .sampling import select_tokens
@@ -195,12 +195,7 @@ class ContinuousEngine:
         self.k_infer = memgen.weaver.num_latents(INFERENCE)
         self.context = memgen.reasoner.context_length
         tok = memgen.tokenizer
-        eos = set()
-        for source in (getattr(memgen.reasoner_model.generation_config, "eos_token_id", None), tok.eos_token_id):
-            if isinstance(source, int):
-                eos.add(source)
-            elif source:
-                eos.update(source)
+        eos = eos_token_ids(memgen)
         self.eos_ids = frozenset(eos)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
         self._lock = threading.Condition()

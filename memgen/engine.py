@@ -173,12 +173,7 @@ class DecodeSession:
             )
         self.context = context
         tok = memgen.tokenizer
-        eos = set()
-        for source in (getattr(memgen.reasoner_model.generation_config, "eos_token_id", None), tok.eos_token_id):
-            if isinstance(source, int):
-                eos.add(source)
-            elif source:
-                eos.update(source)
+        eos = eos_token_ids(memgen)
         self.eos_ids = torch.tensor(
             sorted(eos) if not (config.ignore_eos or forced is not None) else [],
             dtype=torch.long,
@@ -545,6 +540,20 @@ class DecodeSession:
             offsets[0], offsets[1] = read_offset, len(tokens)
             return now[len(before) :]
         return ""
+
+
+def eos_token_ids(memgen) -> set[int]:
+    """The ids that end a row: the generation config's EOS ids and the tokenizer's."""
+    eos = set()
+    for source in (
+        getattr(memgen.reasoner_model.generation_config, "eos_token_id", None),
+        memgen.tokenizer.eos_token_id,
+    ):
+        if isinstance(source, int):
+            eos.add(source)
+        elif source:
+            eos.update(source)
+    return eos
 
 
 def _logged(insertion: Insertion, found) -> Insertion:

@@ -7,7 +7,6 @@ the backward pass), so a flag that silently did nothing would fail.
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 import test_training
@@ -194,9 +193,7 @@ def test_two_processes_with_checkpointing_match_one_without(workspace, tmp_path)
 
     from memgen.train.logging import read_metrics
 
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_port", "29523"]
+    launcher = test_training.two_processes(29523)
     steps = ["--max-steps", "4"]
     two = subprocess.run(
         train_cmd(

@@ -263,14 +263,9 @@ def test_existing_checkpoints_need_resume(workspace, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_two_processes_match_one_process_with_doubled_batch(workspace, tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
+def two_processes(port: int) -> list[str]:
+    """``accelerate launch`` of 2 gloo processes on CPU, on its own rendezvous port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"] + [
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -278,8 +273,12 @@ def test_two_processes_match_one_process_with_doubled_batch(workspace, tmp_path)
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(port),
     ]
+
+
+def test_two_processes_match_one_process_with_doubled_batch(workspace, tmp_path):
+    launcher = two_processes(29517)
     two = subprocess.run(
         train_cmd(workspace, tmp_path / "two", "--max-steps", "5", "--per-device-batch-size", "4", launcher=launcher),
         env=ENV,
