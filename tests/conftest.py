@@ -105,3 +105,11 @@ def saved_tiny(tmp_path_factory, tok):
     finally:
         tok.chat_template = saved_template
     return {"root": root, "base": base, "adapter": adapter}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from its wheel, exported once per test session to a plain directory (fast to load)."""
+    from memgen.loading import export_base, packaged_smollm2
+
+    return export_base(packaged_smollm2(), tmp_path_factory.mktemp("smollm2-export") / "base")

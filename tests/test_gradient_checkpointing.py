@@ -135,15 +135,8 @@ def test_resumed_run_with_checkpointing_reproduces_the_uninterrupted_one(tok, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from memgen.loading import export_base, packaged_smollm2
-
-    return export_base(packaged_smollm2(), tmp_path_factory.mktemp("smollm2") / "base")
-
-
 @pytest.mark.parametrize("method", ["sft", "grpo"])
-def test_real_model_one_step_within_float32_tolerance(smollm2, tmp_path, method):
+def test_real_model_one_step_within_float32_tolerance(smollm2_dir, tmp_path, method):
     from memgen import MemGen, MemGenConfig
     from memgen.data import Record
     from memgen.loading import load_base
@@ -157,7 +150,7 @@ def test_real_model_one_step_within_float32_tolerance(smollm2, tmp_path, method)
     task = Task("arith", records, lambda p, c, **k: [float(len(x) % 3) for x in c], {}, [])
     steps = []
     for checkpointing in (False, True):
-        base, tokenizer = load_base(smollm2)
+        base, tokenizer = load_base(smollm2_dir)
         torch.manual_seed(0)
         model = MemGen(base, tokenizer, MemGenConfig(prompt_latents=4, inference_latents=4, lora_r=4))
         config = WeaverTrainConfig(

@@ -127,13 +127,6 @@ def test_memgen_lm_eval_command_line(saved_tiny, tmp_path):
     assert "exact_match" in done.stdout
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    from memgen.loading import export_base, packaged_smollm2
-
-    return export_base(packaged_smollm2(), tmp_path_factory.mktemp("smollm2") / "base")
-
-
 def test_real_model_memory_off_equals_lm_evals_hf_model(smollm2_dir, tasks):
     for task, kw in (
         ("gsm8k_local", dict(limit=2, num_fewshot=1, gen_kwargs="max_gen_toks=48")),

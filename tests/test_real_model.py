@@ -22,7 +22,7 @@ import torch
 from memgen import MemGen, MemGenConfig
 from memgen.checkpoint import weights_fingerprint
 from memgen.data import Record, prompt_token_ids
-from memgen.loading import export_base, load_base, packaged_smollm2
+from memgen.loading import load_base, packaged_smollm2
 
 pytestmark = pytest.mark.slow  # every test here trains, loads a real model or runs a subprocess
 
@@ -36,8 +36,8 @@ def gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(gguf, tmp_path_factory) -> Path:
-    return export_base(gguf, tmp_path_factory.mktemp("smollm2") / "base")
+def exported(smollm2_dir) -> Path:
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")

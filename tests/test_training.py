@@ -406,10 +406,14 @@ def rl_cmd(ws, out, target, port, *extra):
     ]
 
 
+CHECKPOINTING = ("--gradient-checkpointing", "true")
+
+
 @pytest.mark.parametrize("target", ["weaver", "trigger"], ids=["grpo-2-iterations", "trigger-rl"])
 def test_two_process_rl_resumes_to_the_uninterrupted_run(workspace, tmp_path, target):
     """2 processes, interrupted after step 1 (mid-way through GRPO's 2 iterations): every rank gets its own
-    cached rollouts and RNG back, so the resumed run ends where the uninterrupted one does."""
+    cached rollouts and RNG back, so the resumed run ends where the uninterrupted one does. The interrupted
+    run trains with gradient checkpointing and the uninterrupted one without: the same gradients either way."""
     env = dict(ENV, PYTHONPATH=str(workspace))
     straight = subprocess.run(
         rl_cmd(workspace, tmp_path / "straight", target, 29531), env=env, capture_output=True, text=True, timeout=600
@@ -417,7 +421,7 @@ def test_two_process_rl_resumes_to_the_uninterrupted_run(workspace, tmp_path, ta
     assert straight.returncode == 0, straight.stderr[-3000:]
     cut = tmp_path / "cut"
     first = subprocess.run(
-        rl_cmd(workspace, cut, target, 29532, "--save-every", "1", "--save-total-limit", "9"),
+        rl_cmd(workspace, cut, target, 29532, "--save-every", "1", "--save-total-limit", "9", *CHECKPOINTING),
         env=env,
         capture_output=True,
         text=True,
@@ -428,7 +432,9 @@ def test_two_process_rl_resumes_to_the_uninterrupted_run(workspace, tmp_path, ta
     for name in ("checkpoint-000002", "checkpoint-000003", "checkpoint-000004", "final"):
         shutil.rmtree(cut / name, ignore_errors=True)
     resumed = subprocess.run(
-        rl_cmd(workspace, cut, target, 29533, "--save-every", "1", "--save-total-limit", "9", "--resume"),
+        rl_cmd(
+            workspace, cut, target, 29533, "--save-every", "1", "--save-total-limit", "9", "--resume", *CHECKPOINTING
+        ),
         env=env,
         capture_output=True,
         text=True,
