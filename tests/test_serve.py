@@ -246,7 +246,13 @@ def test_sixteen_concurrent_clients_each_get_what_they_get_alone(server):
             assert got == want.text, f"client {i} (streamed)"
         else:
             assert got.text == want.text, f"client {i}"
-            assert got.model_extra["memgen"] == want.model_extra["memgen"], f"client {i}"
+            ours, theirs = got.model_extra["memgen"], want.model_extra["memgen"]
+            # Where latents went is exact; P(invoke) is float32 and moves ~1e-7 with the batch around it.
+            assert ours["declined"] == theirs["declined"], f"client {i}"
+            assert [x["position"] for x in ours["insertions"]] == [x["position"] for x in theirs["insertions"]]
+            assert [x["p_invoke"] for x in ours["insertions"]] == pytest.approx(
+                [x["p_invoke"] for x in theirs["insertions"]], abs=1e-5
+            ), f"client {i}"
     # 16 requests of 8..68 tokens one at a time take ~600 steps; together far fewer.
     assert server.metric("memgen_engine_steps_total") - peak_before < sum(r[1] for r in REQUESTS) / 2
 
