@@ -102,17 +102,16 @@ class _Pieces:
     """One layer's cached keys and values as the pieces it appended, valid while the live cache is what it left."""
 
     def __init__(self) -> None:
-        self.cache = None
         self.live = None  # the live keys tensor right after our last append
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def current(self, cache, layer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def current(self, layer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pieces whose concatenation is the live past (the live tensors themselves when we cannot tell)."""
         live = layer.keys if layer.is_initialized else None
         if live is None:
             self.keys, self.values = [], []
-        elif not (cache is self.cache and self.live is not None and (live is self.live or live._base is self.live)):
+        elif not (self.live is not None and (live is self.live or live._base is self.live)):
             self.keys, self.values = [live], [layer.values]  # appended or edited elsewhere: start over from it
         else:  # what we left, possibly cropped (the weaver's query slots dropped): trim the newest pieces
             excess = sum(k.shape[-2] for k in self.keys) - live.shape[-2]
@@ -125,7 +124,6 @@ class _Pieces:
                     self.values[-1] = self.values[-1][..., : size - excess, :]
                     size = excess
                 excess -= size
-        self.cache = cache
         return list(self.keys), list(self.values)
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor, live: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ import torch
 
 from .config import GenerateConfig
 from .dataclass_cli import help_field
-from .engine import DECISION_SEED_OFFSET, Completion, Insertion, _logged, eos_token_ids
+from .engine import DECISION_SEED_OFFSET, Completion, Insertion, _logged, check_prompt_fits, eos_token_ids, hit_stop
 from .errors import InputError, MemGenError
 from .reasoner import compact_cache, join_rows, select_rows
 from .sampling import select_tokens
@@ -228,16 +228,9 @@ class ContinuousEngine:
         cfg = request.config
         if cfg.num_samples > self.cfg.max_rows:
             raise InputError(f"{cfg.num_samples} samples need more rows than the engine's {self.cfg.max_rows}")
-        bad = [t for t in request.prompt_ids if not 0 <= t < self.m.reasoner.vocab_size]
-        if bad:
-            raise InputError(f"token ids {bad[:5]} are outside the model's vocabulary of {self.m.reasoner.vocab_size}")
+        self.m.encode_prompts([request.prompt_ids])  # token ids inside the vocabulary
         prompt_latents = self.k_prompt if (cfg.policy.kind != "off" and cfg.insert_at_prompt_end) else 0
-        if self.context is not None and len(request.prompt_ids) + prompt_latents >= self.context:
-            raise InputError(
-                f"prompt of {len(request.prompt_ids)} tokens"
-                + (f" plus {prompt_latents} prompt latents" if prompt_latents else "")
-                + f" does not fit the model's context of {self.context} positions"
-            )
+        check_prompt_fits(len(request.prompt_ids), prompt_latents, self.context)
 
     def submit(self, request: EngineRequest) -> EngineRequest:
         """Queue ``request``; raises :class:`QueueFullError` or :class:`EngineStoppedError` when refused."""
@@ -449,7 +442,7 @@ class ContinuousEngine:
 
     def _context(self, found: dict, batch: int):
         rows = {r: got.token_ids for r, got in found.items() if got is not None}
-        return pack_context(rows, batch, self.pad_id, self.m.device) if rows else None
+        return pack_context(rows, batch, self.pad_id, self.m.device)
 
     def _weave(self, rows, cache, mask, next_pos, logits, anchor, candidates, kind, position):
         """Decide for the candidate rows, each under its own policy, weave for those that insert, log every decision.
@@ -541,7 +534,7 @@ class ContinuousEngine:
             reason = None
             if token in self.eos_ids and not cfg.ignore_eos:
                 reason = "eos"
-            elif cfg.stop and self._hit_stop(row):
+            elif cfg.stop and hit_stop(self.m.tokenizer, row.tokens, cfg.stop):
                 reason = "stop"
             elif len(row.tokens) >= cfg.max_new_tokens or (
                 self.context is not None and next_pos[r] + 1 >= self.context
@@ -606,11 +599,6 @@ class ContinuousEngine:
         if pad_slots >= self.cfg.compact_after:
             self._mask = compact_cache(self._cache, self._mask)
             self.counters["compactions"] += 1
-
-    def _hit_stop(self, row: _Row) -> bool:
-        window = max(len(s) for s in row.config.stop) + 2
-        tail = self.m.tokenizer.decode(row.tokens[-window:], skip_special_tokens=False)
-        return any(s in tail for s in row.config.stop)
 
     def _complete(self, row: _Row, reason: str) -> None:
         row.request.completions[row.index] = Completion(

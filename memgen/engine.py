@@ -163,14 +163,7 @@ class DecodeSession:
             self.prompt_insert and memgen.config.trigger_at_prompt_end and config.policy.kind in ("trigger", "random")
         )
         context = reasoner.context_length
-        longest = max(len(p) for p in prompts)
-        needed = longest + (self.k_prompt if self.prompt_insert else 0)
-        if context is not None and needed >= context:
-            raise InputError(
-                f"prompt of {longest} tokens"
-                + (f" plus {self.k_prompt} prompt latents" if self.prompt_insert else "")
-                + f" does not fit the model's context of {context} positions"
-            )
+        check_prompt_fits(max(len(p) for p in prompts), self.k_prompt if self.prompt_insert else 0, context)
         self.context = context
         tok = memgen.tokenizer
         eos = eos_token_ids(memgen)
@@ -306,8 +299,7 @@ class DecodeSession:
         return gate
 
     def _hit_stop(self, tokens: list[int]) -> bool:
-        tail = self.m.tokenizer.decode(tokens[-self._stop_window :], skip_special_tokens=False)
-        return any(s in tail for s in self.cfg.stop)
+        return hit_stop(self.m.tokenizer, tokens, self.cfg.stop)
 
     # ------------------------------------------------------------------ main loop
     def __iter__(self):
@@ -320,7 +312,6 @@ class DecodeSession:
     def _open(self) -> _Rows:
         """Prefill the prompts, weave at the prompt end, share the cache out to the samples."""
         cfg, m, reasoner = self.cfg, self.m, self.m.reasoner
-        self._stop_window = max((len(s) for s in cfg.stop), default=0) + 2
         token_gen, decision_gen = self._generators()
         ids, mask, positions = self._prefill_batch()
         cache = reasoner.new_cache()
@@ -540,6 +531,23 @@ class DecodeSession:
             offsets[0], offsets[1] = read_offset, len(tokens)
             return now[len(before) :]
         return ""
+
+
+def check_prompt_fits(prompt_tokens: int, prompt_latents: int, context: int | None) -> None:
+    """Refuse a prompt that, with the latents woven at its end, leaves no position to generate in."""
+    if context is not None and prompt_tokens + prompt_latents >= context:
+        raise InputError(
+            f"prompt of {prompt_tokens} tokens"
+            + (f" plus {prompt_latents} prompt latents" if prompt_latents else "")
+            + f" does not fit the model's context of {context} positions"
+        )
+
+
+def hit_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:
+    """Whether the text of ``tokens`` now contains a stop string (only the tail that could is decoded)."""
+    window = max(len(s) for s in stops) + 2
+    tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    return any(s in tail for s in stops)
 
 
 def eos_token_ids(memgen) -> set[int]:

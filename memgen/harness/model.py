@@ -67,7 +67,7 @@ class MemGenLM(HFLM):
             max_insertions=int(max_insertions),
             insert_at_prompt_end=_flag(insert_at_prompt_end),
         )
-        GenerateConfig(**self.memory_settings)  # refuse a bad policy before lm-eval starts
+        self.memory_config = GenerateConfig(**self.memory_settings)  # refuses a bad policy before lm-eval starts
         self.insertion_log = Path(insertion_log) if insertion_log else None
         self.insertion_records: list[dict] = []
         kwargs.pop("device", None)  # the base stays where memgen loaded it
@@ -82,7 +82,7 @@ class MemGenLM(HFLM):
 
     @property
     def memory_off(self) -> bool:
-        return self.memory_settings["memory"].strip().lower() == "off"
+        return self.memory_config.policy.kind == "off"
 
     # ------------------------------------------------------------------ generate_until
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
@@ -119,7 +119,6 @@ class MemGenLM(HFLM):
         size = int(override_bs or (self.batch_size if str(self.batch_size) != "auto" else 8) or 1)
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        config = GenerateConfig(**self.memory_settings)
         for start in tqdm(
             range(0, len(order), size), disable=disable_tqdm or self.rank != 0, desc="memgen loglikelihood"
         ):
@@ -132,7 +131,7 @@ class MemGenLM(HFLM):
                 prompts.append(prompt)
                 continuations.append(list(continuation)[-len(whole) :])
             with torch.inference_mode():
-                scores = score_continuations(self.memgen, prompts, continuations, config)
+                scores = score_continuations(self.memgen, prompts, continuations, self.memory_config)
             for i, prompt, score in zip(batch, prompts, scores):
                 results[i] = (score.logprob, score.is_greedy)
                 self._record("loglikelihood", len(prompt), score.insertions, None)

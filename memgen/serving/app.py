@@ -150,16 +150,11 @@ def _chat_prompt(state: ServerState, body: ChatRequest) -> list[int]:
 
 
 def _encode(state: ServerState, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        ids = state.tokenizer(prompt)["input_ids"] if prompt else []
-    else:
-        ids = list(prompt)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", param="prompt")
-    vocab = state.model.reasoner.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise ApiError(400, f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
-    return ids
+    """Token ids of a completion prompt (text or ids), refusing empty prompts and ids outside the vocabulary."""
+    try:
+        return state.model.encode_prompts([prompt])[0]
+    except MemGenError as exc:
+        raise ApiError(400, str(exc), param="prompt") from None
 
 
 def _generate_config(state: ServerState, body, prompt_len: int, max_tokens: int | None) -> GenerateConfig:
@@ -173,7 +168,9 @@ def _generate_config(state: ServerState, body, prompt_len: int, max_tokens: int 
             f"and {max_tokens} more were requested",
             param="max_tokens",
         )
-    options = body.memgen
+    memory = {"memory": cfg.memory, "max_insertions": cfg.max_insertions, "trigger_threshold": cfg.trigger_threshold}
+    if body.memgen is not None:  # the request's own settings win; the rest are the server's or GenerateConfig's
+        memory.update(body.memgen.model_dump(exclude_none=True))
     temperature = 1.0 if body.temperature is None else body.temperature
     try:
         return GenerateConfig(
@@ -186,17 +183,7 @@ def _generate_config(state: ServerState, body, prompt_len: int, max_tokens: int 
             seed=body.seed,
             ignore_eos=body.ignore_eos,
             num_samples=body.n,
-            memory=(options and options.memory) or cfg.memory,
-            max_insertions=cfg.max_insertions
-            if options is None or options.max_insertions is None
-            else options.max_insertions,
-            trigger_threshold=cfg.trigger_threshold
-            if options is None or options.trigger_threshold is None
-            else options.trigger_threshold,
-            insert_at_prompt_end=True
-            if options is None or options.insert_at_prompt_end is None
-            else options.insert_at_prompt_end,
-            sample_trigger=bool(options and options.sample_trigger),
+            **memory,
         )
     except MemGenError as exc:
         raise ApiError(422, str(exc)) from None
