@@ -136,6 +136,23 @@ def test_a_cached_run_refuses_other_settings_and_accepts_more_seeds(tmp_path):
         check_settings(replace(cfg, sft_steps=3), tmp_path)
 
 
+def test_a_run_without_the_memgen_arms_checks_no_claim_and_says_so():
+    from memgen.demo.pipeline import claims_table
+    from memgen.demo.real_model import check_claims
+
+    def row(arm, in_domain):
+        sets = {name: {"accuracy": in_domain, "mean_insertions": 0.0} for name in ("in_domain", "more_steps", "unseen_wording", "known")}
+        return {"arm": arm, "sets": sets, "kl": {"kl": 0.0}}
+
+    runs = [{"seed": 0, "arms": [row("vanilla", 0.1), row("lora_sft", 0.9)]}]
+    assert check_claims(runs) == []
+    assert "No claim to check" in claims_table([])
+    runs[0]["arms"].append(row("memgen_sft", 0.5))
+    claims = check_claims(runs)
+    assert claims[0]["measure"] == "memgen_sft - vanilla, in-domain" and claims[0]["per_seed"] == [0.4]
+    assert "| MemGen SFT beats vanilla in-domain by at least 0.2 |" in claims_table(claims)
+
+
 def test_general_knowledge_splits_are_disjoint_and_one_reward_reads_numbers_and_words():
     splits = general_knowledge(0, {"train": 40, "validation": 16, "test": 64})
     questions = [r.prompt for s in splits.values() for r in s]

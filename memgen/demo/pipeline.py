@@ -682,6 +682,8 @@ def agent_table(agent: dict, seeds: int = 1) -> str:
 
 
 def claims_table(claims: list[dict]) -> str:
+    if not claims:  # e.g. `memgen real-demo --arms vanilla lora_sft`: no claim has both its arms
+        return "No claim to check: every claim compares arms that this run did not train."
     rows = [
         {
             "claim": c["claim"],
