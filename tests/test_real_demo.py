@@ -141,7 +141,10 @@ def test_a_run_without_the_memgen_arms_checks_no_claim_and_says_so():
     from memgen.demo.real_model import check_claims
 
     def row(arm, in_domain):
-        sets = {name: {"accuracy": in_domain, "mean_insertions": 0.0} for name in ("in_domain", "more_steps", "unseen_wording", "known")}
+        sets = {
+            name: {"accuracy": in_domain, "mean_insertions": 0.0}
+            for name in ("in_domain", "more_steps", "unseen_wording", "known")
+        }
         return {"arm": arm, "sets": sets, "kl": {"kl": 0.0}}
 
     runs = [{"seed": 0, "arms": [row("vanilla", 0.1), row("lora_sft", 0.9)]}]
