@@ -76,6 +76,7 @@ class ExpertConfig:
     data: str = help_field("", "the directory of the ALFWorld game archives")
     split: str = help_field("valid_seen", "train | valid_seen | valid_unseen")
     limit: int | None = help_field(None, "replay only the first N games", ge=1)
+    per_type: int | None = help_field(None, "replay the first N games of each task type (a quick check)", ge=1)
     workers: int = help_field(2, "games replayed at once (each in its own process)", ge=1)
     max_steps: int = help_field(50, "steps before a replay counts as failed", ge=1)
     expert: str = help_field(
@@ -86,9 +87,15 @@ class ExpertConfig:
 
 
 def replay_split(config: ExpertConfig) -> dict:
-    from .alfworld import list_games, replay_expert
+    from .alfworld import list_games, replay_expert, task_type
 
-    games = list_games(config.data, config.split)[: config.limit]
+    games = list_games(config.data, config.split)
+    if config.per_type is not None:
+        kept: dict[str, list] = {}
+        for game in games:
+            kept.setdefault(task_type(game), []).append(game)
+        games = [game for group in kept.values() for game in group[: config.per_type]]
+    games = games[: config.limit]
     with ThreadPoolExecutor(config.workers) as pool:
         results = list(
             pool.map(lambda g: replay_expert(g, config.max_steps, config.step_timeout, config.expert), games)
@@ -97,6 +104,7 @@ def replay_split(config: ExpertConfig) -> dict:
     return {
         "split": config.split,
         "games": len(results),
+        "task_types": sorted({r["task_type"] for r in results}),
         "won": len(results) - len(failed),
         "success": (len(results) - len(failed)) / len(results),
         "mean_steps": sum(r["steps"] for r in results) / len(results),
