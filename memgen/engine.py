@@ -298,9 +298,6 @@ class DecodeSession:
 
         return gate
 
-    def _hit_stop(self, tokens: list[int]) -> bool:
-        return hit_stop(self.m.tokenizer, tokens, self.cfg.stop)
-
     # ------------------------------------------------------------------ main loop
     def __iter__(self):
         started = time.perf_counter()
@@ -412,7 +409,7 @@ class DecodeSession:
                     logprobs[r].append(lp[r])
                 if eos_list[r]:
                     reasons[r] = "eos"
-                elif cfg.stop and self._hit_stop(tokens[r]):
+                elif cfg.stop and hit_stop(self.m.tokenizer, tokens[r], cfg.stop):
                     reasons[r] = "stop"
                     now_done[r] = True
                 elif now_done[r]:
