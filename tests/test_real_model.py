@@ -36,11 +36,6 @@ def gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(smollm2_dir) -> Path:
-    return smollm2_dir
-
-
-@pytest.fixture(scope="module")
 def questions() -> list[str]:
     with open(GSM8K) as handle:
         return [json.loads(next(handle))["question"] for _ in range(3)]
@@ -74,8 +69,8 @@ def memgen_on(base, tokenizer, **config) -> MemGen:
     return randomized(MemGen(base, tokenizer, MemGenConfig(**CONFIG, **config)))
 
 
-def memgen_and_prompts(exported, questions) -> tuple[MemGen, list[list[int]]]:
-    base, tokenizer = load_base(exported)
+def memgen_and_prompts(smollm2_dir, questions) -> tuple[MemGen, list[list[int]]]:
+    base, tokenizer = load_base(smollm2_dir)
     return memgen_on(base, tokenizer), chat_ids(tokenizer, questions)
 
 
@@ -92,16 +87,16 @@ def randomized(model: MemGen, seed: int = 0) -> MemGen:
 CONFIG = dict(prompt_latents=4, inference_latents=4, lora_r=4, trigger_hidden=16)
 
 
-def test_gguf_export_and_hub_cache_load_the_same_weights(gguf, exported, tmp_path):
+def test_gguf_export_and_hub_cache_load_the_same_weights(gguf, smollm2_dir, tmp_path):
     """The three ways users have a base agree on the weights fingerprint, so adapters move between them."""
     from_gguf, _ = load_base(gguf)
-    from_dir, tokenizer = load_base(exported)
+    from_dir, tokenizer = load_base(smollm2_dir)
     assert weights_fingerprint(from_gguf) == weights_fingerprint(from_dir)
     assert max(p.numel() for p in from_dir.parameters()) > 1 << 24  # the embedding that crashed the fingerprint
     # A hub name, resolved offline from a Hugging Face cache that holds the exported files.
     snapshot = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    for f in exported.iterdir():
+    for f in smollm2_dir.iterdir():
         (snapshot / f.name).symlink_to(f)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
@@ -115,8 +110,8 @@ def test_gguf_export_and_hub_cache_load_the_same_weights(gguf, exported, tmp_pat
     assert done.stdout.split()[-1] == weights_fingerprint(from_dir)
 
 
-def test_memory_off_matches_generate_row_by_row_and_padded(exported, questions):
-    base, tokenizer = load_base(exported)
+def test_memory_off_matches_generate_row_by_row_and_padded(smollm2_dir, questions):
+    base, tokenizer = load_base(smollm2_dir)
     prompts = chat_ids(tokenizer, questions)
     assert len(set(map(len, prompts))) == len(prompts)  # a real padded batch
     batched = hf_generate(base, tokenizer, prompts, max_new_tokens=48, do_sample=False)
@@ -129,8 +124,8 @@ def test_memory_off_matches_generate_row_by_row_and_padded(exported, questions):
     assert len({tuple(r) for r in batched}) == len(batched) and all(len(r) > 20 for r in batched)
 
 
-def test_never_firing_trigger_matches_generate(exported, questions):
-    base, tokenizer = load_base(exported)
+def test_never_firing_trigger_matches_generate(smollm2_dir, questions):
+    base, tokenizer = load_base(smollm2_dir)
     prompts = chat_ids(tokenizer, questions)
     reference = hf_generate(base, tokenizer, prompts, max_new_tokens=40, do_sample=False)
     model = memgen_on(base, tokenizer, trigger_at_prompt_end=True)
@@ -141,10 +136,10 @@ def test_never_firing_trigger_matches_generate(exported, questions):
     assert sum(len(c.insertions) for c in out.completions) > 2 * len(prompts)
 
 
-def test_cached_insertions_match_full_recompute(exported, questions):
+def test_cached_insertions_match_full_recompute(smollm2_dir, questions):
     from test_cached_insertion import recompute_logits
 
-    model, prompts = memgen_and_prompts(exported, questions)
+    model, prompts = memgen_and_prompts(smollm2_dir, questions)
     with torch.no_grad():
         out = model.generate(
             prompts,
@@ -167,8 +162,8 @@ def test_cached_insertions_match_full_recompute(exported, questions):
     assert inserted >= 2 * len(prompts)
 
 
-def test_teacher_forced_logprobs_match_rollout(exported, questions):
-    model, prompts = memgen_and_prompts(exported, questions)
+def test_teacher_forced_logprobs_match_rollout(smollm2_dir, questions):
+    model, prompts = memgen_and_prompts(smollm2_dir, questions)
     with torch.no_grad():
         rollout = model.generate(
             prompts,
@@ -189,8 +184,8 @@ def test_teacher_forced_logprobs_match_rollout(exported, questions):
         torch.testing.assert_close(tf.logprobs[r, :n], torch.tensor(c.logprobs), atol=2e-4, rtol=0)
 
 
-def test_saved_adapter_reloads_onto_the_gguf_base_with_the_same_tokens(exported, gguf, questions, tmp_path):
-    model, prompts = memgen_and_prompts(exported, questions[:2])
+def test_saved_adapter_reloads_onto_the_gguf_base_with_the_same_tokens(smollm2_dir, gguf, questions, tmp_path):
+    model, prompts = memgen_and_prompts(smollm2_dir, questions[:2])
     before = model.generate(prompts, memory="always", max_new_tokens=24, max_insertions=3)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = MemGen.from_pretrained(tmp_path / "adapter", str(gguf))  # the same base, loaded the other way
@@ -205,8 +200,8 @@ def _memgen(*args, timeout=600):
     )
 
 
-def test_cli_generate_on_the_gguf_prints_what_generate_prints(gguf, exported, questions):
-    base, tokenizer = load_base(exported)
+def test_cli_generate_on_the_gguf_prints_what_generate_prints(gguf, smollm2_dir, questions):
+    base, tokenizer = load_base(smollm2_dir)
     reference = hf_generate(base, tokenizer, chat_ids(tokenizer, questions[:1]), max_new_tokens=24, do_sample=False)
     done = _memgen(
         "generate",
@@ -225,11 +220,11 @@ def test_cli_generate_on_the_gguf_prints_what_generate_prints(gguf, exported, qu
     assert json.loads(done.stdout.splitlines()[-1])["token_ids"] == reference[0]
 
 
-def test_cli_eval_on_16_gsm8k_problems(exported, tmp_path):
+def test_cli_eval_on_16_gsm8k_problems(smollm2_dir, tmp_path):
     done = _memgen(
         "eval",
         "--model",
-        exported,
+        smollm2_dir,
         "--task",
         "gsm8k",
         "--data",
@@ -275,7 +270,7 @@ def test_mistaken_model_paths_get_one_line_errors(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
+def test_cli_sft_a_few_steps_then_eval_with_the_adapter(smollm2_dir, tmp_path):
     """The recipe a user runs first: weaver SFT on GSM8K through the chat template, then eval with the adapter."""
     done = _memgen(
         "train",
@@ -283,7 +278,7 @@ def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
         "--method",
         "sft",
         "--model",
-        exported,
+        smollm2_dir,
         "--task",
         "gsm8k",
         "--data",
@@ -317,7 +312,7 @@ def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
     done = _memgen(
         "eval",
         "--model",
-        exported,
+        smollm2_dir,
         "--adapter",
         tmp_path / "run" / "final",
         "--task",
@@ -339,9 +334,9 @@ def test_cli_sft_a_few_steps_then_eval_with_the_adapter(exported, tmp_path):
     assert summary["n"] == 2 and summary["mean_insertions"] > 0
 
 
-def test_bfloat16_base_memory_off_matches_generate(exported, questions):
+def test_bfloat16_base_memory_off_matches_generate(smollm2_dir, questions):
     """A bfloat16 base (what base_dtype=auto picks where bf16 is native) keeps the equivalence with generate."""
-    base, tokenizer = load_base(exported, dtype=torch.bfloat16)
+    base, tokenizer = load_base(smollm2_dir, dtype=torch.bfloat16)
     prompts = chat_ids(tokenizer, questions)
     reference = hf_generate(base, tokenizer, prompts, max_new_tokens=32, do_sample=False)
     model = MemGen(base, tokenizer, MemGenConfig(**CONFIG))
