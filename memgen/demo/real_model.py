@@ -527,7 +527,7 @@ def write_plots(payload: dict, out: Path) -> None:
     rows, seeds = payload["arms"], len(payload["seeds"])
     names = [r["arm"] for r in rows]
     sets = [name for name in SETS if name in rows[0]["sets"]]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     width = 0.8 / len(sets)
     for i, name in enumerate(sets):
         values = [r["sets"][name]["accuracy"]["mean"] if name in r["sets"] else 0.0 for r in rows]
@@ -548,7 +548,8 @@ def write_plots(payload: dict, out: Path) -> None:
         f"{payload['reasoner']['source']}: accuracy by arm"
         + (f", mean ± std over {seeds} seeds" if seeds > 1 else ", one seed")
     )
-    ax.legend(fontsize=7, loc="upper left")
+    # Below the axes: inside, it hid the vanilla arm's bars.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(sets), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
@@ -560,7 +561,13 @@ def write_plots(payload: dict, out: Path) -> None:
         yerr=[r["kl"]["std"] for r in rows] if seeds > 1 else None,
         capsize=3,
         color="tab:purple",
+        alpha=0.6,
     )
+    if seeds > 1:
+        # The seeds can disagree far more than a std bar shows (the trigger's KL on prompts it
+        # never trained on), so each seed gets its own point.
+        for x, row in enumerate(rows):
+            ax.scatter([x] * seeds, row["kl"]["per_seed"], color="black", s=10, zorder=3)
     ax.set_ylabel("mean per-token KL from vanilla")
     ax.set_title("change on everyday chat prompts")
     ax.tick_params(axis="x", rotation=15)
