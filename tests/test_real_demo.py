@@ -5,7 +5,8 @@ real entry point run end to end in ``--quick`` on SmolLM2-135M-Instruct, and res
   engine wove while generating that answer (greedy trigger decisions, tiny model);
 * vanilla's KL from itself is 0 and a changed model's is positive;
 * the LoRA-SFT arm merged into float32 gives the logits of peft's unmerged model;
-* the LoRA-SFT arm trains on exactly the tokens weaver SFT trains on;
+* the LoRA-SFT arm trains on exactly the tokens weaver SFT trains on, and killed mid-run it
+  resumes from its checkpoint to the adapter an uninterrupted run saves;
 * the already-known questions' splits are disjoint, and one reward scores numbers and words.
 """
 
@@ -121,6 +122,53 @@ def test_lora_arm_trains_on_the_tokens_weaver_sft_trains_on(tok, tmp_path):
             assert real_arms.encode_sft(tok, record) == (prompt, completion)
     finally:
         tok.chat_template = None
+
+
+def test_an_interrupted_lora_arm_resumes_to_the_uninterrupted_adapter(tok, tmp_path, monkeypatch):
+    from conftest import make_base
+    from safetensors.torch import load_file
+
+    from memgen.demo.real_model import RealDemoConfig
+    from memgen.tasks import Task
+
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    # 12 records in batches of 4: the interruption falls in the second epoch's permutation.
+    task = Task("toy", toy_task_records(12), math_reward, {}, [])
+    cfg = RealDemoConfig(lora_r=4, sft_steps=6, batch_size=4, warmup_steps=2, save_every=2, progress=False)
+    real_step, calls = real_arms.completion_nll_step, []
+
+    def counted(*args, interrupt_at=None):
+        calls.append(1)
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt  # as if the run were killed during its 5th step
+        return real_step(*args)
+
+    try:
+        base = make_base(tok)
+        monkeypatch.setattr(real_arms, "completion_nll_step", counted)
+        real_arms.train_lora_sft(base, tok, cfg, tmp_path / "whole", task)
+        calls.clear()
+        monkeypatch.setattr(real_arms, "completion_nll_step", lambda *a: counted(*a, interrupt_at=5))
+        with pytest.raises(KeyboardInterrupt):
+            real_arms.train_lora_sft(base, tok, cfg, tmp_path / "killed", task)
+        assert real_arms.train_info(tmp_path / "killed" / "adapters" / "lora_sft") is None  # nothing half-written
+        calls.clear()
+        monkeypatch.setattr(real_arms, "completion_nll_step", counted)
+        real_arms.train_lora_sft(base, tok, cfg, tmp_path / "killed", task)
+    finally:
+        tok.chat_template = None
+    assert len(calls) == 2  # steps 5 and 6 only: it resumed from the step-4 checkpoint
+    want = load_file(tmp_path / "whole" / "adapters" / "lora_sft" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "killed" / "adapters" / "lora_sft" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0)
+    logged = [json.loads(line) for line in (tmp_path / "killed" / "runs" / "lora_sft" / "metrics.jsonl").open()]
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "runs" / "lora_sft" / "metrics.jsonl").open()]
+    assert logged == whole and [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_cached_run_refuses_other_settings_and_accepts_more_seeds(tmp_path):

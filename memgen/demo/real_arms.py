@@ -12,8 +12,8 @@
 Every arm trains on the same records through the model's own chat template, with the loss on
 the answer tokens (and the end-of-turn token) only. A finished arm is an adapter directory
 with ``train.json`` (seconds, trainable parameters), renamed into place only when complete, so
-an interrupted run loads what finished and trains the rest; weaver runs also checkpoint every
-``save_every`` steps and resume mid-run.
+an interrupted run loads what finished and trains the rest; every training run (LoRA-SFT's
+too) also checkpoints every ``save_every`` steps and resumes mid-run.
 
 LoRA-SFT is evaluated merged into a float32 copy of the base. Merged into bfloat16 weights, an
 update smaller than half a bfloat16 step of its weight (2^-9 relative) would round away, so a
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from ..data import prompt_token_ids
 from ..model import MemGen
 from ..tasks import Task
 from ..train import TriggerTrainConfig, WeaverTrainConfig, train_trigger, train_weaver
-from ..train.runner import latest_checkpoint
+from ..train.runner import STATE_FILE, latest_checkpoint
 from .arms import completion_nll_step
 
 ARMS = ["vanilla", "lora_sft", "memgen_sft", "memgen_trigger", "prompt_only", "memgen_grpo"]
@@ -192,8 +193,47 @@ def encode_sft(tokenizer, record) -> tuple[list[int], list[int]]:
     return prompt, completion
 
 
+def _save_lora_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loop: dict, seconds: float) -> None:
+    """The LoRA arm's state after ``step`` steps, written atomically; only the newest is kept."""
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    state = {
+        "step": step,
+        "trainable": trainable,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loop": dict(loop),
+        "seconds": seconds,
+    }
+    with atomic_directory(run_dir / f"checkpoint-{step:06d}") as scratch:
+        torch.save(state, scratch / STATE_FILE)
+    for old in run_dir.glob("checkpoint-*"):
+        if old.name != f"checkpoint-{step:06d}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_lora(run_dir: Path, model, optimizer, scheduler, loop: dict) -> tuple[int, float]:
+    """Load the newest checkpoint into the arm's state; (steps done, seconds spent), (0, 0.0) if none."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return 0, 0.0
+    state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loop.update(state["loop"])
+    return state["step"], state["seconds"]
+
+
 def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
-    """peft LoRA on a copy of the base: answer-only NLL, the weaver's batch, steps, lr schedule and data order."""
+    """peft LoRA on a copy of the base: answer-only NLL, the weaver's batch, steps, lr schedule and data order.
+
+    Checkpoints every ``save_every`` steps and resumes from the newest, as the weaver runs do. LoRA
+    dropout is 0 and the data order comes from its own seeded generator, so a resumed run takes the
+    same steps as an uninterrupted one.
+    """
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
@@ -206,30 +246,56 @@ def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lora_lr, weight_decay=0.0)
-    schedule = _weaver_train_config(cfg, seed_dir / "runs" / "lora_sft", learning_rate=cfg.lora_lr)
+    run_dir = seed_dir / "runs" / "lora_sft"
+    schedule = _weaver_train_config(cfg, run_dir, learning_rate=cfg.lora_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order, position, epoch = [], 0, 0
-    log = seed_dir / "runs" / "lora_sft"
-    log.mkdir(parents=True, exist_ok=True)
+    loop = {"order": [], "position": 0, "epoch": 0}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done, spent = _resume_lora(run_dir, model, optimizer, scheduler, loop)
+    metrics_path = run_dir / "metrics.jsonl"
+    # Keep the logged steps the checkpoint covers; steps logged after it are taken again.
+    kept = [
+        line
+        for line in (metrics_path.read_text().splitlines() if done and metrics_path.exists() else [])
+        if json.loads(line)["step"] <= done
+    ]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if done:
+        print(f"memgen: resumed lora_sft from {latest_checkpoint(run_dir)} at step {done}")
     started = time.perf_counter()
     model.train()
-    with open(log / "metrics.jsonl", "w") as metrics:
-        for step in tqdm(range(cfg.sft_steps), desc="train lora_sft", disable=not cfg.progress, dynamic_ncols=True):
-            if position + cfg.batch_size > len(order):  # the runner's order: a fresh permutation per epoch
-                order = torch.randperm(
-                    len(train.records), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    with open(metrics_path, "a") as metrics:
+        for step in tqdm(
+            range(done, cfg.sft_steps),
+            desc="train lora_sft",
+            initial=done,
+            total=cfg.sft_steps,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        ):
+            if loop["position"] + cfg.batch_size > len(
+                loop["order"]
+            ):  # the runner's order: a fresh permutation per epoch
+                loop["order"] = torch.randperm(
+                    len(train.records), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + loop["epoch"])
                 ).tolist()
-                position, epoch = 0, epoch + 1
-            picks, position = order[position : position + cfg.batch_size], position + cfg.batch_size
+                loop["position"], loop["epoch"] = 0, loop["epoch"] + 1
+            picks = loop["order"][loop["position"] : loop["position"] + cfg.batch_size]
+            loop["position"] += cfg.batch_size
             pairs = [encode_sft(tokenizer, train.records[i]) for i in picks]
             loss = completion_nll_step(model, trainable, optimizer, scheduler, pairs, pad)
             metrics.write(
                 json.dumps({"step": step + 1, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]}) + "\n"
             )
             metrics.flush()  # so a long run can be watched
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.sft_steps:
+                _save_lora_checkpoint(
+                    run_dir, step + 1, model, optimizer, scheduler, loop, spent + time.perf_counter() - started
+                )
     model.eval()
-    _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, time.perf_counter() - started, count(trainable))
+    seconds = spent + time.perf_counter() - started
+    _finish(seed_dir / "adapters" / "lora_sft", model.save_pretrained, seconds, count(trainable))
 
 
 def lora_merged(base, tokenizer, cfg, directory: Path) -> MemGen:

@@ -138,7 +138,7 @@ class RealDemoConfig:
     max_new_tokens: int = help_field(128, "longest answer (word problems, known questions, RL rollouts)", ge=1)
     gsm8k_max_new_tokens: int = help_field(256, "longest GSM8K answer", ge=1)
     eval_batch_size: int = help_field(16, "answers decoded together at evaluation", ge=1)
-    save_every: int = help_field(25, "weaver/trigger checkpoint interval, so an interrupted arm resumes", ge=1)
+    save_every: int = help_field(25, "checkpoint interval of every training arm, so an interrupted arm resumes", ge=1)
     progress: bool = help_field(True, "show progress bars")
     arms: list[str] = help_field(list(real_arms.ARMS), "arms to run (vanilla always runs; later arms need memgen_sft)")
 
