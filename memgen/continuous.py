@@ -44,7 +44,16 @@ import torch
 
 from .config import GenerateConfig
 from .dataclass_cli import help_field
-from .engine import DECISION_SEED_OFFSET, Completion, Insertion, _logged, check_prompt_fits, eos_token_ids, hit_stop
+from .engine import (
+    DECISION_SEED_OFFSET,
+    Completion,
+    Insertion,
+    _logged,
+    check_prompt_fits,
+    eos_token_ids,
+    hit_stop,
+    insert_decisions,
+)
 from .errors import InputError, MemGenError
 from .reasoner import compact_cache, join_rows, select_rows
 from .sampling import select_tokens
@@ -455,17 +464,11 @@ class ContinuousEngine:
         probs[index] = torch.sigmoid(m.decision_head(kind == PROMPT)(anchor[index])).float().view(-1)
         prob_list = probs.tolist()
         insert = torch.zeros_like(candidates)
-        for r in index.tolist():
-            cfg = rows[r].config
-            policy = cfg.policy
-            if policy.kind == "always":
-                insert[r] = True
-            elif policy.kind == "random":
-                insert[r] = bool(torch.rand((1,), generator=rows[r].decision_gen, device=device) < policy.p)
-            elif cfg.sample_trigger:
-                insert[r] = bool(torch.rand((1,), generator=rows[r].decision_gen, device=device) < prob_list[r])
-            else:
-                insert[r] = prob_list[r] >= cfg.trigger_threshold
+        for r in index.tolist():  # each row under its own policy, drawing from its own generator
+            gen = rows[r].decision_gen
+            insert[r] = bool(
+                insert_decisions(rows[r].config, probs[r], lambda: torch.rand((1,), generator=gen, device=device))
+            )
         insert_list = insert.tolist()
         reading = [insert_list[r] and self._reads(rows[r].config) for r in range(len(rows))]
         found = [None] * len(rows)

@@ -127,6 +127,23 @@ class _Rows:
     """per row, where its current turn's entries begin in ``logs``"""
 
 
+def insert_decisions(config: GenerateConfig, probs: torch.Tensor, draw) -> torch.Tensor:
+    """Whether each decision with trigger probability ``probs`` inserts under ``config``'s memory policy.
+
+    ``draw()`` returns uniform draws shaped like ``probs``; it is called only by the policies that
+    sample (``random``, a sampled trigger), so a greedy policy leaves the decision generator
+    untouched. Both engines decide through this one rule.
+    """
+    policy = config.policy
+    if policy.kind == "always":
+        return torch.ones_like(probs, dtype=torch.bool)
+    if policy.kind == "random":
+        return draw() < policy.p
+    if config.sample_trigger:
+        return draw() < probs
+    return probs >= config.trigger_threshold
+
+
 class DecodeSession:
     """Iterate to decode; each item is a :class:`TokenEvent`; ``output`` holds the result afterwards."""
 
@@ -224,17 +241,9 @@ class DecodeSession:
         # Only candidates' states reach the head, so what it reads (and records) are decisions.
         probs = torch.zeros(candidates.shape, device=candidates.device)
         probs[candidates] = torch.sigmoid(self.m.decision_head(prompt_end)(hidden[candidates]))
-        policy = self.cfg.policy
-        if policy.kind == "always":
-            insert = candidates.clone()
-        elif policy.kind == "random":
-            draw = torch.rand(candidates.shape, generator=gen, device=candidates.device)
-            insert = candidates & (draw < policy.p)
-        elif self.cfg.sample_trigger:
-            draw = torch.rand(candidates.shape, generator=gen, device=candidates.device)
-            insert = candidates & (draw < probs)
-        else:
-            insert = candidates & (probs >= self.cfg.trigger_threshold)
+        insert = candidates & insert_decisions(
+            self.cfg, probs, lambda: torch.rand(candidates.shape, generator=gen, device=candidates.device)
+        )
         return insert, probs
 
     def _retrieve(self, insert: torch.Tensor, answer_so_far):
