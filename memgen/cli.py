@@ -86,9 +86,14 @@ def _serve(args: argparse.Namespace) -> int:
     model, has_adapter = load_model(args.model, args.adapter, args.gguf_file, args.base_dtype)
     if not has_adapter and config.memory != "off":
         print("memgen: warning: no --adapter given, so the weaver and trigger are untrained", file=sys.stderr)
+    experience = None
+    if config.experience:
+        from .experience.weaving import open_reader
+
+        experience = open_reader(config, model)  # read-only: requests never write to the store
     name = config.served_model_name or default_model_name(args.model)
     print(f"memgen: serving {name!r} on http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
-    serve(model, config, name, has_adapter)
+    serve(model, config, name, has_adapter, experience)
     return 0
 
 

@@ -14,6 +14,7 @@ from .config import MemoryPolicy
 from .dataclass_cli import check_ranges, help_field
 from .errors import ConfigError
 from .experience.sources import memory_source
+from .experience.weaving import RetrievalFields
 from .tables import format_table
 from .tasks.protocol import run_in_batches
 from .tasks.sandbox import CodeExecutionFields
@@ -25,7 +26,7 @@ MEMORY_SOURCES = ("weaver", "weaver+retrieval", "expel", "awm")
 
 
 @dataclass
-class EvalConfig(CodeExecutionFields):
+class EvalConfig(CodeExecutionFields, RetrievalFields):
     task: str = help_field(
         "gsm8k",
         "gsm8k | math | math500 | gpqa | qa | jsonl | kodcode | bigcodebench, or an agent task: alfworld | ledger",
@@ -66,10 +67,6 @@ class EvalConfig(CodeExecutionFields):
         "package's prompts/expel_task.txt or awm_task.txt)",
     )
     experience_top_k: int = help_field(2, "expel: similar successful trajectories in the prompt", ge=0)
-    experience_embedder: str = help_field("reasoner", "how --experience is searched: reasoner | bm25 | st:DIR")
-    retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
-    retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
-    retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
     output: str | None = help_field(None, "per-example JSONL path (default: none)")
     progress: bool = help_field(True, "show a progress bar")
 

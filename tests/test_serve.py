@@ -285,6 +285,40 @@ def test_a_disconnected_stream_frees_its_rows_and_others_go_on(server):
     assert server.metric("memgen_running_rows") == 0
 
 
+def test_a_server_with_experience_weaves_what_it_retrieves_as_generate_does(tiny_dirs, tmp_path):
+    from test_retrieval_weaving import RECORDS
+
+    from memgen.cli import load_model
+    from memgen.config import GenerateConfig
+    from memgen.experience import ExperienceRecord, ExperienceStore
+    from memgen.experience.weaving import open_reader
+    from memgen.serving.config import ServeConfig
+
+    root, base, adapter = tiny_dirs
+    store = tmp_path / "store"
+    with ExperienceStore(store, retriever="bm25") as s:
+        s.add_many(
+            ExperienceRecord(task="toy", input=i, trajectory=t, success=ok, reward=float(ok)) for i, t, ok in RECORDS
+        )
+    flags = ("--experience", str(store), "--experience-embedder", "bm25", "--retrieval-top-p", "2")
+    srv = Server(root, ["--model", base, "--adapter", adapter], *flags, "--memory", "always", name="experience")
+    prompt = "The cat sat on the mat, then"
+    try:
+        got = srv.client().completions.create(model="base", prompt=prompt, max_tokens=24, temperature=0)
+    finally:
+        srv.stop()
+    model, _ = load_model(base, adapter)
+    config = ServeConfig(experience=str(store), experience_embedder="bm25", retrieval_top_p=2)
+    want = model.generate(
+        [prompt], GenerateConfig(memory="always", max_new_tokens=24), experience=open_reader(config, model)
+    ).completions[0]
+    assert got.choices[0].text == want.text
+    served = got.choices[0].model_extra["memgen"]["insertions"]
+    woven = [i for i in want.insertions if i.inserted]
+    assert [(i["position"], i["retrieved"]) for i in served] == [(i.position, i.retrieved) for i in woven]
+    assert all(i["retrieved"] for i in served)  # every insertion read the store
+
+
 @pytest.fixture(scope="module")
 def strict_server(tiny_dirs):
     root, base, adapter = tiny_dirs

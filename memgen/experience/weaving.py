@@ -44,6 +44,18 @@ class RetrievalConfig:
 
 
 @dataclass
+class RetrievalFields:
+    """How the weaver reads ``--experience``: the flags that train, eval and serve configs share."""
+
+    experience_embedder: str = help_field(
+        "reasoner", "how --experience is searched: reasoner (the frozen reasoner's pooled states) | bm25 | st:DIR"
+    )
+    retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
+    retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
+    retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
+
+
+@dataclass
 class Retrieved:
     record_ids: list[str]
     token_ids: list[int]

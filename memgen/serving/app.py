@@ -308,7 +308,11 @@ class _Reply:
     def _memgen(self, insertions) -> dict:
         woven = [i for i in insertions if i.inserted]
         return {
-            "insertions": [{"position": i.position, "p_invoke": i.probability} for i in woven],
+            "insertions": [
+                {"position": i.position, "p_invoke": i.probability}
+                | ({"retrieved": i.retrieved} if i.retrieved is not None else {})  # with --experience
+                for i in woven
+            ],
             "declined": len(insertions) - len(woven),
         }
 

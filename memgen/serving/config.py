@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..dataclass_cli import help_field
+from ..experience.weaving import RetrievalFields
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(RetrievalFields):
     """Options of ``memgen serve`` (the model flags --model/--adapter/--gguf-file/--base-dtype come separately)."""
 
     host: str = help_field("127.0.0.1", "address to bind (loopback unless told otherwise)")
@@ -27,4 +28,7 @@ class ServeConfig:
     memory: str = help_field("trigger", "memory policy of requests that do not set memgen.memory")
     max_insertions: int = help_field(8, "insertion cap of requests that do not set memgen.max_insertions", ge=0)
     trigger_threshold: float = help_field(0.5, "trigger threshold of requests that do not set one", ge=0)
+    experience: str | None = help_field(
+        None, "experience store the weaver reads at every insertion (retrieval-augmented weaving, paper App. E)"
+    )
     log_level: str = help_field("warning", "uvicorn log level")

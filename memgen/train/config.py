@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..config import MemGenConfig, MemoryPolicy
 from ..dataclass_cli import check_ranges, help_field
 from ..errors import ConfigError
+from ..experience.weaving import RetrievalFields
 from ..precision import BASE_DTYPES
 from ..tasks.sandbox import CodeExecutionFields
 
@@ -20,7 +21,7 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 @dataclass
-class TrainConfig(CodeExecutionFields):
+class TrainConfig(CodeExecutionFields, RetrievalFields):
     """Fields shared by every training method."""
 
     model: str = help_field("", "base model directory (save_pretrained) or hub name")
@@ -85,12 +86,6 @@ class TrainConfig(CodeExecutionFields):
     experience: str | None = help_field(
         None, "experience store the weaver reads on every invocation (retrieval-augmented weaving, paper App. E)"
     )
-    experience_embedder: str = help_field(
-        "reasoner", "how --experience is searched: reasoner (the frozen reasoner's pooled states) | bm25 | st:DIR"
-    )
-    retrieval_top_p: int = help_field(3, "records retrieved per invocation with --experience", ge=1)
-    retrieval_max_tokens: int = help_field(128, "most retrieved tokens the weaver reads per invocation", ge=1)
-    retrieval_query: str = help_field("context", "retrieval query: prompt | context (prompt plus the answer so far)")
 
     def __post_init__(self) -> None:
         if isinstance(self.delimiters, str):
