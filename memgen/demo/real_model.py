@@ -310,6 +310,24 @@ def kl_of(model, cfg, arm: str, reference: dict, prompts) -> dict:
     return result
 
 
+def release_memory() -> None:
+    """Hand the memory of an arm's models back to the OS once the arm is done.
+
+    Every arm copies the base (LoRA-SFT in float32) and frees it afterwards, but glibc keeps freed
+    heap pages, so the process grew by hundreds of MB per seed with no tensor left alive (measured:
+    live tensors constant at 257 MB over three --quick seeds while RSS rose 1.8 -> 2.4 GB; about
+    10 GB after three full seeds). ``malloc_trim`` returns them; elsewhere than glibc it is skipped.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_seed(cfg: RealDemoConfig, seed: int, base, tokenizer, log=print) -> dict:
     cfg = replace(cfg, seed=seed)
     seed_dir = Path(cfg.out) / f"seed-{seed}"
@@ -359,6 +377,7 @@ def run_seed(cfg: RealDemoConfig, seed: int, base, tokenizer, log=print) -> dict
             + f", KL={kl['kl']:.4f}"
         )
         loaded.clear()
+        release_memory()
     result = {"seed": seed, "arms": rows}
     atomic_write_text(seed_dir / "run.json", json.dumps(result, indent=1))
     return result
