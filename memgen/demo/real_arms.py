@@ -274,9 +274,8 @@ def train_lora_sft(base, tokenizer, cfg, seed_dir: Path, train: Task) -> None:
             disable=not cfg.progress,
             dynamic_ncols=True,
         ):
-            if loop["position"] + cfg.batch_size > len(
-                loop["order"]
-            ):  # the runner's order: a fresh permutation per epoch
+            # The runner's order: a fresh permutation per epoch.
+            if loop["position"] + cfg.batch_size > len(loop["order"]):
                 loop["order"] = torch.randperm(
                     len(train.records), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + loop["epoch"])
                 ).tolist()
